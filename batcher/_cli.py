@@ -1,0 +1,258 @@
+"""The `batcher` command line: a thin wrapper over `batcher.run` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import anyio
+
+from . import __version__
+from ._exceptions import BatcherError, JobError, JobValidationError, LockedError, ManifestError, OutputError
+from ._job import load_job
+from ._report import Reporter
+from ._runner import (
+    EXIT_ABORTED,
+    EXIT_INVALID,
+    EXIT_LOCKED,
+    EXIT_OK,
+    RunOptions,
+    run,
+)
+
+EPILOG = """exit codes:
+  0   every item done
+  1   finished, some items failed (see the manifest's error objects)
+  2   invalid job file or usage; nothing was sent
+  3   another batcher run holds the output folder
+  4   aborted by a fatal error (auth, quota, disk); untouched items stay pending
+  130 interrupted (SIGINT/SIGTERM); rerun to resume
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be ≥ 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _field(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError("expected FIELD=VALUE")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def _add_simulator_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    g = p.add_argument_group("simulator" if not prefix else "simulator (with --simulate)")
+    g.add_argument(f"--{prefix}latency-ms", type=float, default=None, help="mean generation latency (ms)")
+    g.add_argument(f"--{prefix}jitter-ms", type=float, default=0.0, help="uniform ± latency jitter (ms)")
+    if not prefix:
+        g.add_argument("--rpm", type=float, default=None, help="requests-per-minute limit to enforce")
+        g.add_argument("--ipm", type=float, default=None, help="images-per-minute limit to enforce")
+    g.add_argument(f"--{prefix}fail-rate", type=float, default=0.0, help="fraction answered 5xx")
+    g.add_argument(f"--{prefix}drop-rate", type=float, default=0.0, help="fraction of dropped connections")
+    g.add_argument(f"--{prefix}malformed-rate", type=float, default=0.0, help="fraction of malformed 200 bodies")
+    g.add_argument(f"--{prefix}hang-rate", type=float, default=0.0, help="fraction that never answer")
+    g.add_argument(f"--{prefix}policy-word", default="forbidden",
+                   help="prompts containing this word get 400 content_policy_violation")
+    g.add_argument(f"--{prefix}quota-images", type=int, default=None,
+                   help="answer 429 insufficient_quota after this many images")
+    g.add_argument(f"--{prefix}image-bytes", type=int, default=0, help="pad each PNG to this many bytes")
+    g.add_argument(f"--{prefix}hide-limits", action="store_true", help="don't send x-ratelimit-* headers")
+    g.add_argument(f"--{prefix}gateway-quirks", action="store_true",
+                   help="answer like a proxy: swapped formats, null keys, numeric error codes")
+    g.add_argument(f"--{prefix}seed", type=int, default=None, help="random seed for faults and jitter")
+
+
+def _simulator_config(args: argparse.Namespace, prefix: str = "", **extra: Any) -> Any:
+    from ._simulator import SimulatorConfig
+
+    get = lambda name: getattr(args, prefix.replace("-", "_") + name)  # noqa: E731
+    return SimulatorConfig(
+        latency_ms=get("latency_ms") if get("latency_ms") is not None else (50.0 if prefix else 0.0),
+        latency_jitter_ms=get("jitter_ms"),
+        fail_rate=get("fail_rate"),
+        drop_rate=get("drop_rate"),
+        malformed_rate=get("malformed_rate"),
+        hang_rate=get("hang_rate"),
+        policy_word=get("policy_word"),
+        quota_images=get("quota_images"),
+        image_bytes=get("image_bytes"),
+        advertise_limits=not get("hide_limits"),
+        gateway_quirks=get("gateway_quirks"),
+        seed=get("seed"),
+        **extra,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batcher",
+        description="Turn a job file of prompts into a folder of generated images, over the OpenAI Images API.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"batcher {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="run a job (resumes where the last run stopped)", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("job", help="job file: .yaml/.yml or .jsonl")
+    r.add_argument("--out", help="output folder (default: the job's `output`, else output/<job name>)")
+    r.add_argument("--base-url", help="API base URL (default: the job's, $BATCHER_BASE_URL, then the seed gateway)")
+    r.add_argument("--api-key-env", metavar="NAME",
+                   help="environment variable holding the key (default: BATCHER_API_KEY, then OPENAI_API_KEY)")
+    r.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (default: job's, else 16)")
+    r.add_argument("--rpm", type=_positive_float, help="requests per minute to stay under (default: learn it)")
+    r.add_argument("--ipm", type=_positive_float, help="images per minute to stay under (n images cost n)")
+    r.add_argument("--timeout", type=_positive_float, default=300.0,
+                   help="seconds one request may take before it is retried (default 300)")
+    r.add_argument("--connect-timeout", type=_positive_float, default=10.0, help="seconds to connect (default 10)")
+    r.add_argument("--max-attempts", type=_positive_int, default=6,
+                   help="attempts per item for transient failures, per run (default 6)")
+    r.add_argument("--retry-failed", action="store_true", help="also retry items that failed permanently")
+    r.add_argument("--max-policy-violations", type=int, default=50, metavar="N",
+                   help="stop the run after N content-policy rejections (0: never; default 50)")
+    r.add_argument("--force", action="store_true", help="use an OUT that holds another job's manifest")
+    r.add_argument("--grace", type=float, default=30.0,
+                   help="seconds in-flight requests may finish after SIGINT/SIGTERM (default 30)")
+    r.add_argument("--model", help="request field override for every item")
+    r.add_argument("--size", help="request field override, e.g. 1024x1024")
+    r.add_argument("--quality", help="request field override")
+    r.add_argument("--n", type=_positive_int, help="images per request, override")
+    r.add_argument("--response-format", choices=("b64_json", "url"), help="override (default b64_json)")
+    r.add_argument("--set", type=_field, action="append", default=[], metavar="FIELD=VALUE",
+                   help="any request field override (VALUE parsed as JSON when it can be); repeatable")
+    r.add_argument("--simulate", action="store_true",
+                   help="run against the built-in simulator on 127.0.0.1 (no key, no cost)")
+    _add_simulator_options(r, prefix="sim-")
+    r.add_argument("--quiet", action="store_true", help="no progress; warnings, errors and the summary only")
+    r.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    r.add_argument("--log-file", help="also append timestamped log lines to this file")
+
+    v = sub.add_parser("validate", help="check a job file; list every problem as FILE:LINE: field: message")
+    v.add_argument("job")
+
+    st = sub.add_parser("status", help="what an output folder holds: totals, failures, files")
+    st.add_argument("out")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+
+    s = sub.add_parser("simulate", help="serve a local simulator of the OpenAI Images API")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=0, help="port (default: any free port)")
+    s.add_argument("--api-key", dest="sim_api_key", default=None,
+                   help="require this Bearer key (for testing auth; never a real key)")
+    _add_simulator_options(s)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("model", "size", "quality", "n", "response_format"):
+        value = getattr(args, name)
+        if value is not None:
+            out[name] = value
+    out.update(dict(args.set))
+    return out
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    count = job.validate()
+    print(f"{args.job}: ok, {count} item(s)")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ._status import status
+
+    info = status(args.out)
+    if args.json:
+        print(json.dumps(info))
+        return EXIT_OK
+    print(f"{info['out']}: {info['total']} items: {info['done']} done, {info['failed']} failed, "
+          f"{info['pending']} pending")
+    print(f"  {info['images_on_disk']} image(s), {info['bytes_on_disk']:,} bytes on disk; "
+          f"{info['runs']} run(s), first {info['first_run']}, last {info['last_run']}")
+    for code, group in info["failures"].items():
+        print(f"  failed {code}: {group['count']} (e.g. {group['example']})")
+    return EXIT_OK
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from ._simulator import main_serve
+
+    config = _simulator_config(args, rpm=args.rpm, ipm=args.ipm, api_key=args.sim_api_key)
+    main_serve(config, args.host, args.port)
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    job = load_job(args.job, _overrides(args))
+    reporter = Reporter(quiet=args.quiet or args.json and not sys.stderr.isatty(), log_file=args.log_file)
+    options = RunOptions(
+        out=args.out, base_url=args.base_url, api_key_env=args.api_key_env, concurrency=args.concurrency,
+        rpm=args.rpm, ipm=args.ipm, timeout=args.timeout, connect_timeout=args.connect_timeout,
+        max_attempts=args.max_attempts, retry_failed=args.retry_failed, force=args.force,
+        max_policy_violations=args.max_policy_violations, grace_period=args.grace, handle_signals=True,
+    )
+    if args.simulate:
+        from dataclasses import replace
+
+        from ._simulator import start_in_thread
+
+        job.validate()  # nothing starts, not even the simulator, for an invalid job
+        with start_in_thread(_simulator_config(args, prefix="sim-")) as sim:
+            reporter.log(f"simulating: the built-in simulator at {sim.base_url} answers instead of a real API")
+            options = replace(options, base_url=sim.base_url, api_key="simulated-key")
+            result = anyio.run(run, job, options, reporter)
+    else:
+        result = anyio.run(run, job, options, reporter)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    return result.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"run": _cmd_run, "validate": _cmd_validate, "status": _cmd_status, "simulate": _cmd_simulate}
+    try:
+        return handler[args.command](args)
+    except JobValidationError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        if exc.total > len(exc.problems):
+            print(f"... and {exc.total - len(exc.problems)} more problem(s)", file=sys.stderr)
+        print(f"invalid job: {exc.total} problem(s); nothing was sent", file=sys.stderr)
+        return EXIT_INVALID
+    except LockedError as exc:
+        print(f"batcher: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except (JobError, ManifestError, OutputError) as exc:
+        print(f"batcher: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except BatcherError as exc:
+        print(f"batcher: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"batcher: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return EXIT_ABORTED

@@ -1,0 +1,81 @@
+"""Item identity: stable ids from explicit ids or request bodies, and safe file names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+__all__ = ["canonical_json", "request_hash", "IdAssigner", "safe_stem"]
+
+# Fields that change how an image is delivered, not which image is asked for.
+_TRANSPORT_FIELDS = frozenset({"response_format"})
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_RESERVED = frozenset(
+    {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
+)
+MAX_STEM = 96
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    """Short hex digest of what the request asks for (transport fields excluded)."""
+    core = {k: v for k, v in body.items() if k not in _TRANSPORT_FIELDS}
+    return hashlib.sha256(canonical_json(core).encode()).hexdigest()[:16]
+
+
+class IdAssigner:
+    """Hands out item ids while a job streams past, using memory of 64-bit digests only.
+
+    Derived ids are the request hash; the k-th identical request gets `-k` (k ≥ 2), so
+    inserting a line elsewhere never renames another item. `assign` returns None for an
+    explicit id seen before (a validation error for the caller to report).
+    """
+
+    def __init__(self) -> None:
+        self._explicit: set[int] = set()
+        self._derived: set[int] = set()
+        self._repeats: dict[int, int] = {}  # only requests seen more than once
+
+    @staticmethod
+    def _key(text: str) -> int:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+    def assign(self, explicit: str | None, rhash: str) -> str | None:
+        if explicit is not None:
+            key = self._key(explicit)
+            if key in self._explicit:
+                return None
+            self._explicit.add(key)
+            return explicit
+        key = int(rhash, 16)
+        if key not in self._derived:
+            self._derived.add(key)
+            return rhash
+        count = self._repeats.get(key, 1) + 1
+        self._repeats[key] = count
+        return f"{rhash}-{count}"
+
+
+def safe_stem(item_id: str) -> str:
+    """A file-name stem for an id: no separators, no `..`, no leading dot, bounded length.
+
+    Ids that had to change get a short digest of the original so two ids never share a stem.
+    """
+    stem = _UNSAFE.sub("_", item_id).lstrip(".")
+    stem = stem.replace("..", "_")
+    changed = stem != item_id
+    if not stem or stem.split(".")[0].lower() in _RESERVED:
+        stem = "_" + stem
+        changed = True
+    if len(stem) > MAX_STEM:
+        stem = stem[:MAX_STEM]
+        changed = True
+    if changed:
+        digest = hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        stem = f"{stem}~{digest}"
+    return stem

@@ -1,0 +1,435 @@
+"""Read stage: job files (YAML or JSONL) in, a validated stream of items out.
+
+A job is read twice at most: once to validate (every problem reported as
+`FILE:LINE: field: message`), once to run. JSONL items are streamed, never held at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._exceptions import JobError, JobValidationError, Problem
+from ._ids import IdAssigner, request_hash
+
+__all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS"]
+
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "model": "grok-imagine",
+    "size": "1024x1024",
+    "n": 1,
+    "response_format": "b64_json",
+}
+TOP_LEVEL_KEYS = (
+    "name", "endpoint", "defaults", "concurrency", "rate_limit", "output", "prompts", "prompts_file",
+)
+MAX_PROBLEMS = 100
+_SIZE = re.compile(r"^[1-9][0-9]{0,5}x[1-9][0-9]{0,5}$")
+_BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str | None = None
+    api_key_env: str | None = None
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    rpm: float | None = None
+    ipm: float | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request to make: its stable id, the body to send, and where it came from."""
+
+    id: str
+    body: dict[str, Any]
+    rhash: str
+    file: str
+    line: int
+    explicit_id: bool = False
+
+    @property
+    def images(self) -> int:
+        return int(self.body.get("n", 1))
+
+
+@dataclass
+class Job:
+    """A parsed job file. `items()` streams its items; `problems()` streams what's wrong."""
+
+    path: Path
+    name: str
+    endpoint: Endpoint = field(default_factory=Endpoint)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    concurrency: int | None = None
+    rate_limit: RateLimit = field(default_factory=RateLimit)
+    output: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    _inline: list[tuple[int, Any, dict[str, int]]] = field(default_factory=list, repr=False)
+    _prompts_file: Path | None = field(default=None, repr=False)
+    _header_problems: list[Problem] = field(default_factory=list, repr=False)
+
+    def _entries(self) -> Iterator[Item | Problem]:
+        yield from self._header_problems
+        ids = IdAssigner()
+        base = {**BUILTIN_DEFAULTS, **self.defaults}
+        fname = str(self.path)
+        for index, (line, raw, lines) in enumerate(self._inline):
+            yield from _make_item(raw, fname, line, f"prompts[{index}].", lines, base, self.overrides, ids)
+        if self._prompts_file is not None:
+            yield from _stream_jsonl(self._prompts_file, base, self.overrides, ids)
+
+    def problems(self) -> Iterator[Problem]:
+        """Every problem in the job, in file order."""
+        for entry in self._entries():
+            if isinstance(entry, Problem):
+                yield entry
+
+    def validate(self) -> int:
+        """Check the whole job; return the item count or raise JobValidationError."""
+        found: list[Problem] = []
+        total = count = 0
+        for entry in self._entries():
+            if isinstance(entry, Problem):
+                total += 1
+                if len(found) < MAX_PROBLEMS:
+                    found.append(entry)
+            else:
+                count += 1
+        if total:
+            raise JobValidationError(found, total)
+        if count == 0:
+            raise JobValidationError([Problem(str(self.path), 1, "prompts", "the job has no items")])
+        return count
+
+    def items(self) -> Iterator[Item]:
+        """Stream the items; call `validate()` first (a problem here raises)."""
+        for entry in self._entries():
+            if isinstance(entry, Problem):
+                raise JobValidationError([entry])
+            yield entry
+
+
+def load_job(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Job:
+    """Read a job file's header. Items are read lazily by `Job.items()`.
+
+    >>> job = load_job("jobs/example.yaml", {"size": "512x512"})
+    >>> job.validate()
+    """
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise JobError(f"{p}: is a directory, not a job file")
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise JobError(f"{p}: job file not found") from None
+    except OSError as exc:
+        raise JobError(f"{p}: can't read job file: {exc.strerror}") from None
+    overrides = dict(overrides or {})
+    problems = [Problem("command line", 0, k, m) for k, m in _field_problems(overrides)]
+    if size == 0:
+        raise JobValidationError([Problem(str(p), 1, "job", "the file is empty"), *problems])
+    if p.suffix.lower() in (".jsonl", ".ndjson"):
+        job = Job(path=p, name=p.stem, overrides=overrides, _prompts_file=p)
+        job._header_problems = problems
+        return job
+    job = _load_yaml(p)
+    job.overrides = overrides
+    job._header_problems = problems + job._header_problems
+    return job
+
+
+# -- YAML ---------------------------------------------------------------------------------
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _load_yaml(p: Path) -> Job:
+    fname = str(p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobValidationError([Problem(fname, 1, "job", f"not UTF-8 text ({exc.reason})")]) from None
+    except OSError as exc:
+        raise JobError(f"{p}: can't read job file: {exc.strerror}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            raise JobValidationError([Problem(fname, 1, "job", "the file is empty")])
+        if not isinstance(root, yaml.MappingNode):
+            raise JobValidationError(
+                [Problem(fname, _line(root), "job", "a YAML job must be a mapping of keys (name, prompts, ...)")]
+            )
+        return _job_from_mapping(p, loader, root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        what = exc.problem or exc.context or "invalid YAML"
+        raise JobValidationError([Problem(fname, line, "yaml", what)]) from None
+    except yaml.YAMLError as exc:
+        raise JobValidationError([Problem(fname, 1, "yaml", str(exc))]) from None
+    finally:
+        loader.dispose()
+
+
+def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) -> Job:
+    fname = str(p)
+    job = Job(path=p, name=p.stem)
+    problems: list[Problem] = job._header_problems
+    seen: set[str] = set()
+
+    def value(node: yaml.Node) -> Any:
+        return loader.construct_object(node, deep=True)
+
+    for key_node, node in root.value:
+        key = value(key_node)
+        line = _line(key_node)
+        if not isinstance(key, str):
+            problems.append(Problem(fname, line, str(key), "keys must be strings"))
+            continue
+        if key in seen:
+            problems.append(Problem(fname, line, key, "given twice"))
+            continue
+        seen.add(key)
+        if key not in TOP_LEVEL_KEYS:
+            near = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f" (known keys: {', '.join(TOP_LEVEL_KEYS)})"
+            problems.append(Problem(fname, line, key, f"unknown key{hint}"))
+            continue
+        vline = _line(node)
+        if key == "prompts":
+            if not isinstance(node, yaml.SequenceNode):
+                problems.append(Problem(fname, vline, key, "must be a list of prompts or items"))
+                continue
+            for el in node.value:
+                lines = {}
+                if isinstance(el, yaml.MappingNode):
+                    lines = {str(k.value): _line(v) for k, v in el.value if isinstance(k, yaml.ScalarNode)}
+                job._inline.append((_line(el), value(el), lines))
+            continue
+        val = value(node)
+        if key == "name":
+            if not isinstance(val, str) or not val.strip() or "/" in val or val.strip() in (".", ".."):
+                problems.append(Problem(fname, vline, key, "must be a non-empty string without '/'"))
+            else:
+                job.name = val.strip()
+        elif key == "defaults":
+            if not isinstance(val, dict):
+                problems.append(Problem(fname, vline, key, "must be a mapping of request fields"))
+                continue
+            field_lines = {str(k.value): _line(v) for k, v in node.value}
+            for fld, msg in _field_problems(val):
+                problems.append(Problem(fname, field_lines.get(fld, vline), f"defaults.{fld}", msg))
+            job.defaults = val
+        elif key == "concurrency":
+            if not _is_int(val) or val < 1:
+                problems.append(Problem(fname, vline, key, "must be an integer ≥ 1"))
+            else:
+                job.concurrency = val
+        elif key == "rate_limit":
+            job.rate_limit = _rate_limit(val, fname, vline, problems)
+        elif key == "endpoint":
+            job.endpoint = _endpoint(val, fname, vline, problems)
+        elif key == "output":
+            if not isinstance(val, str) or not val:
+                problems.append(Problem(fname, vline, key, "must be a folder path"))
+            else:
+                out = (p.parent / val) if not os.path.isabs(val) else Path(val)
+                if out.exists() and not out.is_dir():
+                    problems.append(Problem(fname, vline, key, f"{out} exists and is not a folder"))
+                job.output = str(out)
+        elif key == "prompts_file":
+            if not isinstance(val, str) or not val:
+                problems.append(Problem(fname, vline, key, "must be a path to a JSONL file"))
+                continue
+            pf = p.parent / val
+            if not pf.is_file():
+                problems.append(Problem(fname, vline, key, f"{pf} does not exist or is not a file"))
+            else:
+                job._prompts_file = pf
+    if "prompts" not in seen and "prompts_file" not in seen:
+        problems.append(Problem(fname, _line(root), "prompts", "the job needs 'prompts' or 'prompts_file'"))
+    return job
+
+
+def _rate_limit(val: Any, fname: str, line: int, problems: list[Problem]) -> RateLimit:
+    if not isinstance(val, dict):
+        problems.append(Problem(fname, line, "rate_limit", "must be a mapping with rpm and/or ipm"))
+        return RateLimit()
+    out: dict[str, float] = {}
+    for k, v in val.items():
+        if k not in ("rpm", "ipm"):
+            problems.append(Problem(fname, line, f"rate_limit.{k}", "unknown key (rpm, ipm)"))
+        elif not _is_number(v) or v <= 0:
+            problems.append(Problem(fname, line, f"rate_limit.{k}", "must be a positive number per minute"))
+        else:
+            out[k] = float(v)
+    return RateLimit(**out)
+
+
+def _endpoint(val: Any, fname: str, line: int, problems: list[Problem]) -> Endpoint:
+    if not isinstance(val, dict):
+        problems.append(Problem(fname, line, "endpoint", "must be a mapping with base_url and api_key_env"))
+        return Endpoint()
+    out: dict[str, str] = {}
+    for k, v in val.items():
+        if k == "base_url":
+            if not isinstance(v, str) or not re.match(r"^https?://[^\s/]+", v):
+                problems.append(Problem(fname, line, "endpoint.base_url", "must be an http(s) URL"))
+                continue
+        elif k == "api_key_env":
+            if not isinstance(v, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+                problems.append(Problem(fname, line, "endpoint.api_key_env", "must name an environment variable"))
+                continue
+        elif k in ("api_key", "key"):
+            problems.append(Problem(fname, line, f"endpoint.{k}", "keys don't belong in job files; use api_key_env"))
+            continue
+        else:
+            problems.append(Problem(fname, line, f"endpoint.{k}", "unknown key (base_url, api_key_env)"))
+            continue
+        out[k] = v
+    return Endpoint(**out)
+
+
+# -- JSONL --------------------------------------------------------------------------------
+
+
+def _stream_jsonl(
+    path: Path, base: dict[str, Any], overrides: dict[str, Any], ids: IdAssigner
+) -> Iterator[Item | Problem]:
+    fname = str(path)
+    any_line = False
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        yield Problem(fname, 1, "prompts_file", f"can't read: {exc.strerror}")
+        return
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            any_line = True
+            try:
+                obj = json.loads(raw)
+            except UnicodeDecodeError:
+                yield Problem(fname, lineno, "line", "not UTF-8 text")
+                continue
+            except json.JSONDecodeError as exc:
+                yield Problem(fname, lineno, "line", f"invalid JSON: {exc.msg} (column {exc.colno})")
+                continue
+            yield from _make_item(obj, fname, lineno, "", {}, base, overrides, ids)
+    if not any_line:
+        yield Problem(fname, 1, "prompts_file", "the file has no items")
+
+
+# -- items --------------------------------------------------------------------------------
+
+
+def _make_item(
+    raw: Any,
+    fname: str,
+    line: int,
+    prefix: str,
+    lines: dict[str, int],
+    base: dict[str, Any],
+    overrides: dict[str, Any],
+    ids: IdAssigner,
+) -> Iterator[Item | Problem]:
+    explicit: Any = None
+    if isinstance(raw, str):
+        fields: dict[str, Any] = {"prompt": raw}
+    elif isinstance(raw, dict) and "body" in raw and set(raw) <= _BATCH_KEYS:
+        # An OpenAI Batch API request line: custom_id becomes the id.
+        explicit = raw.get("custom_id")
+        if raw.get("method", "POST") != "POST":
+            yield Problem(fname, line, f"{prefix}method", "Batch API lines must use POST")
+        url = raw.get("url", "/v1/images/generations")
+        if not isinstance(url, str) or not url.rstrip("/").endswith("/images/generations"):
+            yield Problem(fname, line, f"{prefix}url", f"only /v1/images/generations is supported, got {url!r}")
+        if not isinstance(raw["body"], dict):
+            yield Problem(fname, line, f"{prefix}body", "must be an object of request fields")
+            return
+        fields = dict(raw["body"])
+        if explicit is None:
+            yield Problem(fname, line, f"{prefix}custom_id", "Batch API lines need a custom_id")
+            return
+    elif isinstance(raw, dict):
+        fields = dict(raw)
+        explicit = fields.pop("id", None)
+    else:
+        yield Problem(fname, line, prefix.rstrip(".") or "item", "must be a prompt string or an object with 'prompt'")
+        return
+    bad = False
+    if explicit is not None and (not isinstance(explicit, str) or not explicit.strip() or len(explicit) > 512):
+        yield Problem(fname, lines.get("id", line), f"{prefix}id", "must be a non-empty string (≤ 512 chars)")
+        bad = True
+    for fld, msg in _field_problems(fields):
+        yield Problem(fname, lines.get(fld, line), f"{prefix}{fld}", msg)
+        bad = True
+    body = {**base, **fields, **overrides}
+    if "prompt" not in body:
+        yield Problem(fname, line, f"{prefix}prompt", "missing; every item needs a prompt")
+        bad = True
+    if bad:
+        return
+    try:
+        rhash = request_hash(body)
+    except (TypeError, ValueError):
+        yield Problem(fname, line, f"{prefix}fields", "values must be JSON: strings, numbers, lists, mappings")
+        return
+    item_id = ids.assign(explicit, rhash)
+    if item_id is None:
+        yield Problem(fname, lines.get("id", line), f"{prefix}id", f"duplicate id {explicit!r}")
+        return
+    yield Item(item_id, body, rhash, fname, line, explicit is not None)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _field_problems(fields: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """Check the fields batcher itself relies on; everything else passes through untouched."""
+    for k in fields:
+        if not isinstance(k, str):
+            yield str(k), "field names must be strings"
+    if "prompt" in fields:
+        v = fields["prompt"]
+        if not isinstance(v, str):
+            yield "prompt", f"must be a string, got {type(v).__name__}"
+        elif not v.strip():
+            yield "prompt", "must not be empty"
+    if "model" in fields and (not isinstance(fields["model"], str) or not fields["model"].strip()):
+        yield "model", "must be a non-empty string"
+    if "size" in fields:
+        v = fields["size"]
+        if not isinstance(v, str) or not (v == "auto" or _SIZE.match(v)):
+            yield "size", f"must be WIDTHxHEIGHT (e.g. 1024x1024) or 'auto', got {v!r}"
+    if "n" in fields and (not _is_int(fields["n"]) or fields["n"] < 1):
+        yield "n", f"must be an integer ≥ 1, got {fields['n']!r}"
+    if "quality" in fields and not isinstance(fields["quality"], str):
+        yield "quality", "must be a string"
+    if "response_format" in fields and fields["response_format"] not in ("url", "b64_json"):
+        yield "response_format", f"must be 'url' or 'b64_json', got {fields['response_format']!r}"
+    for k, v in fields.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            yield str(k), "must be a finite number"

@@ -1,0 +1,244 @@
+"""The manifest: an append-only journal (`manifest.jsonl`) and the `manifest.json` built from it.
+
+Journal records, one JSON object per line:
+    {"t": "run", "job": NAME, "job_file": PATH, "at": ISO, "pid": N}       a run started
+    {"t": "attempt", "id": ID, "rhash": H, "attempt": K, "at": ISO}         written BEFORE sending
+    {"t": "item", "id": ID, "rhash": H, "status": "done"|"failed", ...}     an item finished
+    {"t": "end", "at": ISO, "summary": {...}}                              a run ended
+
+Durability: every line is written with one write(2) on an O_APPEND descriptor as soon as it
+happens, so a killed process loses nothing it journaled; fsync runs at most once a second and
+at the end of a run, so a power cut can lose the last second (those items simply run again).
+An item's images are renamed into place before its `item` line is written.
+
+Resuming reads the journal once, keeping per id only its latest status, request hash and
+byte offset: memory and time grow linearly with the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ._exceptions import ManifestError
+
+__all__ = ["Journal", "Entry", "write_manifest", "utc_now", "MANIFEST_VERSION"]
+
+MANIFEST_VERSION = 1
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class Entry:
+    """What the journal says of one item."""
+
+    status: str  # done | failed | pending (attempted, never finished)
+    rhash: str
+    attempts: int
+    offset: int  # byte offset of the latest `item` line, or -1
+    error_kind: str | None = None
+
+
+class Journal:
+    """The append-only journal of one output folder.
+
+    >>> journal = Journal.open(out / "manifest.jsonl")
+    >>> journal.entries.get(item_id)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, Entry] = {}
+        self.runs: list[dict[str, Any]] = []
+        self.torn_line: int | None = None
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._last_sync = 0.0
+
+    @classmethod
+    def open(cls, path: Path) -> Journal:
+        journal = cls(path)
+        journal._load()
+        journal._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return journal
+
+    @classmethod
+    def read(cls, path: Path) -> Journal:
+        """Load without opening for writing (status, reports)."""
+        journal = cls(path)
+        journal._load(repair=False)
+        return journal
+
+    def _load(self, repair: bool = True) -> None:
+        try:
+            fh = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ManifestError(f"{self.path}: can't read the journal: {exc.strerror}") from None
+        offset = 0
+        good_end = 0
+        with fh:
+            lines = iter(fh)
+            lineno = 0
+            for raw in lines:
+                lineno += 1
+                start, offset = offset, offset + len(raw)
+                complete = raw.endswith(b"\n")
+                try:
+                    rec = json.loads(raw)
+                    if not isinstance(rec, dict) or "t" not in rec:
+                        raise ValueError("not a journal record")
+                except ValueError:
+                    if not complete or next(lines, None) is None:
+                        self.torn_line = lineno  # a kill mid-write: tolerated, reported, cut off
+                        break
+                    raise ManifestError(
+                        f"{self.path}:{lineno}: corrupt journal line; the file was not written by "
+                        f"batcher or was edited. Move it away to start over (images stay in place)."
+                    ) from None
+                if not complete:
+                    self.torn_line = lineno
+                    break
+                good_end = offset
+                self._apply(rec, start)
+        if self.torn_line is not None and repair:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+
+    def _apply(self, rec: dict[str, Any], offset: int) -> None:
+        kind = rec["t"]
+        if kind == "attempt":
+            item_id = rec["id"]
+            prev = self.entries.get(item_id)
+            if prev is not None and prev.rhash == rec.get("rhash"):
+                prev.attempts = max(prev.attempts, int(rec.get("attempt", 0)))
+                if prev.status != "done":
+                    prev.status = "pending"
+            else:
+                self.entries[item_id] = Entry("pending", rec.get("rhash", ""), int(rec.get("attempt", 0)), -1)
+        elif kind == "item":
+            err = rec.get("error") or {}
+            self.entries[rec["id"]] = Entry(
+                rec["status"], rec.get("rhash", ""), int(rec.get("attempts", 0)), offset, err.get("kind")
+            )
+        elif kind in ("run", "end"):
+            self.runs.append(rec)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def append(self, rec: dict[str, Any]) -> None:
+        """Append one record with a single write(2). Thread-safe."""
+        line = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        assert self._fd is not None, "journal not open for writing"
+        with self._lock:
+            offset = os.lseek(self._fd, 0, os.SEEK_END)
+            view = memoryview(line)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            self._dirty = True
+            self._apply(rec, offset)
+
+    def sync(self) -> None:
+        """fsync if anything was written since the last one."""
+        with self._lock:
+            if not self._dirty or self._fd is None:
+                return
+            self._dirty = False
+            fd = self._fd
+        os.fsync(fd)
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.sync()
+            os.close(self._fd)
+            self._fd = None
+
+    # -- reading records back -------------------------------------------------------------
+
+    def record(self, item_id: str, fh: Any) -> dict[str, Any] | None:
+        entry = self.entries.get(item_id)
+        if entry is None or entry.offset < 0:
+            return None
+        fh.seek(entry.offset)
+        return json.loads(fh.readline())
+
+
+def write_manifest(
+    journal: Journal,
+    path: Path,
+    job: dict[str, Any],
+    items: Callable[[], Iterable[Any]],
+) -> dict[str, int]:
+    """Write `manifest.json` atomically from the job's items and the journal; return the summary.
+
+    `items()` streams the job's items; it is called twice (counts first, then records) so
+    that the summary can lead the file without holding the items in memory.
+    """
+    summary = {"total": 0, "done": 0, "failed": 0, "pending": 0}
+    for item in items():
+        summary["total"] += 1
+        summary[_status(journal, item)] += 1
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(journal.path, "rb") if journal.path.exists() else _NullFile() as jfh, open(tmp, "w") as out:
+        out.write('{"version": %d, "job": %s, "summary": %s, "items": [' % (
+            MANIFEST_VERSION, json.dumps(job, ensure_ascii=False), json.dumps(summary)))
+        sep = "\n"
+        for item in items():
+            out.write(sep + json.dumps(_item_record(journal, jfh, item), ensure_ascii=False))
+            sep = ",\n"
+        out.write("\n]}\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    return summary
+
+
+def _status(journal: Journal, item: Any) -> str:
+    entry = journal.entries.get(item.id)
+    if entry is None or entry.rhash != item.rhash or entry.status not in ("done", "failed"):
+        return "pending"
+    return entry.status
+
+
+def _item_record(journal: Journal, jfh: Any, item: Any) -> dict[str, Any]:
+    entry = journal.entries.get(item.id)
+    if entry is not None and entry.rhash == item.rhash and entry.offset >= 0 and entry.status in ("done", "failed"):
+        rec = journal.record(item.id, jfh)
+        if rec is not None:
+            return {k: v for k, v in rec.items() if k not in ("t", "rhash")}
+    attempts = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
+    return {"id": item.id, "status": "pending", "request": item.body, "created": None, "images": [],
+            "attempts": attempts, "error": None}
+
+
+class _NullFile:
+    def __enter__(self) -> _NullFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Every complete record of a journal, in order (for status and reports)."""
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if raw.endswith(b"\n"):
+                try:
+                    yield json.loads(raw)
+                except ValueError:
+                    continue

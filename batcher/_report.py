@@ -1,0 +1,114 @@
+"""Report stage: progress while running, one summary line at the end.
+
+On a terminal: a tqdm bar (done, failed, retrying, images/s). Elsewhere (cron, CI, pipes):
+timestamped log lines, one every `interval` seconds. `--quiet` keeps only warnings and errors.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from typing import IO, Any
+
+from tqdm import tqdm
+
+__all__ = ["Reporter"]
+
+
+class Reporter:
+    def __init__(
+        self,
+        *,
+        quiet: bool = False,
+        tty: bool | None = None,
+        stream: IO[str] | None = None,
+        interval: float = 10.0,
+        log_file: str | None = None,
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = interval
+        self.done = self.failed = self.retrying = self.images = 0
+        self.total = 0
+        self._bar: tqdm | None = None
+        self._started = time.monotonic()
+        self._last_line = self._started
+        self._log = open(log_file, "a", encoding="utf-8") if log_file else None
+
+    def _stamp(self, message: str) -> str:
+        return f"{datetime.now().astimezone().isoformat(timespec='seconds')} batcher: {message}"
+
+    def log(self, message: str, *, level: str = "info") -> None:
+        """A message for the operator; warnings and errors show even with --quiet."""
+        if self._log:
+            self._log.write(self._stamp(message) + "\n")
+            self._log.flush()
+        if self.quiet and level == "info":
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        elif self.tty:
+            print(message, file=self.stream, flush=True)
+        else:
+            print(self._stamp(message), file=self.stream, flush=True)
+
+    def start(self, total: int, skipped: int) -> None:
+        self.total = total
+        self._started = self._last_line = time.monotonic()
+        if skipped:
+            self.log(f"{skipped} item(s) already in the manifest; {total} to run")
+        if self.tty and not self.quiet and total:
+            self._bar = tqdm(total=total, unit="item", file=self.stream, dynamic_ncols=True)
+
+    def _refresh(self) -> None:
+        if self._bar is not None:
+            rate = self.images / max(time.monotonic() - self._started, 1e-9)
+            self._bar.set_postfix(failed=self.failed, retrying=self.retrying, img_s=f"{rate:.1f}", refresh=False)
+
+    def item_finished(self, ok: bool, images: int = 0) -> None:
+        if ok:
+            self.done += 1
+            self.images += images
+        else:
+            self.failed += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            self._refresh()
+
+    def retry(self, delta: int) -> None:
+        self.retrying += delta
+        self._refresh()
+
+    def tick(self) -> None:
+        """Called about once a second; prints the periodic line when not on a terminal."""
+        now = time.monotonic()
+        if self.tty or self.quiet or now - self._last_line < self.interval:
+            return
+        self._last_line = now
+        self.log(self.progress_line())
+
+    def progress_line(self) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        return (
+            f"{self.done + self.failed}/{self.total} items: {self.done} done, {self.failed} failed, "
+            f"{self.retrying} retrying, {self.images / elapsed:.2f} images/s"
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def summary(self, result: Any) -> None:
+        self.close()
+        s = result.summary
+        line = (
+            f"{result.outcome}: {s['done']} done, {s['failed']} failed, {s['pending']} pending "
+            f"of {s['total']}; {result.images} image(s) in {result.elapsed:.1f}s -> {result.out}"
+        )
+        self.log(line, level="info" if result.exit_code == 0 else "warning")
+        if self._log:
+            self._log.close()
+            self._log = None

@@ -1,0 +1,188 @@
+"""Write stage: the output folder, its lock, and images saved so no final name is ever partial.
+
+Layout of `OUT`:
+    OUT/images/<stem>.<ext>        one file per image (`<stem>_<k>.<ext>` when n > 1)
+    OUT/images/.tmp-*              in-progress writes; removed by the next run
+    OUT/manifest.jsonl             the journal (see _manifest)
+    OUT/manifest.json              the manifest, rebuilt from the journal
+    OUT/.lock                      held with flock(2) while a run is going
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._exceptions import LockedError, OutputError, PermanentError
+
+__all__ = ["OutputDir", "SavedImage", "sniff", "image_size"]
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+def sniff(data: bytes) -> str | None:
+    """The image type from its magic bytes: png, jpeg, webp, gif, or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return None
+
+
+def image_size(data: bytes, kind: str) -> tuple[int, int] | None:
+    """(width, height) read from the header, without decoding the image."""
+    try:
+        if kind == "png" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if kind == "gif":
+            return struct.unpack("<HH", data[6:10])
+        if kind == "webp":
+            chunk = data[12:16]
+            if chunk == b"VP8X":
+                w = int.from_bytes(data[24:27], "little") + 1
+                h = int.from_bytes(data[27:30], "little") + 1
+                return w, h
+            if chunk == b"VP8 ":
+                w, h = struct.unpack("<HH", data[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+            if chunk == b"VP8L":
+                b = int.from_bytes(data[21:25], "little")
+                return (b & 0x3FFF) + 1, ((b >> 14) & 0x3FFF) + 1
+        if kind == "jpeg":
+            i = 2
+            while i + 9 < len(data):
+                if data[i] != 0xFF:
+                    return None
+                marker = data[i + 1]
+                length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+                if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                    h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                    return w, h
+                i += 2 + length
+    except struct.error:
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    file: str  # relative to OUT
+    sha256: str
+    bytes: int
+    width: int | None
+    height: int | None
+    kind: str
+
+
+class OutputDir:
+    """An output folder: locked while in use, images written by temp-file-and-rename."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.images = self.root / "images"
+        self.journal = self.root / "manifest.jsonl"
+        self.manifest = self.root / "manifest.json"
+        self._lock_fd: int | None = None
+
+    def prepare(self) -> None:
+        """Create the folders (raises OutputError when OUT is a file or unwritable)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"{self.root}: output path exists and is not a folder")
+        try:
+            self.images.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.root}: can't create output folder: {exc.strerror}") from None
+
+    def lock(self) -> None:
+        """Take the folder's lock, or raise LockedError naming the holder's PID.
+
+        flock(2) dies with its process, so a run killed with -9 never leaves a stale lock.
+        """
+        path = self.root / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+            except ValueError:
+                pid = None
+            os.close(fd)
+            raise LockedError(str(self.root), pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def clean_temporaries(self) -> int:
+        """Remove leftovers of interrupted writes; return how many."""
+        removed = 0
+        for entry in os.scandir(self.images):
+            if entry.name.startswith(".tmp-"):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    def temp_path(self, stem: str) -> Path:
+        return self.images / f".tmp-{stem[:40]}-{uuid.uuid4().hex[:8]}"
+
+    def final_name(self, stem: str, index: int, count: int, kind: str) -> str:
+        ext = "jpg" if kind == "jpeg" else kind
+        return f"{stem}.{ext}" if count == 1 else f"{stem}_{index + 1}.{ext}"
+
+    def save_bytes(self, stem: str, index: int, count: int, data: bytes) -> SavedImage:
+        """Write image bytes under their final name, atomically. Runs in a worker thread."""
+        kind = sniff(data)
+        if kind is None:
+            raise PermanentError("response image is not a PNG, JPEG, WebP or GIF", status=200, code="not_an_image")
+        tmp = self.temp_path(stem)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        return self._publish(tmp, stem, index, count, kind, data)
+
+    def adopt_file(self, tmp: Path, stem: str, index: int, count: int) -> SavedImage:
+        """Publish a downloaded temp file under its final name. Runs in a worker thread."""
+        data = tmp.read_bytes()
+        kind = sniff(data)
+        if kind is None:
+            os.unlink(tmp)
+            raise PermanentError("downloaded bytes are not an image", status=200, code="not_an_image")
+        return self._publish(tmp, stem, index, count, kind, data)
+
+    def _publish(self, tmp: Path, stem: str, index: int, count: int, kind: str, data: bytes) -> SavedImage:
+        name = self.final_name(stem, index, count, kind)
+        final = self.images / name
+        # the rename is the commit: a reader sees the whole file under its final name or nothing
+        os.replace(tmp, final)
+        wh = image_size(data, kind)
+        return SavedImage(
+            file=f"images/{name}",
+            sha256=hashlib.sha256(data).hexdigest(),
+            bytes=len(data),
+            width=wh[0] if wh else None,
+            height=wh[1] if wh else None,
+            kind=kind,
+        )
+
+    def has_file(self, rel: str, size: int) -> bool:
+        try:
+            return (self.root / rel).stat().st_size == size
+        except OSError:
+            return False
