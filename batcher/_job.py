@@ -166,7 +166,11 @@ def _load_yaml(p: Path) -> Job:
         raise JobValidationError([Problem(fname, 1, "job", f"not UTF-8 text ({exc.reason})")]) from None
     except OSError as exc:
         raise JobError(f"{p}: can't read job file: {exc.strerror}") from None
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise JobValidationError([Problem(fname, line, "yaml", f"character {exc.character!r} is not allowed")]) from None
     try:
         root = loader.get_single_node()
         if root is None:
@@ -181,8 +185,13 @@ def _load_yaml(p: Path) -> Job:
         line = mark.line + 1 if mark else 1
         what = exc.problem or exc.context or "invalid YAML"
         raise JobValidationError([Problem(fname, line, "yaml", what)]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise JobValidationError([Problem(fname, line, "yaml", f"character {exc.character!r} is not allowed")]) from None
     except yaml.YAMLError as exc:
-        raise JobValidationError([Problem(fname, 1, "yaml", str(exc))]) from None
+        raise JobValidationError([Problem(fname, 1, "yaml", str(exc).splitlines()[0])]) from None
+    except RecursionError:
+        raise JobValidationError([Problem(fname, 1, "yaml", "nesting too deep")]) from None
     finally:
         loader.dispose()
 

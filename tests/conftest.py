@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+
+class FakeClock:
+    """A clock that only moves when someone sleeps on it: limiter tests run instantly."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
