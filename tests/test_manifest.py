@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from batcher import ManifestError
+from batcher._manifest import Journal, write_manifest
+
+
+def item(i, rhash="h"):
+    return SimpleNamespace(id=f"i{i}", rhash=rhash, body={"prompt": f"p{i}"})
+
+
+def done(i, rhash="h"):
+    return {"t": "item", "id": f"i{i}", "rhash": rhash, "status": "done", "request": {"prompt": f"p{i}"},
+            "created": 1, "images": [{"file": f"images/i{i}.png"}], "attempts": 1, "error": None}
+
+
+def test_rebuild_keeps_latest_record_per_item(tmp_path):
+    j = Journal.open(tmp_path / "manifest.jsonl")
+    j.append({"t": "run", "job": "x"})
+    j.append({"t": "attempt", "id": "i1", "rhash": "h", "attempt": 1})
+    j.append({"t": "item", "id": "i1", "rhash": "h", "status": "failed", "attempts": 1,
+              "error": {"kind": "transient", "status": 500, "code": None, "message": "m"}})
+    j.append({"t": "attempt", "id": "i1", "rhash": "h", "attempt": 2})
+    j.append(done(1) | {"attempts": 2})
+    j.append({"t": "attempt", "id": "i2", "rhash": "h", "attempt": 1})  # in flight at a crash
+    j.close()
+    again = Journal.open(tmp_path / "manifest.jsonl")
+    assert again.entries["i1"].status == "done" and again.entries["i1"].attempts == 2
+    assert again.entries["i2"].status == "pending" and again.entries["i2"].attempts == 1
+    assert len(again.runs) == 1
+    again.close()
+
+
+def test_torn_last_line_is_tolerated_reported_and_cut(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    j = Journal.open(path)
+    j.append(done(1))
+    j.close()
+    with open(path, "ab") as fh:
+        fh.write(b'{"t": "item", "id": "i2", "sta')
+    again = Journal.open(path)
+    assert again.torn_line == 2
+    assert set(again.entries) == {"i1"}
+    again.append(done(3))
+    again.close()
+    lines = path.read_bytes().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["i1", "i3"]
+
+
+def test_corrupt_middle_line_is_a_clear_error_and_file_untouched(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    path.write_bytes(json.dumps(done(1)).encode() + b"\nGARBAGE\n" + json.dumps(done(2)).encode() + b"\n")
+    before = path.read_bytes()
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:2: corrupt"):
+        Journal.open(path)
+    assert path.read_bytes() == before
+
+
+def test_write_manifest_streams_items_and_marks_pending(tmp_path):
+    j = Journal.open(tmp_path / "manifest.jsonl")
+    j.append(done(1))
+    j.append(done(2, rhash="old"))  # the job changed under this id: not current
+    j.append({"t": "item", "id": "i3", "rhash": "h", "status": "failed", "attempts": 6, "request": {},
+              "images": [], "error": {"kind": "permanent", "status": 400, "code": "content_policy_violation",
+                                      "message": "no"}})
+    items = [item(1), item(2), item(3), item(4)]
+    summary = write_manifest(j, tmp_path / "manifest.json", {"name": "t"}, lambda: iter(items))
+    j.close()
+    assert summary == {"total": 4, "done": 1, "failed": 1, "pending": 2}
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert list(doc) == ["version", "job", "summary", "items"]
+    assert doc["summary"] == summary
+    statuses = {r["id"]: r["status"] for r in doc["items"]}
+    assert statuses == {"i1": "done", "i2": "pending", "i3": "failed", "i4": "pending"}
+    assert doc["items"][2]["error"]["code"] == "content_policy_violation"
+    assert "t" not in doc["items"][0] and "rhash" not in doc["items"][0]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_journal_is_synced_only_when_dirty(tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    j = Journal.open(tmp_path / "manifest.jsonl")
+    j.sync()
+    assert calls == []
+    j.append(done(1))
+    j.sync()
+    j.sync()
+    assert len(calls) == 1
+    j.close()
