@@ -17,7 +17,7 @@ import anyio
 
 from ._policy import parse_duration
 
-__all__ = ["Window", "RateLimiter", "ConcurrencyController", "window_shape"]
+__all__ = ["Window", "RateLimiter", "Permit", "ConcurrencyController", "window_shape"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -42,7 +42,7 @@ class Window:
     def __init__(self, capacity: float | None = None, period: float = 1.0) -> None:
         self.capacity = capacity
         self.period = period
-        self._log: deque[tuple[float, int]] = deque()
+        self._log: deque[list] = deque()  # [time, cost], time moved to the real send
         self._used = 0
 
     def _expire(self, now: float, horizon: float) -> None:
@@ -68,9 +68,35 @@ class Window:
                 return max(t + horizon - now, 0.0)
         return max(self._log[-1][0] + horizon - now, 0.0)
 
-    def record(self, now: float, cost: int) -> None:
-        self._log.append((now, cost))
+    def record(self, now: float, cost: int) -> list:
+        entry = [now, cost]
+        self._log.append(entry)
         self._used += cost
+        return entry
+
+
+class _Waiter:
+    __slots__ = ("images", "event", "permit")
+
+    def __init__(self, images: int) -> None:
+        self.images = images
+        self.event = anyio.Event()
+        self.permit: Permit | None = None
+
+
+class Permit:
+    """A granted send; `sent()` moves its window entries to the moment it really leaves."""
+
+    __slots__ = ("_clock", "_entries")
+
+    def __init__(self, clock: Clock, *entries: list) -> None:
+        self._clock = clock
+        self._entries = entries
+
+    def sent(self) -> None:
+        now = self._clock()
+        for entry in self._entries:
+            entry[0] = max(entry[0], now)
 
 
 class RateLimiter:
@@ -93,7 +119,7 @@ class RateLimiter:
         *,
         clock: Clock = anyio.current_time,
         sleep: Sleep = anyio.sleep,
-        margin: float = 0.010,
+        margin: float = 0.025,
         max_margin: float = 0.200,
     ) -> None:
         self._clock = clock
@@ -111,7 +137,9 @@ class RateLimiter:
         self.rejections = 0
         self._rejected: dict[str, deque[tuple[float, int]]] = {"requests": deque(), "images": deque()}
         self._last_probe = 0.0
-        self._lock = anyio.Lock()
+        self._last_widen = -1e9
+        self._learning_until = -1e9
+        self._queue: deque[_Waiter] = deque()
 
     def _windows(self) -> dict[str, Window]:
         return {"requests": self.requests, "images": self.images}
@@ -124,18 +152,51 @@ class RateLimiter:
             self.images.wait_time(now, images, self.margin),
         )
 
-    async def acquire(self, images: int = 1) -> None:
-        """Wait until one request for `images` images may be sent, and count it as sent."""
-        async with self._lock:  # FIFO: first come, first served, no thundering herd
-            while True:
-                now = self._clock()
-                wait = self.wait_time(images, now)
-                if wait <= 0:
-                    break
-                await self._sleep(wait)
-            self.requests.record(now, 1)
-            self.images.record(now, images)
-            self._maybe_probe(now)
+    async def acquire(self, images: int = 1) -> Permit:
+        """Wait until one request for `images` images may be sent, and count it as sent.
+
+        Waiters are served first come, first served. The head of the queue sleeps until the
+        window has room, then grants itself and every waiter behind it that fits, in one step:
+        a window's share leaves together instead of one wake-up at a time.
+        Call `permit.sent()` right before the request goes out: the server counts arrivals.
+        """
+        if not self._queue and self.wait_time(images) <= 0:
+            return self._grant(self._clock(), images)
+        waiter = _Waiter(images)
+        self._queue.append(waiter)
+        try:
+            while waiter.permit is None:
+                if self._queue[0] is waiter:
+                    wait = self.wait_time(images)
+                    if wait > 0:
+                        await self._sleep(wait)
+                    else:
+                        self._dispatch()
+                else:
+                    await waiter.event.wait()
+                    waiter.event = anyio.Event()
+        finally:
+            if waiter.permit is None:  # cancelled while waiting: hand the head on
+                was_head = self._queue and self._queue[0] is waiter
+                self._queue.remove(waiter)
+                if was_head and self._queue:
+                    self._queue[0].event.set()
+        return waiter.permit
+
+    def _grant(self, now: float, images: int) -> Permit:
+        permit = Permit(self._clock, self.requests.record(now, 1), self.images.record(now, images))
+        self._maybe_probe(now)
+        return permit
+
+    def _dispatch(self) -> None:
+        now = self._clock()
+        queue = self._queue
+        while queue and self.wait_time(queue[0].images, now) <= 0:
+            waiter = queue.popleft()
+            waiter.permit = self._grant(now, waiter.images)
+            waiter.event.set()
+        if queue:
+            queue[0].event.set()  # the new head takes over the sleeping
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for `seconds` (a 429's retry-after applies to the whole pool)."""
@@ -192,11 +253,20 @@ class RateLimiter:
             # nothing known: what the server accepted in the last second is its limit
             window.capacity, window.period = max(1, accepted), 1.0
             self.source[kind] = "learned"
-        elif source == "learned":
-            window.capacity = max(1, min(int(window.capacity or 1) - 1, accepted))
-        else:
-            # a known limit was still too fast: the trip to the server needs more slack
-            self.margin = min(self.max_margin, self.margin * 1.5 + 0.005)
+            self._learning_until = now + window.period
+        elif source == "learned" and now < self._learning_until:
+            # the rest of the first burst's answers refine the estimate
+            window.capacity = max(1, min(int(window.capacity or 1), accepted))
+        elif now - self._last_widen >= window.period:
+            # once per window: one late burst answers with many 429s at once
+            self._last_widen = now
+            if retry_after is not None and retry_after < 0.1 * window.period:
+                # a few ms early: the trip to the server needs more slack, the limit is right
+                self.margin = min(self.max_margin, self.margin + max(0.005, retry_after))
+            elif source == "learned":
+                window.capacity = max(1, int(window.capacity or 1) - 1)
+            else:
+                self.margin = min(self.max_margin, self.margin + 0.005)
 
     def _maybe_probe(self, now: float) -> None:
         for kind, window in self._windows().items():

@@ -298,15 +298,22 @@ class _Runner:
 
     async def _wait(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
         """Await fn(*args) unless the run stops meanwhile; return False if it stopped."""
+        return await self._wait_for(fn, *args) is not None
+
+    async def _wait_for(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """fn(*args)'s result (True for None), or None if the run stopped meanwhile."""
         if self.stopping:
-            return False
+            return None
+        result: Any = None
         with anyio.CancelScope() as scope:
             self._wait_scopes.add(scope)
             try:
-                await fn(*args)
+                result = await fn(*args)
             finally:
                 self._wait_scopes.discard(scope)
-        return not scope.cancelled_caught and not self.stopping
+        if scope.cancelled_caught or self.stopping:
+            return None
+        return True if result is None else result
 
     # -- one item ---------------------------------------------------------------------------
 
@@ -355,7 +362,8 @@ class _Runner:
         if not await self._wait(slots.acquire):
             raise _Stopped
         try:
-            if not await self._wait(self.limiter.acquire, item.images):
+            permit = await self._wait_for(self.limiter.acquire, item.images)
+            if permit is None:
                 raise _Stopped
             # journal first: a request that times out after it was sent may still be billed
             try:
@@ -365,6 +373,7 @@ class _Runner:
                 self._disk_trouble(exc)
                 raise _Stopped from None
             self.requests += 1
+            permit.sent()
             try:
                 with anyio.fail_after(self.deadline):
                     gen = await self.client.generate(item.body)

@@ -115,6 +115,7 @@ class Simulator:
         self._windows = {k: _Window(v) for k, v in (("requests", config.rpm), ("images", config.ipm)) if v}
         self._window_log: deque[float] = deque()
         self._counter = 0
+        self._last_admit = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -178,6 +179,7 @@ class Simulator:
                             await self._send(stream, 431, {}, {"error": _err("headers too large")})
                             return
                         buf += await stream.receive()
+                    arrived = time.monotonic()  # providers count a request when it arrives
                     head, buf = buf.split(b"\r\n\r\n", 1)
                     lines = head.decode("latin-1").split("\r\n")
                     method, target, _ = (lines[0].split(" ") + ["", ""])[:3]
@@ -192,7 +194,7 @@ class Simulator:
                     while len(buf) < length:
                         buf += await stream.receive()
                     body, buf = buf[:length], buf[length:]
-                    keep = await self._route(stream, method, target.split("?")[0], headers, body)
+                    keep = await self._route(stream, method, target.split("?")[0], headers, body, arrived)
                     if not keep or headers.get("connection", "").lower() == "close":
                         return
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
@@ -206,9 +208,9 @@ class Simulator:
         await stream.send(("\r\n".join(head) + "\r\n\r\n").encode() + raw)
 
     async def _route(self, stream: SocketStream, method: str, path: str, headers: dict[str, str],
-                     body: bytes) -> bool:
+                     body: bytes, arrived: float) -> bool:
         if method == "POST" and path in ("/v1/images/generations", "/images/generations"):
-            return await self._generate(stream, headers, body)
+            return await self._generate(stream, headers, body, arrived)
         if method == "GET" and path.startswith("/v1/files/"):
             data = self._files.get(path.rsplit("/", 1)[-1])
             if data is None:
@@ -244,7 +246,7 @@ class Simulator:
             out[f"x-ratelimit-reset-{kind}"] = _duration(w.reset_in(now))
         return out
 
-    async def _generate(self, stream: SocketStream, headers: dict[str, str], body: bytes) -> bool:
+    async def _generate(self, stream: SocketStream, headers: dict[str, str], body: bytes, arrived: float) -> bool:
         cfg = self.config
         with self._lock:
             self._stats["requests"] += 1
@@ -300,7 +302,8 @@ class Simulator:
                 429, "You exceeded your current quota, please check your plan and billing details.",
                 "insufficient_quota", "insufficient_quota"))
             return True
-        now = time.monotonic()
+        now = max(arrived, self._last_admit)  # admissions in arrival order, never backwards
+        self._last_admit = now
         waits = {kind: w.wait(now, 1 if kind == "requests" else n) for kind, w in self._windows.items()}
         if any(v > 0 for v in waits.values()):
             kind, wait = max(waits.items(), key=lambda kv: kv[1])
