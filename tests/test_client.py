@@ -1,0 +1,113 @@
+"""What the client makes of absurd, hostile or gateway-shaped answers (no network needed)."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+
+import pytest
+
+from batcher import PermanentError, TransientError
+from batcher._cli import main
+from batcher._client import ImagesClient
+from batcher._simulator import SimulatorConfig, start_in_thread
+from batcher._writer import OutputDir
+
+from helpers import KEY, manifest, write_job
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32).decode()
+
+
+@pytest.fixture
+def client():
+    return ImagesClient("http://127.0.0.1:9/v1", None)
+
+
+def parse(client, doc, n=1):
+    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    return client._parse(raw, {"x-request-id": "req_1"}, n)
+
+
+def test_both_keys_with_one_null_and_url_instead_of_b64(client):
+    gen = parse(client, {"created": 5, "data": [{"b64_json": None, "url": "http://127.0.0.1/x.png"},
+                                                {"b64_json": PNG, "url": None, "revised_prompt": "r"}]}, n=2)
+    assert gen.images[0].url and gen.images[0].data is None
+    assert gen.images[1].data.startswith(b"\x89PNG") and gen.images[1].revised_prompt == "r"
+    assert gen.created == 5 and gen.request_id == "req_1"
+
+
+@pytest.mark.parametrize("doc,kind,code", [
+    (b"<html>502</html>", TransientError, "malformed_response"),
+    ({"data": "nope"}, TransientError, "malformed_response"),
+    ({"data": []}, TransientError, "malformed_response"),
+    ({"data": [{"b64_json": "!!!not base64!!!"}]}, TransientError, "malformed_response"),
+    ({"data": [{"b64_json": 42}]}, TransientError, "malformed_response"),
+    ({"data": [7]}, TransientError, "malformed_response"),
+    ({"data": [{"b64_json": PNG}] * 10000}, PermanentError, "unexpected_image_count"),
+    ({"error": {"code": "429", "type": "requests", "message": "slow down"}}, TransientError, "429"),
+])
+def test_absurd_bodies_fail_with_a_clear_reason(client, doc, kind, code):
+    with pytest.raises(kind) as exc:
+        parse(client, doc)
+    assert exc.value.code == code
+
+
+def test_wrong_types_are_ignored_not_fatal(client):
+    gen = parse(client, {"created": "yesterday", "usage": [1], "data": [{"b64_json": PNG, "revised_prompt": 3}]})
+    assert gen.created is None and gen.usage is None and gen.images[0].revised_prompt is None
+
+
+def test_non_image_bytes_are_refused(tmp_path):
+    out = OutputDir(tmp_path)
+    out.prepare()
+    with pytest.raises(PermanentError, match="not a PNG"):
+        out.save_bytes("x", 0, 1, b"<html>hello</html>")
+    assert list(out.images.iterdir()) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_download_refuses_non_http_and_caps_size(tmp_path, anyio_backend):
+    client = ImagesClient("http://127.0.0.1:9/v1", None, max_download_bytes=1000)
+    try:
+        with pytest.raises(PermanentError, match="non-http"):
+            await client.download("file:///etc/passwd", tmp_path / "x")
+        with start_in_thread(SimulatorConfig(image_bytes=5000)) as sim:
+            import httpx
+
+            async with httpx.AsyncClient() as http:
+                r = await http.post(f"{sim.base_url}/images/generations",
+                                    json={"model": "m", "prompt": "p", "size": "8x8", "response_format": "url"})
+            url = r.json()["data"][0]["url"]
+            with pytest.raises(PermanentError, match="cap"):
+                await client.download(url, tmp_path / "y")
+            assert not (tmp_path / "y").exists()
+    finally:
+        await client.aclose()
+
+
+def test_disk_full_stops_cleanly_with_exit_4_and_rerun_completes(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHER_API_KEY", KEY)
+    job = write_job(tmp_path / "job.yaml", [f"p{i}" for i in range(12)], defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    real = OutputDir.save_bytes
+    calls = {"n": 0}
+
+    def flaky(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args)
+
+    with start_in_thread(SimulatorConfig()) as sim:
+        monkeypatch.setattr(OutputDir, "save_bytes", flaky)
+        code = main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet",
+                     "--concurrency", "2"])
+        assert code == 4
+        s = manifest(out)["summary"]
+        assert s["done"] == 3 and s["failed"] == 0 and s["pending"] == 9
+        monkeypatch.setattr(OutputDir, "save_bytes", real)
+        assert main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet"]) == 0
+    assert manifest(out)["summary"]["done"] == 12
+    assert not [p for p in (out / "images").iterdir() if p.name.startswith(".tmp-")]
