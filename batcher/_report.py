@@ -41,7 +41,7 @@ class Reporter:
         return f"{datetime.now().astimezone().isoformat(timespec='seconds')} batcher: {message}"
 
     def log(self, message: str, *, level: str = "info") -> None:
-        """A message for the operator; warnings and errors show even with --quiet."""
+        """A message for the operator; warnings, errors and the summary show even with --quiet."""
         if self._log:
             self._log.write(self._stamp(message) + "\n")
             self._log.flush()
@@ -108,7 +108,7 @@ class Reporter:
             f"{result.outcome}: {s['done']} done, {s['failed']} failed, {s['pending']} pending "
             f"of {s['total']}; {result.images} image(s) in {result.elapsed:.1f}s -> {result.out}"
         )
-        self.log(line, level="info" if result.exit_code == 0 else "warning")
+        self.log(line, level="summary")
         if self._log:
             self._log.close()
             self._log = None
