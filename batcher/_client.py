@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import aiofiles
 import anyio
-import httpx
+import httpx2 as httpx
 
 from . import __version__
 from ._exceptions import PermanentError, RequestError, TransientError

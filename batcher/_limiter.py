@@ -68,6 +68,11 @@ class Window:
                 return max(t + horizon - now, 0.0)
         return max(self._log[-1][0] + horizon - now, 0.0)
 
+    def refund(self, entry: list) -> None:
+        if any(e is entry for e in self._log):  # still inside the window
+            self._used -= entry[1]
+        entry[1] = 0
+
     def record(self, now: float, cost: int) -> list:
         entry = [now, cost]
         self._log.append(entry)
@@ -85,18 +90,23 @@ class _Waiter:
 
 
 class Permit:
-    """A granted send; `sent()` moves its window entries to the moment it really leaves."""
+    """A granted send. `sent()` moves its window entries to the moment it really leaves;
+    `refund()` gives them back when the server rejected it (a 429 is not counted there)."""
 
     __slots__ = ("_clock", "_entries")
 
-    def __init__(self, clock: Clock, *entries: list) -> None:
+    def __init__(self, clock: Clock, *entries: tuple[Window, list]) -> None:
         self._clock = clock
         self._entries = entries
 
     def sent(self) -> None:
         now = self._clock()
-        for entry in self._entries:
+        for _, entry in self._entries:
             entry[0] = max(entry[0], now)
+
+    def refund(self) -> None:
+        for window, entry in self._entries:
+            window.refund(entry)
 
 
 class RateLimiter:
@@ -119,7 +129,7 @@ class RateLimiter:
         *,
         clock: Clock = anyio.current_time,
         sleep: Sleep = anyio.sleep,
-        margin: float = 0.025,
+        margin: float = 0.015,
         max_margin: float = 0.200,
     ) -> None:
         self._clock = clock
@@ -184,7 +194,8 @@ class RateLimiter:
         return waiter.permit
 
     def _grant(self, now: float, images: int) -> Permit:
-        permit = Permit(self._clock, self.requests.record(now, 1), self.images.record(now, images))
+        permit = Permit(self._clock, (self.requests, self.requests.record(now, 1)),
+                        (self.images, self.images.record(now, images)))
         self._maybe_probe(now)
         return permit
 

@@ -379,6 +379,10 @@ class _Runner:
                     gen = await self.client.generate(item.body)
             except TimeoutError:
                 raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
+            except RequestError as exc:
+                if exc.status == 429 and exc.kind == "transient":
+                    permit.refund()  # the server did not count it; its retry may use the slot
+                raise
         finally:
             slots.release()
         self.pool.on_answer()

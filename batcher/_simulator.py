@@ -116,6 +116,7 @@ class Simulator:
         self._window_log: deque[float] = deque()
         self._counter = 0
         self._last_admit = 0.0
+        self._reserved = 0
         self.reset()
 
     def reset(self) -> None:
@@ -295,7 +296,7 @@ class Simulator:
                 400, "Your request was rejected as a result of our safety system.", "invalid_request_error",
                 "content_policy_violation", "prompt"))
             return True
-        if cfg.quota_images is not None and self._stats["images"] >= cfg.quota_images:
+        if cfg.quota_images is not None and self._stats["images"] + self._reserved + n > cfg.quota_images:
             with self._lock:
                 self._stats["quota_rejected"] += 1
             await self._send(stream, 429, {}, self._error(
@@ -319,11 +320,13 @@ class Simulator:
             w.log.append((now, 1 if kind == "requests" else n))
             w.used += 1 if kind == "requests" else n
         self._note_window(now)
+        self._reserved += n  # admitted images count against the quota before they are made
         delay = cfg.latency_ms + (self.rng.uniform(-1, 1) * cfg.latency_jitter_ms if cfg.latency_jitter_ms else 0)
         if delay > 0:
             await anyio.sleep(delay / 1000.0)
         # generated (and billed) from here, even if the client has gone away
         images = [self.png(width, height, prompt) for _ in range(n)]
+        self._reserved -= n
         with self._lock:
             self._stats["images"] += n
             self._generations[prompt] = self._generations.get(prompt, 0) + 1

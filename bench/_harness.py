@@ -226,6 +226,18 @@ def _numeric(text: str) -> bool:
         return False
 
 
+def batcher_revision() -> str:
+    """The batcher source the clients ran: git commit, "+dirty" if batcher/ has uncommitted edits."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "batcher"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def command_line() -> str:
     import shlex
 

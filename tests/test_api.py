@@ -15,14 +15,14 @@ def test_public_api_is_exactly_all():
         assert hasattr(batcher, name)
 
 
-def test_httpx_is_imported_in_one_module_only():
+def test_the_http_library_is_imported_in_one_module_only():
     importers = []
     for path in PKG.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, (ast.Import,)) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if any(n == "httpx" or n.startswith("httpx.") for n in names):
+            if any(n.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2") for n in names):
                 importers.append(path.name)
     assert importers == ["_client.py"]
 

@@ -74,7 +74,7 @@ async def test_download_refuses_non_http_and_caps_size(tmp_path, anyio_backend):
         with pytest.raises(PermanentError, match="non-http"):
             await client.download("file:///etc/passwd", tmp_path / "x")
         with start_in_thread(SimulatorConfig(image_bytes=5000)) as sim:
-            import httpx
+            import httpx2 as httpx
 
             async with httpx.AsyncClient() as http:
                 r = await http.post(f"{sim.base_url}/images/generations",

@@ -160,3 +160,31 @@ def test_concurrency_halves_on_server_trouble_and_grows_back(clock):
         assert pool.size == 32
 
     anyio.run(main)
+
+
+def test_refund_gives_a_rejected_send_back(clock):
+    limiter = RateLimiter(rpm=120, clock=clock, sleep=clock.sleep, margin=0.0)  # 2 per second
+
+    async def main():
+        await limiter.acquire()
+        permit = await limiter.acquire()
+        assert limiter.wait_time(1) > 0
+        permit.refund()
+        assert limiter.wait_time(1) == 0
+        permit.refund()  # idempotent
+        assert limiter.requests.used(clock.now) == 1
+
+    anyio.run(main)
+
+
+def test_sent_moves_the_entry_to_the_real_send(clock):
+    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.0)  # 1 per second
+
+    async def main():
+        permit = await limiter.acquire()
+        clock.now += 0.3
+        permit.sent()
+        clock.now += 0.8
+        assert limiter.wait_time(1) == pytest.approx(0.2)  # counted from the send, not the grant
+
+    anyio.run(main)

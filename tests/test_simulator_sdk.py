@@ -6,7 +6,7 @@ import base64
 import struct
 import zlib
 
-import httpx
+import httpx2 as httpx
 import pytest
 from openai import OpenAI
 
