@@ -145,7 +145,6 @@ class RateLimiter:
         }
         self.pause_until = 0.0
         self.rejections = 0
-        self._rejected: dict[str, deque[tuple[float, int]]] = {"requests": deque(), "images": deque()}
         self._last_probe = 0.0
         self._last_widen = -1e9
         self._learning_until = -1e9
@@ -254,11 +253,8 @@ class RateLimiter:
         self._last_probe = now
         self.pause(retry_after if retry_after is not None else 1.0)
         window = self._windows()[kind]
-        rejected = self._rejected[kind]
-        rejected.append((now, 1 if kind == "requests" else images))
-        while rejected and rejected[0][0] <= now - (window.period + self.margin):
-            rejected.popleft()
-        accepted = window.used(now, self.margin) - sum(c for _, c in rejected)
+        # rejected sends were refunded (Permit.refund), so what is left is what the server took
+        accepted = window.used(now, self.margin)
         source = self.source[kind]
         if source is None:
             # nothing known: what the server accepted in the last second is its limit
