@@ -303,7 +303,6 @@ class ConcurrencyController:
         self._opened = limit_known
         self._history: deque[bool] = deque(maxlen=self.HISTORY)
         self._last_cut = -1e9
-        self.cuts = 0
 
     @property
     def size(self) -> int:
@@ -326,5 +325,4 @@ class ConcurrencyController:
         now = self._clock()
         if len(self._history) >= 10 and failures * 2 > len(self._history) and now - self._last_cut >= 2.0:
             self._last_cut = now
-            self.cuts += 1
             self.slots.total_tokens = max(1, self.size // 2)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -64,7 +63,6 @@ class Journal:
         self._fd: int | None = None
         self._lock = threading.Lock()
         self._dirty = False
-        self._last_sync = 0.0
 
     @classmethod
     def open(cls, path: Path) -> Journal:
@@ -159,7 +157,6 @@ class Journal:
             self._dirty = False
             fd = self._fd
         os.fsync(fd)
-        self._last_sync = time.monotonic()
 
     def close(self) -> None:
         if self._fd is not None:

@@ -212,10 +212,10 @@ class _Runner:
         self.journal = self._open_journal()
         try:
             await anyio.to_thread.run_sync(self._check_done_files)
-            todo = sum(1 for _ in self._to_run())
-            total = 0
-            for _ in self.job.items():
+            total = todo = 0
+            for item in self.job.items():
                 total += 1
+                todo += self._needs_run(item)
             if todo == 0:
                 self.reporter.start(0, total)
                 return await self._finish(started)
