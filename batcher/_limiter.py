@@ -129,7 +129,7 @@ class RateLimiter:
         *,
         clock: Clock = anyio.current_time,
         sleep: Sleep = anyio.sleep,
-        margin: float = 0.010,
+        margin: float = 0.015,
         max_margin: float = 0.200,
     ) -> None:
         self._clock = clock
