@@ -120,7 +120,8 @@ class RateLimiter:
     become the learned capacity, probed upward slowly after clean windows.
     """
 
-    PROBE_AFTER_WINDOWS = 5  # clean windows before a learned limit is raised by one
+    PROBE_AFTER_WINDOWS = 30  # clean windows before a learned limit is raised by one (a failed
+    # probe costs a pool-wide pause of up to a window, and sets a ceiling)
 
     def __init__(
         self,
@@ -148,6 +149,7 @@ class RateLimiter:
         self._last_probe = 0.0
         self._last_widen = -1e9
         self._learning_until = -1e9
+        self._ceiling: dict[str, float] = {"requests": math.inf, "images": math.inf}
         self._queue: deque[_Waiter] = deque()
 
     def _windows(self) -> dict[str, Window]:
@@ -271,13 +273,17 @@ class RateLimiter:
                 # a few ms early: the trip to the server needs more slack, the limit is right
                 self.margin = min(self.max_margin, self.margin + max(0.005, retry_after))
             elif source == "learned":
-                window.capacity = max(1, int(window.capacity or 1) - 1)
+                # a probe too far: this capacity is over the limit; never probe up to it again
+                self._ceiling[kind] = int(window.capacity or 1)
+                window.capacity = max(1, self._ceiling[kind] - 1)
             else:
                 self.margin = min(self.max_margin, self.margin + 0.005)
 
     def _maybe_probe(self, now: float) -> None:
         for kind, window in self._windows().items():
             if self.source[kind] != "learned" or window.capacity is None:
+                continue
+            if window.capacity + 1 >= self._ceiling[kind]:
                 continue
             if now - self._last_probe >= self.PROBE_AFTER_WINDOWS * window.period:
                 self._last_probe = now

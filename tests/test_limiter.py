@@ -190,3 +190,17 @@ def test_sent_moves_the_entry_to_the_real_send(clock):
         assert limiter.wait_time(1) == pytest.approx(0.2)  # counted from the send, not the grant
 
     anyio.run(main)
+
+
+def test_a_failed_probe_sets_a_ceiling(clock):
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter.requests.capacity, limiter.source["requests"] = 5, "learned"
+    limiter.on_rate_limited(retry_after=0.7)  # over the limit at 5: the real limit is 4
+    assert limiter.requests.capacity == 4
+
+    async def main():
+        for _ in range(200):
+            await limiter.acquire()
+
+    anyio.run(main)
+    assert limiter.requests.capacity == 4  # never probes back up to the capacity that failed
