@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,18 @@ def start_cli(job: Path, out: Path, base_url: str, *extra: str) -> subprocess.Po
     return subprocess.Popen([sys.executable, "-m", "batcher", "run", str(job), "--out", str(out), "--base-url",
                              base_url, "--timeout", "10", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@contextlib.contextmanager
+def cli_process(job: Path, out: Path, base_url: str, *extra: str) -> Iterator[subprocess.Popen]:
+    """A `batcher run` subprocess that is killed (by its PID) if the test leaves it running."""
+    proc = start_cli(job, out, base_url, *extra)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 def journal_records(out: Path) -> list[dict]:
@@ -114,15 +128,10 @@ def test_sigterm_finishes_in_flight_requests_and_exits_130(tmp_path):
     job = write_job(tmp_path / "job.yaml", [f"slow {i}" for i in range(20)], defaults={"size": "16x16"})
     out = tmp_path / "out"
     with start_in_thread(SimulatorConfig(latency_ms=1500)) as sim:
-        proc = start_cli(job, out, sim.base_url, "--concurrency", "4")
-        try:
+        with cli_process(job, out, sim.base_url, "--concurrency", "4") as proc:
             assert wait_for(lambda: len(in_flight(out)) >= 4, 15)
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
         assert proc.returncode == 130, err
         assert "SIGTERM" in err
         doc = manifest(out)
@@ -141,18 +150,13 @@ def test_second_signal_exits_at_once_and_leaves_a_resumable_state(tmp_path):
     job = write_job(tmp_path / "job.yaml", [f"slow {i}" for i in range(10)], defaults={"size": "16x16"})
     out = tmp_path / "out"
     with start_in_thread(SimulatorConfig(latency_ms=20000)) as sim:
-        proc = start_cli(job, out, sim.base_url, "--concurrency", "3")
-        try:
+        with cli_process(job, out, sim.base_url, "--concurrency", "3") as proc:
             assert wait_for(lambda: len(in_flight(out)) >= 3, 15)
             proc.send_signal(signal.SIGINT)
             time.sleep(0.3)
             started = time.monotonic()
             proc.send_signal(signal.SIGINT)
             proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
         assert proc.returncode == 130
         assert time.monotonic() - started < 5
         assert manifest(out)["summary"] == {"total": 10, "done": 0, "failed": 0, "pending": 10}
