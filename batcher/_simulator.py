@@ -5,35 +5,59 @@ answers real PNGs, and can be told to misbehave the ways real endpoints and gate
 rate limits over a sliding one-second window, quota exhaustion, 5xx, dropped connections,
 malformed bodies, hangs, content-policy rejections and proxy quirks. It counts every
 generation per prompt so tests can prove that nothing was paid for twice.
+
+Only anyio and the standard library: httpx stays confined to the client module.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import math
 import random
+import re
+import secrets
 import signal
 import struct
 import sys
 import threading
 import time
+import traceback
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from anyio.abc import SocketStream
+import anyio.from_thread
+import anyio.lowlevel
+from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
 __all__ = ["SimulatorConfig", "Simulator", "RunningSimulator", "start_in_thread", "main_serve"]
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 413: "Payload Too Large",
-            429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            502: "Bad Gateway", 503: "Service Unavailable"}
-_PALETTE = [(200, 60, 60), (60, 160, 90), (50, 90, 200), (220, 180, 40), (140, 70, 170), (30, 170, 170),
-            (240, 130, 40), (90, 90, 90)]
+MAX_HEAD = 64 * 1024
+MAX_BODY = 1024 * 1024
+MAX_FILES = 2000
+MAX_FILE_BYTES = 512 * 1024 * 1024
+GENERATION_PATHS = ("/v1/images/generations", "/images/generations")
+
+_REASONS = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+    411: "Length Required", 413: "Payload Too Large", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+# Few colours, so the compressed pixels of each size are computed once and reused.
+_PALETTE = [
+    (200, 60, 60), (60, 160, 90), (50, 90, 200), (220, 180, 40), (140, 70, 170), (30, 170, 170),
+    (240, 130, 40), (90, 90, 90), (250, 240, 230), (20, 30, 60), (120, 200, 80), (230, 100, 160),
+    (100, 60, 30), (170, 210, 240), (60, 60, 150), (210, 210, 90),
+]
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SIZE_RE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+_MALFORMED = b'{"created": 1717000000, "data": [{"b64_json": "iVBORw0KGgoAAAANSUhEUgAA'
 
 
 @dataclass(frozen=True)
@@ -42,7 +66,7 @@ class SimulatorConfig:
 
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
-    rpm: float | None = None
+    rpm: float | None = None  # the CLI passes floats; ints work the same
     ipm: float | None = None
     advertise_limits: bool = True
     api_key: str | None = None
@@ -59,18 +83,19 @@ class SimulatorConfig:
     gateway_quirks: bool = False
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+def _window_shape(per_minute: float) -> tuple[int, float]:
+    """(capacity C, window W seconds) for a per-minute limit; the client limiter uses the same rule."""
+    capacity = max(1, round(per_minute / 60.0))
+    return capacity, 60.0 * capacity / per_minute
 
 
 class _Window:
-    """The provider's side of a per-minute limit: at most C per W seconds, sliding."""
+    """One per-minute limit as the provider enforces it: at most C units in any W seconds, sliding."""
 
     def __init__(self, per_minute: float) -> None:
-        self.capacity = max(1, round(per_minute / 60.0))
-        self.period = 60.0 * self.capacity / per_minute
         self.per_minute = per_minute
-        self.log: deque[tuple[float, int]] = deque()
+        self.capacity, self.period = _window_shape(per_minute)
+        self.log: deque[tuple[float, int]] = deque()  # (admit time, cost), oldest first
         self.used = 0
 
     def expire(self, now: float) -> None:
@@ -78,9 +103,10 @@ class _Window:
             self.used -= self.log.popleft()[1]
 
     def wait(self, now: float, cost: int) -> float:
+        """Seconds until `cost` more units fit (0 = now)."""
         self.expire(now)
         if self.used + cost <= self.capacity or not self.log:
-            return 0.0
+            return 0.0  # a cost above capacity is admitted alone, or it could never be
         need, freed = self.used + cost - self.capacity, 0
         for t, c in self.log:
             freed += c
@@ -88,310 +114,448 @@ class _Window:
                 return t + self.period - now
         return self.log[-1][0] + self.period - now
 
+    def admit(self, now: float, cost: int) -> None:
+        self.log.append((now, cost))
+        self.used += cost
+
     def reset_in(self, now: float) -> float:
+        """Seconds until the oldest entry leaves the window."""
         self.expire(now)
         return self.log[0][0] + self.period - now if self.log else 0.0
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{max(int(seconds * 1000), 0)}ms"
-    minutes, secs = divmod(seconds, 60)
-    return f"{int(minutes)}m{secs:.0f}s" if minutes else f"{secs:.3g}s"
+    """OpenAI's reset format: `0s`, `120ms`, `1.5s`, `6m0s` (rounded up to the millisecond)."""
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # JSON allows lone surrogates; never crash on them
+
+
+def _plain_error(message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+
+
+class _Request:
+    __slots__ = ("method", "path", "headers", "body", "close")
+
+    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes, close: bool) -> None:
+        self.method, self.path, self.headers, self.body, self.close = method, path, headers, body, close
+
+
+class _Reply(Exception):
+    """Answer this and close the connection (protocol errors: the stream can't be trusted)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Simulator:
-    """The simulated endpoint. `serve()` runs it; `stats()` reads its counters."""
+    """The simulated endpoint. `serve()` runs it; `stats()` reads its counters from any thread."""
 
     def __init__(self, config: SimulatorConfig = SimulatorConfig()) -> None:
         self.config = config
-        self.rng = random.Random(config.seed)
         self.base_url = ""
-        self._lock = threading.Lock()
-        self._idat: dict[tuple[int, int, int], bytes] = {}
-        self._pad = random.Random(12345).randbytes(1 << 20)
+        self._rng = random.Random(config.seed)
+        self._lock = threading.Lock()  # stats() is read from other threads
+        self._windows = {kind: _Window(limit) for kind, limit in (("requests", config.rpm),
+                                                                  ("images", config.ipm)) if limit}
+        self._in_flight_images = 0  # admitted, not yet generated: reserved against the quota
+        self._image_counter = 0
+        self._b64_requests = 0
+        self._idat: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self._pad_block = random.Random(0x62615463).randbytes(1 << 20)  # once: no urandom per image
+        self._pad_chunks: OrderedDict[int, bytes] = OrderedDict()
         self._files: OrderedDict[str, bytes] = OrderedDict()
         self._files_bytes = 0
-        self._windows = {k: _Window(v) for k, v in (("requests", config.rpm), ("images", config.ipm)) if v}
-        self._window_log: deque[float] = deque()
-        self._counter = 0
-        self._last_admit = 0.0
-        self._reserved = 0
+        self._counts: dict[str, int] = {}
+        self._faults: dict[str, int] = {}
+        self._generations: dict[str, int] = {}
+        self._accepted_log: deque[float] = deque()
         self.reset()
 
+    # -- counters -------------------------------------------------------------------------
+
     def reset(self) -> None:
+        """Zero every counter (quota usage included). Rate-limit windows and stored files stay."""
         with self._lock:
-            self._stats: dict[str, Any] = {
-                "requests": 0, "accepted": 0, "images": 0, "rate_limited": 0, "quota_rejected": 0,
-                "policy_rejected": 0, "faults": {"5xx": 0, "drop": 0, "malformed": 0, "hang": 0},
-                "max_window_requests": 0, "downloads": 0,
-            }
-            self._generations: dict[str, int] = {}
+            self._counts = dict.fromkeys(("requests", "accepted", "images", "rate_limited", "quota_rejected",
+                                          "policy_rejected", "max_window_requests", "downloads"), 0)
+            self._faults = dict.fromkeys(("5xx", "drop", "malformed", "hang"), 0)
+            self._generations = {}
+            self._accepted_log.clear()
 
     def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters (copies: safe to keep and to read from another thread)."""
         with self._lock:
-            out = json.loads(json.dumps(self._stats))
-            out["generations"] = dict(self._generations)
-            out["duplicates"] = sum(c - 1 for c in self._generations.values() if c > 1)
+            generations = dict(self._generations)
+            out: dict[str, Any] = {key: self._counts[key] for key in (
+                "requests", "accepted", "images", "rate_limited", "quota_rejected", "policy_rejected")}
+            out["faults"] = dict(self._faults)
+            out["generations"] = generations
+            out["duplicates"] = sum(c - 1 for c in generations.values() if c > 1)
+            out["max_window_requests"] = self._counts["max_window_requests"]
+            out["downloads"] = self._counts["downloads"]
             return out
+
+    def _bump(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
 
     # -- images -------------------------------------------------------------------------
 
     def png(self, width: int, height: int, prompt: str) -> bytes:
-        colour = hashlib.blake2b(prompt.encode(), digest_size=1).digest()[0] % len(_PALETTE)
-        key = (width, height, colour)
-        idat = self._idat.get(key)
-        if idat is None:
-            row = b"\x00" + bytes(_PALETTE[colour]) * width
-            idat = zlib.compress(row * height, 6)
-            if len(self._idat) > 64:
-                self._idat.clear()
-            self._idat[key] = idat
-        self._counter += 1
-        nonce = f"{self._counter}:{hashlib.sha1(prompt.encode()).hexdigest()[:12]}".encode()
-        parts = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)),
-                 _chunk(b"tEXt", b"batcher-sim\x00" + nonce), _chunk(b"IDAT", idat)]
-        size = sum(len(p) for p in parts) + 12
+        """A valid, unique PNG of width x height: a solid colour from the prompt, nonce in tEXt."""
+        digest = hashlib.blake2b(_utf8(prompt), digest_size=8).digest()
+        colour = digest[0] % len(_PALETTE)
+        idat = self._idat_chunk(width, height, colour)
+        self._image_counter += 1
+        nonce = b"batcher-sim\x00%d:%s" % (self._image_counter, digest.hex().encode())
+        parts = [_PNG_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)),
+                 _chunk(b"tEXt", nonce), idat]
+        size = sum(map(len, parts)) + 12  # + IEND
         if self.config.image_bytes > size:
-            pad = self.config.image_bytes - size - 12
-            start = self._counter % 4096
-            parts.append(_chunk(b"baTc", (self._pad * (1 + pad // len(self._pad)))[start : start + pad]))
+            parts.append(self._pad_chunk(max(0, self.config.image_bytes - size - 12)))
         parts.append(_chunk(b"IEND", b""))
         return b"".join(parts)
+
+    def _idat_chunk(self, width: int, height: int, colour: int) -> bytes:
+        key = (width, height, colour)
+        cached = self._idat.get(key)
+        if cached is not None:
+            self._idat.move_to_end(key)
+            return cached
+        row = b"\x00" + bytes(_PALETTE[colour]) * width  # filter byte 0, then RGB pixels
+        rows_per_block = max(1, (1 << 20) // len(row))  # compress ~1 MB at a time: 4096² stays small
+        block, comp, parts, left = row * rows_per_block, zlib.compressobj(6), [], height
+        while left > 0:
+            k = min(left, rows_per_block)
+            parts.append(comp.compress(block if k == rows_per_block else row * k))
+            left -= k
+        parts.append(comp.flush())
+        chunk = _chunk(b"IDAT", b"".join(parts))
+        self._idat[key] = chunk
+        if len(self._idat) > 256:
+            self._idat.popitem(last=False)
+        return chunk
+
+    def _pad_chunk(self, length: int) -> bytes:
+        # Identical padding is fine (the tEXt nonce makes each file unique) and saves a CRC per image.
+        cached = self._pad_chunks.get(length)
+        if cached is None:
+            block = self._pad_block
+            data = block[:length] if length <= len(block) else (block * (length // len(block) + 1))[:length]
+            cached = self._pad_chunks[length] = _chunk(b"baTc", data)
+            if len(self._pad_chunks) > 16:
+                self._pad_chunks.popitem(last=False)
+        return cached
+
+    def _store(self, data: bytes) -> str:
+        token = secrets.token_hex(16) + ".png"
+        self._files[token] = data
+        self._files_bytes += len(data)
+        while len(self._files) > MAX_FILES or self._files_bytes > MAX_FILE_BYTES:
+            _, old = self._files.popitem(last=False)
+            self._files_bytes -= len(old)
+        return f"{self.base_url}/files/{token}"
 
     # -- HTTP -----------------------------------------------------------------------------
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
-                    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+                    task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the base URL through `task_status`, then serve until cancelled."""
         listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=1024)
         async with listener:
-            bound = listener.extra(anyio.abc.SocketAttribute.local_port)
-            self.base_url = f"http://{host}:{bound}/v1"
+            bound = listener.extra(SocketAttribute.local_port)
+            shown = f"[{host}]" if ":" in host else host
+            self.base_url = f"http://{shown}:{bound}/v1"
             task_status.started(self.base_url)
-            await listener.serve(self._connection)
+            await listener.serve(self._handle)
 
-    async def _connection(self, stream: SocketStream) -> None:
-        buf = b""
+    async def _handle(self, stream: SocketStream) -> None:
         try:
             async with stream:
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        if len(buf) > 65536:
-                            await self._send(stream, 431, {}, {"error": _err("headers too large")})
-                            return
-                        buf += await stream.receive()
-                    arrived = time.monotonic()  # providers count a request when it arrives
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    lines = head.decode("latin-1").split("\r\n")
-                    method, target, _ = (lines[0].split(" ") + ["", ""])[:3]
-                    headers = {}
-                    for line in lines[1:]:
-                        k, _, v = line.partition(":")
-                        headers[k.strip().lower()] = v.strip()
-                    length = int(headers.get("content-length", "0") or 0)
-                    if length > 1 << 20:
-                        await self._send(stream, 413, {}, {"error": _err("body too large")})
-                        return
-                    while len(buf) < length:
-                        buf += await stream.receive()
-                    body, buf = buf[:length], buf[length:]
-                    keep = await self._route(stream, method, target.split("?")[0], headers, body, arrived)
-                    if not keep or headers.get("connection", "").lower() == "close":
-                        return
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
-            return
+                await self._connection(stream)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # the client went away
+        except Exception:  # noqa: BLE001 — one bad connection must not take the listener down
+            traceback.print_exc(file=sys.stderr)
+
+    async def _connection(self, stream: SocketStream) -> None:
+        buf = bytearray()
+        while True:
+            try:
+                request = await self._read_request(stream, buf)
+            except _Reply as reply:
+                await self._send(stream, reply.status, {"connection": "close"}, _plain_error(str(reply)))
+                return
+            if request is None:
+                return
+            keep = await self._route(stream, request)
+            if not keep or request.close:
+                return
+
+    async def _read_request(self, stream: SocketStream, buf: bytearray) -> _Request | None:
+        """The next request on the connection; None when the client closed it between requests."""
+        scanned = 0
+        while (end := buf.find(b"\r\n\r\n", max(0, scanned - 3))) < 0:
+            if len(buf) > MAX_HEAD:
+                raise _Reply(431, "request headers too large")
+            scanned = len(buf)
+            try:
+                buf += await stream.receive()
+            except anyio.EndOfStream:
+                if buf:
+                    raise
+                return None
+        if end > MAX_HEAD:
+            raise _Reply(431, "request headers too large")
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        del buf[: end + 4]
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _Reply(400, "malformed request line")
+        method, target, version = parts
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise _Reply(400, "malformed header line")
+            headers[name.lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise _Reply(411, "send a Content-Length body (chunked bodies are not supported)")
+        raw_length = headers.get("content-length", "0")
+        if not raw_length.isascii() or not raw_length.isdigit():
+            raise _Reply(400, "invalid Content-Length")
+        length = int(raw_length)
+        if length > MAX_BODY:
+            raise _Reply(413, "request body too large")
+        if len(buf) < length and headers.get("expect", "").lower() == "100-continue":
+            await stream.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while len(buf) < length:
+            buf += await stream.receive()
+        body = bytes(buf[:length])
+        del buf[:length]
+        connection = headers.get("connection", "").lower()
+        close = connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive")
+        return _Request(method, target.split("?", 1)[0], headers, body, close)
 
     async def _send(self, stream: SocketStream, status: int, headers: dict[str, str], body: Any,
                     content_type: str = "application/json") -> None:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"content-type: {content_type}",
-                f"content-length: {len(raw)}"] + [f"{k}: {v}" for k, v in headers.items()]
-        await stream.send(("\r\n".join(head) + "\r\n\r\n").encode() + raw)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        await stream.send(b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s" % (
+            status, _REASONS.get(status, "Status").encode(), content_type.encode(), len(raw), head.encode(), raw))
 
-    async def _route(self, stream: SocketStream, method: str, path: str, headers: dict[str, str],
-                     body: bytes, arrived: float) -> bool:
-        if method == "POST" and path in ("/v1/images/generations", "/images/generations"):
-            return await self._generate(stream, headers, body, arrived)
-        if method == "GET" and path.startswith("/v1/files/"):
-            data = self._files.get(path.rsplit("/", 1)[-1])
+    async def _route(self, stream: SocketStream, req: _Request) -> bool:
+        """Answer one request; False means close the connection without reading more."""
+        closing = {"connection": "close"} if req.close else {}
+        if req.method == "POST" and req.path in GENERATION_PATHS:
+            return await self._generate(stream, req, closing)
+        if req.method == "GET" and req.path.startswith(("/v1/files/", "/files/")):
+            data = self._files.get(req.path.rsplit("/", 1)[-1])
             if data is None:
-                await self._send(stream, 404, {}, {"error": _err("file not found or expired", code="not_found")})
+                await self._send(stream, 404, closing, self._error(404, "file not found or expired",
+                                                                   "invalid_request_error", "not_found"))
             else:
-                with self._lock:
-                    self._stats["downloads"] += 1
-                await self._send(stream, 200, {}, data, "image/png")
-            return True
-        if method == "GET" and path == "/_sim/stats":
-            await self._send(stream, 200, {}, self.stats())
-            return True
-        if method == "POST" and path == "/_sim/reset":
+                self._bump("downloads")
+                await self._send(stream, 200, closing, data, "image/png")
+        elif req.method == "GET" and req.path == "/_sim/stats":
+            await self._send(stream, 200, closing, self.stats())
+        elif req.method == "POST" and req.path == "/_sim/reset":
             self.reset()
-            await self._send(stream, 200, {}, {"ok": True})
-            return True
-        await self._send(stream, 404, {}, {"error": _err(f"no route {method} {path}", code="not_found")})
+            await self._send(stream, 200, closing, {"ok": True})
+        else:
+            await self._send(stream, 404, closing, self._error(404, f"Invalid URL ({req.method} {req.path})",
+                                                               "invalid_request_error", "not_found"))
         return True
 
-    def _error(self, status: int, message: str, etype: str, code: str | None, param: str | None = None) -> dict:
+    def _error(self, status: int, message: str, etype: str, code: str | None,
+               param: str | None = None) -> dict[str, Any]:
         if self.config.gateway_quirks and code is not None:
-            code = str(status)  # proxies put the status where the code was
+            code = str(status)  # proxies put the HTTP status where the symbolic code was
         return {"error": {"message": message, "type": etype, "param": param, "code": code}}
 
     def _limit_headers(self, now: float) -> dict[str, str]:
         if not self.config.advertise_limits:
             return {}
-        out = {}
-        for kind, w in self._windows.items():
-            w.expire(now)
-            out[f"x-ratelimit-limit-{kind}"] = f"{w.per_minute:g}"
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(w.capacity - w.used, 0))
-            out[f"x-ratelimit-reset-{kind}"] = _duration(w.reset_in(now))
+        out: dict[str, str] = {}
+        for kind, window in self._windows.items():
+            window.expire(now)
+            out[f"x-ratelimit-limit-{kind}"] = f"{window.per_minute:g}"
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(window.capacity - window.used, 0))
+            out[f"x-ratelimit-reset-{kind}"] = _duration(window.reset_in(now))
         return out
 
-    async def _generate(self, stream: SocketStream, headers: dict[str, str], body: bytes, arrived: float) -> bool:
+    async def _generate(self, stream: SocketStream, req: _Request, extra: dict[str, str]) -> bool:
         cfg = self.config
-        with self._lock:
-            self._stats["requests"] += 1
-        if cfg.api_key is not None and headers.get("authorization") != f"Bearer {cfg.api_key}":
-            await self._send(stream, 401, {}, self._error(401, "Incorrect API key provided.",
-                                                          "invalid_request_error", "invalid_api_key"))
+        self._bump("requests")
+        hdrs = {"x-request-id": f"req_{secrets.token_hex(16)}", **extra}
+
+        async def fail(status: int, message: str, etype: str, code: str | None, param: str | None = None,
+                       more: dict[str, str] | None = None) -> bool:
+            await self._send(stream, status, {**hdrs, **(more or {})},
+                             self._error(status, message, etype, code, param))
             return True
+
+        if cfg.api_key is not None:
+            presented = req.headers.get("authorization", "")
+            if not hmac.compare_digest(_utf8(presented), _utf8(f"Bearer {cfg.api_key}")):
+                message = ("Incorrect API key provided." if presented
+                           else "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.")
+                return await fail(401, message, "invalid_request_error", "invalid_api_key")
         try:
-            req = json.loads(body)
-            if not isinstance(req, dict):
-                raise ValueError
-        except ValueError:
-            await self._send(stream, 400, {}, self._error(400, "We could not parse the JSON body of your request.",
-                                                          "invalid_request_error", "invalid_json"))
-            return True
-        problem = self._validate(req)
-        if problem:
-            await self._send(stream, 400, {}, self._error(400, problem[1], "invalid_request_error", problem[2],
-                                                          problem[0]))
-            return True
-        prompt, n = req["prompt"], req.get("n", 1)
-        width, height = (1024, 1024) if req.get("size", "auto") == "auto" else map(int, req["size"].split("x"))
-        roll = self.rng.random()
+            body = json.loads(req.body)
+        except (ValueError, RecursionError):
+            return await fail(400, "We could not parse the JSON body of your request.", "invalid_request_error",
+                              "invalid_json")
+        if not isinstance(body, dict):
+            return await fail(400, "The request body must be a JSON object.", "invalid_request_error",
+                              "invalid_json")
+        problem = self._validate(body)
+        if problem is not None:
+            param, message, code = problem
+            return await fail(400, message, "invalid_request_error", code, param)
+        prompt: str = body["prompt"]
+        n: int = body.get("n") or 1
+        width, height = self._size(body.get("size"))
+        fmt = body.get("response_format") or "url"
+
+        # Faults in front of the model: one roll, so the rates partition [0, 1).
+        roll = self._rng.random()
         for kind, rate in (("drop", cfg.drop_rate), ("hang", cfg.hang_rate), ("5xx", cfg.fail_rate),
                            ("malformed", cfg.malformed_rate)):
-            if roll < rate:
-                with self._lock:
-                    self._stats["faults"][kind] += 1
-                if kind == "drop":
-                    return False
-                if kind == "hang":
-                    await anyio.sleep(cfg.hang_s)
-                    return False
-                if kind == "5xx":
-                    status = self.rng.choice((500, 502, 503))
-                    await self._send(stream, status, {}, self._error(status, "The server had an error.",
-                                                                     "server_error", "server_error"))
-                    return True
-                await self._send(stream, 200, {}, b'{"created": 17170, "data": [{"b64_json": "iVBOR')
-                return True
-            roll -= rate
+            if roll >= rate:
+                roll -= rate
+                continue
+            with self._lock:
+                self._faults[kind] += 1
+            if kind == "drop":
+                return False
+            if kind == "hang":
+                await anyio.sleep(cfg.hang_s)
+                return False
+            if kind == "5xx":
+                status = self._rng.choice((500, 502, 503))
+                return await fail(status, "The server had an error while processing your request.",
+                                  "server_error", "server_error")
+            await self._send(stream, 200, hdrs, _MALFORMED)  # a truncated body, honest Content-Length
+            return True
+
         if cfg.policy_word and cfg.policy_word.lower() in prompt.lower():
-            with self._lock:
-                self._stats["policy_rejected"] += 1
-            await self._send(stream, 400, {}, self._error(
-                400, "Your request was rejected as a result of our safety system.", "invalid_request_error",
-                "content_policy_violation", "prompt"))
-            return True
-        if cfg.quota_images is not None and self._stats["images"] + self._reserved + n > cfg.quota_images:
-            with self._lock:
-                self._stats["quota_rejected"] += 1
-            await self._send(stream, 429, {}, self._error(
-                429, "You exceeded your current quota, please check your plan and billing details.",
-                "insufficient_quota", "insufficient_quota"))
-            return True
-        now = max(arrived, self._last_admit)  # admissions in arrival order, never backwards
-        self._last_admit = now
+            self._bump("policy_rejected")
+            return await fail(400, "Your request was rejected as a result of our safety system.",
+                              "invalid_request_error", "content_policy_violation", "prompt")
+        # In-flight images are reserved, so concurrent requests can never overshoot the quota.
+        if cfg.quota_images is not None and (
+                self._counts["images"] + self._in_flight_images + n > cfg.quota_images):
+            self._bump("quota_rejected")
+            return await fail(429, "You exceeded your current quota, please check your plan and billing details.",
+                              "insufficient_quota", "insufficient_quota", more=self._limit_headers(time.monotonic()))
+
+        # Rate limits: admission time is now (body read, no await since), before the latency sleep.
+        now = time.monotonic()
         waits = {kind: w.wait(now, 1 if kind == "requests" else n) for kind, w in self._windows.items()}
-        if any(v > 0 for v in waits.values()):
+        if any(wait > 0 for wait in waits.values()):
             kind, wait = max(waits.items(), key=lambda kv: kv[1])
-            with self._lock:
-                self._stats["rate_limited"] += 1
+            self._bump("rate_limited")
             ms = max(1, math.ceil(wait * 1000))
-            hdrs = {"retry-after-ms": str(ms), "retry-after": str(max(1, math.ceil(wait))), **self._limit_headers(now)}
-            await self._send(stream, 429, hdrs, self._error(
-                429, f"Rate limit reached for {kind} per min. Please try again in {ms}ms.", kind,
-                "rate_limit_exceeded"))
-            return True
-        for kind, w in self._windows.items():
-            w.log.append((now, 1 if kind == "requests" else n))
-            w.used += 1 if kind == "requests" else n
-        self._note_window(now)
-        self._reserved += n  # admitted images count against the quota before they are made
-        delay = cfg.latency_ms + (self.rng.uniform(-1, 1) * cfg.latency_jitter_ms if cfg.latency_jitter_ms else 0)
-        if delay > 0:
-            await anyio.sleep(delay / 1000.0)
-        # generated (and billed) from here, even if the client has gone away
+            limit = self._windows[kind].per_minute
+            return await fail(429, f"Rate limit reached for {kind} per min (limit {limit:g}). "
+                                   f"Please try again in {ms}ms.", kind, "rate_limit_exceeded",
+                              more={"retry-after-ms": str(ms), "retry-after": str(max(1, math.ceil(wait))),
+                                    **self._limit_headers(now)})
+        for kind, window in self._windows.items():
+            window.admit(now, 1 if kind == "requests" else n)
+        self._note_accepted(now)
+        self._in_flight_images += n
+
+        try:
+            delay = cfg.latency_ms + (self._rng.uniform(-1.0, 1.0) * cfg.latency_jitter_ms
+                                      if cfg.latency_jitter_ms else 0.0)
+            if delay > 0:
+                await anyio.sleep(delay / 1000.0)
+        finally:
+            self._in_flight_images -= n
+        # Generated, and billed, from here on, even if the client has gone away meanwhile.
         images = [self.png(width, height, prompt) for _ in range(n)]
-        self._reserved -= n
         with self._lock:
-            self._stats["images"] += n
+            self._counts["images"] += n
             self._generations[prompt] = self._generations.get(prompt, 0) + 1
-        fmt = req.get("response_format", "url")
-        if cfg.gateway_quirks and fmt == "b64_json" and self._counter % 2 == 0:
-            fmt = "url"  # gateways answer url although b64_json was asked
+
+        if fmt == "b64_json" and cfg.gateway_quirks:
+            self._b64_requests += 1
+            if self._b64_requests % 2 == 0:
+                fmt = "url"  # gateways answer url although b64_json was asked
         data = []
-        for img in images:
-            entry: dict[str, Any] = {"revised_prompt": f"A detailed rendering of: {prompt}"}
+        for image in images:
+            entry: dict[str, Any] = {}
             if fmt == "b64_json":
-                entry["b64_json"] = base64.b64encode(img).decode()
+                entry["b64_json"] = base64.b64encode(image).decode("ascii")
                 if cfg.gateway_quirks:
                     entry["url"] = None
             else:
-                entry["url"] = self._store(img)
+                entry["url"] = self._store(image)
                 if cfg.gateway_quirks:
                     entry["b64_json"] = None
+            entry["revised_prompt"] = f"A detailed rendering of: {prompt}"
             data.append(entry)
-        hdrs = {"x-request-id": f"req_{hashlib.sha1(str(self._counter).encode()).hexdigest()[:20]}",
-                **self._limit_headers(time.monotonic())}
-        await self._send(stream, 200, hdrs, {"created": int(time.time()), "data": data})
+        await self._send(stream, 200, {**hdrs, **self._limit_headers(time.monotonic())},
+                         {"created": int(time.time()), "data": data})
         return True
 
-    def _note_window(self, now: float) -> None:
-        log = self._window_log
-        log.append(now)
-        while log and log[0] <= now - 1.0:
-            log.popleft()
+    def _note_accepted(self, now: float) -> None:
         with self._lock:
-            self._stats["accepted"] += 1
-            self._stats["max_window_requests"] = max(self._stats["max_window_requests"], len(log))
+            log = self._accepted_log
+            log.append(now)
+            while log[0] <= now - 1.0:
+                log.popleft()
+            self._counts["accepted"] += 1
+            self._counts["max_window_requests"] = max(self._counts["max_window_requests"], len(log))
 
-    def _store(self, data: bytes) -> str:
-        token = hashlib.sha1(data[-64:] + str(self._counter).encode()).hexdigest()
-        self._files[token + ".png"] = data
-        self._files_bytes += len(data)
-        while len(self._files) > 2000 or self._files_bytes > 512 << 20:
-            _, old = self._files.popitem(last=False)
-            self._files_bytes -= len(old)
-        return f"{self.base_url}/files/{token}.png"
+    @staticmethod
+    def _size(size: Any) -> tuple[int, int]:
+        if size is None or size == "auto":
+            return 1024, 1024
+        match = _SIZE_RE.fullmatch(size)
+        assert match is not None  # validated
+        return int(match[1]), int(match[2])
 
-    def _validate(self, req: dict[str, Any]) -> tuple[str, str, str] | None:
-        model, prompt = req.get("model"), req.get("prompt")
-        if not isinstance(model, str) or not model:
-            return "model", "you must provide a model parameter", "missing_required_parameter"
-        if not isinstance(prompt, str) or not prompt.strip():
-            return "prompt", "you must provide a non-empty prompt", "missing_required_parameter"
-        size = req.get("size", "1024x1024")
-        if size != "auto":
-            try:
-                w, h = (int(v) for v in str(size).split("x"))
-                if not (1 <= w <= 4096 and 1 <= h <= 4096):
-                    raise ValueError
-            except ValueError:
-                return "size", f"'{size}' is not a valid size: use WIDTHxHEIGHT or auto", "invalid_value"
-        n = req.get("n", 1)
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.config.max_n:
-            return "n", f"n must be an integer between 1 and {self.config.max_n}", "invalid_value"
-        if req.get("response_format", "url") not in ("url", "b64_json"):
-            return "response_format", "response_format must be url or b64_json", "invalid_value"
+    def _validate(self, body: dict[str, Any]) -> tuple[str, str, str] | None:
+        """(param, message, code) of the first invalid field, or None."""
+        for name in ("model", "prompt"):
+            value = body.get(name)
+            if value is None:
+                return name, f"Missing required parameter: '{name}'.", "missing_required_parameter"
+            if not isinstance(value, str) or not value.strip():
+                return name, f"'{name}' must be a non-empty string.", "invalid_value"
+        size = body.get("size")
+        if size is not None and size != "auto":
+            match = _SIZE_RE.fullmatch(size) if isinstance(size, str) else None
+            if match is None or not (1 <= int(match[1]) <= 4096 and 1 <= int(match[2]) <= 4096):
+                return "size", f"Invalid size {size!r}: use WIDTHxHEIGHT (1 to 4096 each) or 'auto'.", \
+                    "invalid_value"
+        n = body.get("n")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.config.max_n):
+            return "n", f"Invalid n {n!r}: must be an integer from 1 to {self.config.max_n}.", "invalid_value"
+        fmt = body.get("response_format")
+        if fmt is not None and fmt not in ("url", "b64_json"):
+            return "response_format", f"Invalid response_format {fmt!r}: use 'url' or 'b64_json'.", \
+                "invalid_value"
         return None
-
-
-def _err(message: str, code: str | None = None) -> dict:
-    return {"message": message, "type": "invalid_request_error", "param": None, "code": code}
 
 
 class RunningSimulator:
@@ -402,21 +566,23 @@ class RunningSimulator:
         self.base_url = ""
         self._thread: threading.Thread | None = None
         self._scope: anyio.CancelScope | None = None
-        self._token: Any = None
+        self._token: anyio.lowlevel.EventLoopToken | None = None
 
     def stats(self) -> dict[str, Any]:
         return self.simulator.stats()
 
     def stop(self) -> None:
-        if self._thread is None:
+        """Cancel the server and join its thread (at most 10 s). Safe to call twice."""
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
-        if self._scope is not None and self._token is not None:
+        scope, token = self._scope, self._token
+        if scope is not None and token is not None and thread.is_alive():
             try:
-                anyio.from_thread.run_sync(self._scope.cancel, token=self._token)
+                anyio.from_thread.run_sync(scope.cancel, token=token)
             except RuntimeError:
-                pass
-        self._thread.join(timeout=10)
-        self._thread = None
+                pass  # the loop has already finished
+        thread.join(timeout=10)
 
     def __enter__(self) -> RunningSimulator:
         return self
@@ -427,7 +593,7 @@ class RunningSimulator:
 
 def start_in_thread(config: SimulatorConfig = SimulatorConfig(), host: str = "127.0.0.1",
                     port: int = 0) -> RunningSimulator:
-    """Start a simulator in a background thread; returns once it is listening."""
+    """Start a simulator on its own event loop in a daemon thread; returns once it is listening."""
     running = RunningSimulator(Simulator(config))
     ready = threading.Event()
     failure: list[BaseException] = []
@@ -445,27 +611,32 @@ def start_in_thread(config: SimulatorConfig = SimulatorConfig(), host: str = "12
             anyio.run(main)
         except BaseException as exc:  # noqa: BLE001 — reported to the starting thread
             failure.append(exc)
+        finally:
             ready.set()
 
     running._thread = threading.Thread(target=target, name="batcher-simulator", daemon=True)
     running._thread.start()
-    if not ready.wait(timeout=10) or failure:
-        raise RuntimeError(f"simulator failed to start: {failure[0] if failure else 'timeout'}")
+    if not ready.wait(timeout=10) or failure or not running.base_url:
+        running.stop()
+        cause = failure[0] if failure else None
+        raise RuntimeError(f"simulator failed to start on {host}:{port}: {cause or 'timeout'}") from cause
     return running
 
 
 def main_serve(config: SimulatorConfig, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM; print the base URL once listening."""
+    """Serve until SIGINT/SIGTERM, printing one line with the base URL once listening."""
     simulator = Simulator(config)
 
     async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            url = await tg.start(simulator.serve, host, port)
-            print(f"batcher simulator listening on {url}", flush=True)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+                url = await tg.start(simulator.serve, host, port)
+                print(f"batcher simulator listening on {url}", flush=True)
                 async for _ in signals:
-                    tg.cancel_scope.cancel()
                     break
+                tg.cancel_scope.cancel()
 
-    anyio.run(main)
-    sys.stdout.flush()
+    try:
+        anyio.run(main)
+    except KeyboardInterrupt:  # a signal before the receiver was installed: still a clean exit
+        pass
