@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", action="store_true", help="also retry items that failed permanently")
     r.add_argument("--max-policy-violations", type=int, default=50, metavar="N",
                    help="stop the run after N content-policy rejections (0: never; default 50)")
+    r.add_argument("--max-images", type=_positive_int, metavar="N",
+                   help="start no work beyond N images in this run; then stop with exit 4, the rest pending")
+    r.add_argument("--max-cost", type=_positive_float, metavar="X",
+                   help="start no work beyond an estimated cost X in this run (needs the job's `pricing`)")
     r.add_argument("--force", action="store_true", help="use an OUT that holds another job's manifest")
     r.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests may finish after SIGINT/SIGTERM (default 30)")
@@ -148,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a job file; list every problem as FILE:LINE: field: message")
     v.add_argument("job")
+
+    pl = sub.add_parser("plan", help="what a run would send and cost, by model/size/quality; sends nothing")
+    pl.add_argument("job")
+    pl.add_argument("--out", help="count only what this output folder does not have yet")
+    pl.add_argument("--retry-failed", action="store_true", help="count permanently failed items as to send")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    for name in ("model", "size", "quality"):
+        pl.add_argument(f"--{name}", help="request field override, as for run")
+    pl.add_argument("--n", type=_positive_int, help="images per request, override")
+    pl.add_argument("--response-format", choices=("b64_json", "url"), help="override")
+    pl.add_argument("--set", type=_field, action="append", default=[], metavar="FIELD=VALUE",
+                    help="any request field override; repeatable")
 
     st = sub.add_parser("status", help="what an output folder holds: totals, failures, files")
     st.add_argument("out")
@@ -179,6 +195,31 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from ._plan import plan
+
+    info = plan(load_job(args.job, _overrides(args)), args.out, retry_failed=args.retry_failed)
+    if args.json:
+        print(json.dumps(info))
+        return EXIT_OK
+    send = info["send"]
+    already = f" ({info['already']} already in {info['out']})" if info["out"] else ""
+    print(f"{args.job}: {info['items']} item(s){already}; to send: {send['requests']} request(s), "
+          f"{send['images']} image(s)")
+    print(f"  {'model':<24} {'size':<10} {'quality':<10} {'requests':>9} {'images':>9} {'per image':>10} {'cost':>12}")
+    for g in info["by"]:
+        price = f"{g['per_image']:.4f}" if g["per_image"] is not None else "?"
+        cost = f"{g['cost']:.2f}" if g["cost"] is not None else "unpriced"
+        print(f"  {g['model']:<24} {g['size'] or '-':<10} {g['quality'] or '-':<10} {g['requests']:>9} "
+              f"{g['images']:>9} {price:>10} {cost:>12}")
+    total = f"{send['cost']:.2f}"
+    if send["unpriced_requests"]:
+        total += (f" + {send['unpriced_requests']} unpriced request(s) (add a `pricing` row; first at "
+                  f"{info['first_unpriced']})")
+    print(f"  estimated cost: {total}")
+    return EXIT_OK
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from ._status import status
 
@@ -188,6 +229,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{info['out']}: {info['total']} items: {info['done']} done, {info['failed']} failed, "
           f"{info['pending']} pending")
+    if info.get("cost") is not None:
+        print(f"  {info['images']} image(s) made, estimated cost {info['cost']:.2f}")
     print(f"  {info['images_on_disk']} image(s), {info['bytes_on_disk']:,} bytes on disk; "
           f"{info['runs']} run(s), first {info['first_run']}, last {info['last_run']}")
     for code, group in info["failures"].items():
@@ -211,6 +254,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rpm=args.rpm, ipm=args.ipm, timeout=args.timeout, connect_timeout=args.connect_timeout,
         max_attempts=args.max_attempts, retry_failed=args.retry_failed, force=args.force,
         max_policy_violations=args.max_policy_violations, grace_period=args.grace, handle_signals=True,
+        max_images=args.max_images, max_cost=args.max_cost,
     )
     if args.simulate:
         from dataclasses import replace
@@ -232,7 +276,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"run": _cmd_run, "validate": _cmd_validate, "status": _cmd_status, "simulate": _cmd_simulate}
+    handler = {"run": _cmd_run, "validate": _cmd_validate, "plan": _cmd_plan, "status": _cmd_status,
+               "simulate": _cmd_simulate}
     try:
         return handler[args.command](args)
     except JobValidationError as exc:

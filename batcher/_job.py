@@ -7,11 +7,13 @@ A job is read twice at most: once to validate (every problem reported as
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+import string
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,11 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 }
 TOP_LEVEL_KEYS = (
     "name", "endpoint", "defaults", "concurrency", "rate_limit", "output", "prompts", "prompts_file",
+    "template", "matrix", "repeat", "pricing",
 )
+# Keys of an item (or of the job's top level) that make several items out of one entry.
+EXPANSION_KEYS = ("template", "matrix", "repeat")
+MAX_REPEAT = 1_000_000
 MAX_PROBLEMS = 100
 _SIZE = re.compile(r"^[1-9][0-9]{0,5}x[1-9][0-9]{0,5}$")
 _BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
@@ -59,6 +65,7 @@ class Item:
     file: str
     line: int
     explicit_id: bool = False
+    vars: dict[str, Any] | None = None  # the matrix variables that made this item's prompt
 
     @property
     def images(self) -> int:
@@ -77,7 +84,8 @@ class Job:
     rate_limit: RateLimit = field(default_factory=RateLimit)
     output: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    _inline: list[tuple[int, Any, dict[str, int]]] = field(default_factory=list, repr=False)
+    pricing: list[dict[str, Any]] = field(default_factory=list)
+    _inline: list[tuple[int, Any, dict[str, int], str]] = field(default_factory=list, repr=False)
     _prompts_file: Path | None = field(default=None, repr=False)
     _header_problems: list[Problem] = field(default_factory=list, repr=False)
 
@@ -86,8 +94,8 @@ class Job:
         ids = IdAssigner()
         base = {**BUILTIN_DEFAULTS, **self.defaults}
         fname = str(self.path)
-        for index, (line, raw, lines) in enumerate(self._inline):
-            yield from _make_item(raw, fname, line, f"prompts[{index}].", lines, base, self.overrides, ids)
+        for line, raw, lines, prefix in self._inline:
+            yield from _make_item(raw, fname, line, prefix, lines, base, self.overrides, ids)
         if self._prompts_file is not None:
             yield from _stream_jsonl(self._prompts_file, base, self.overrides, ids)
 
@@ -201,6 +209,8 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
     job = Job(path=p, name=p.stem)
     problems: list[Problem] = job._header_problems
     seen: set[str] = set()
+    expansion: dict[str, Any] = {}
+    expansion_lines: dict[str, int] = {}
 
     def value(node: yaml.Node) -> Any:
         return loader.construct_object(node, deep=True)
@@ -225,13 +235,18 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
             if not isinstance(node, yaml.SequenceNode):
                 problems.append(Problem(fname, vline, key, "must be a list of prompts or items"))
                 continue
-            for el in node.value:
-                lines = {}
-                if isinstance(el, yaml.MappingNode):
-                    lines = {str(k.value): _line(v) for k, v in el.value if isinstance(k, yaml.ScalarNode)}
-                job._inline.append((_line(el), value(el), lines))
+            for index, el in enumerate(node.value):
+                lines = _field_lines(el) if isinstance(el, yaml.MappingNode) else {}
+                job._inline.append((_line(el), value(el), lines, f"prompts[{index}]."))
             continue
         val = value(node)
+        if key in EXPANSION_KEYS:
+            expansion[key] = val
+            expansion_lines.update(_field_lines(root, only=key))
+            continue
+        if key == "pricing":
+            job.pricing = _pricing(val, fname, node, problems)
+            continue
         if key == "name":
             if not isinstance(val, str) or not val.strip() or "/" in val or val.strip() in (".", ".."):
                 problems.append(Problem(fname, vline, key, "must be a non-empty string without '/'"))
@@ -271,9 +286,28 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
                 problems.append(Problem(fname, vline, key, f"{pf} does not exist or is not a file"))
             else:
                 job._prompts_file = pf
-    if "prompts" not in seen and "prompts_file" not in seen:
-        problems.append(Problem(fname, _line(root), "prompts", "the job needs 'prompts' or 'prompts_file'"))
+    if expansion:
+        # a top-level template/matrix is one more entry, after the listed prompts
+        first = min(expansion_lines.values())
+        job._inline.append((first, expansion, expansion_lines, ""))
+    if "prompts" not in seen and "prompts_file" not in seen and "template" not in seen:
+        problems.append(Problem(fname, _line(root), "prompts",
+                                "the job needs 'prompts', 'prompts_file' or 'template' with 'matrix'"))
     return job
+
+
+def _field_lines(node: yaml.MappingNode, only: str | None = None) -> dict[str, int]:
+    """Line of each field's value, and of each `matrix` variable, for problem reports."""
+    lines: dict[str, int] = {}
+    for k, v in node.value:
+        if not isinstance(k, yaml.ScalarNode) or (only is not None and k.value != only):
+            continue
+        lines[str(k.value)] = _line(v)
+        if k.value == "matrix" and isinstance(v, yaml.MappingNode):
+            for mk, mv in v.value:
+                if isinstance(mk, yaml.ScalarNode):
+                    lines[f"matrix.{mk.value}"] = _line(mk)
+    return lines
 
 
 def _rate_limit(val: Any, fname: str, line: int, problems: list[Problem]) -> RateLimit:
@@ -387,25 +421,158 @@ def _make_item(
     if explicit is not None and (not isinstance(explicit, str) or not explicit.strip() or len(explicit) > 512):
         yield Problem(fname, lines.get("id", line), f"{prefix}id", "must be a non-empty string (≤ 512 chars)")
         bad = True
+    expansion = {k: fields.pop(k) for k in EXPANSION_KEYS if k in fields}
     for fld, msg in _field_problems(fields):
         yield Problem(fname, lines.get(fld, line), f"{prefix}{fld}", msg)
         bad = True
-    body = {**base, **fields, **overrides}
-    if "prompt" not in body:
+    combos: Any = [None]
+    repeat = 1
+    template: Any = None
+    if expansion:
+        spec = _expansion(expansion, fields, explicit, fname, line, prefix, lines)
+        problems = [x for x in spec if isinstance(x, Problem)]
+        if problems:
+            yield from problems
+            return
+        (template, matrix, repeat), = spec
+        if template is not None:
+            names = list(matrix)
+            combos = (dict(zip(names, values)) for values in itertools.product(*matrix.values()))
+    if (not expansion or template is None) and "prompt" not in {**base, **fields, **overrides}:
         yield Problem(fname, line, f"{prefix}prompt", "missing; every item needs a prompt")
         bad = True
     if bad:
         return
+    for variables in combos:  # a generator: a matrix of 10^6 combinations is never held at once
+        if variables is None:
+            body, item_id = {**base, **fields, **overrides}, explicit
+        else:
+            prompt = template.format_map(variables)
+            if not prompt.strip():
+                yield Problem(fname, lines.get("template", line), f"{prefix}template",
+                              f"gives an empty prompt for {variables}")
+                continue
+            body = {**base, **fields, "prompt": prompt, **overrides}
+            item_id = explicit.format_map(variables) if explicit is not None else None
+        try:
+            rhash = request_hash(body)
+        except (TypeError, ValueError):
+            yield Problem(fname, line, f"{prefix}fields", "values must be JSON: strings, numbers, lists, mappings")
+            return
+        for copy in range(1, repeat + 1):
+            # the first copy keeps the plain id, so adding `repeat` later never pays again for it
+            if item_id is not None:
+                assigned = ids.assign(item_id if copy == 1 else f"{item_id}-r{copy}", rhash)
+            elif copy == 1:
+                assigned = first = ids.assign(None, rhash)
+            else:
+                assigned = ids.assign(f"{first}-r{copy}", rhash)
+            if assigned is None:
+                dup = item_id if copy == 1 else f"{item_id or first}-r{copy}"
+                yield Problem(fname, lines.get("id", line), f"{prefix}id", f"duplicate id {dup!r}")
+                continue
+            yield Item(assigned, body, rhash, fname, line, item_id is not None, variables)
+
+
+def _expansion(
+    spec: dict[str, Any], fields: dict[str, Any], explicit: Any, fname: str, line: int, prefix: str,
+    lines: dict[str, int],
+) -> list[Any]:
+    """Check template/matrix/repeat; return problems, or one (template, matrix, repeat) tuple."""
+    problems: list[Problem] = []
+
+    def problem(key: str, msg: str) -> None:
+        at = lines.get(key) or lines.get(key.split(".")[0], line)
+        problems.append(Problem(fname, at, f"{prefix}{key}", msg))
+
+    repeat = spec.get("repeat", 1)
+    if not _is_int(repeat) or not 1 <= repeat <= MAX_REPEAT:
+        problem("repeat", f"must be an integer from 1 to {MAX_REPEAT:,}, got {repeat!r}")
+    template, matrix = spec.get("template"), spec.get("matrix")
+    if template is None and matrix is not None:
+        problem("matrix", "needs a 'template' that uses its variables, e.g. '{subject} in the style of {style}'")
+    if template is not None:
+        if "prompt" in fields:
+            problem("template", "give either 'prompt' or 'template', not both")
+        if not isinstance(template, str) or not template.strip():
+            problem("template", "must be a non-empty string with {variable} placeholders")
+            return problems
+        if not isinstance(matrix, dict) or not matrix:
+            problem("matrix", "must be a mapping of variable name to a list of values")
+            return problems
+        for name, values in matrix.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                problem(f"matrix.{name}", f"variable name {name!r} must be an identifier (letters, digits, _)")
+            elif not isinstance(values, list) or not values:
+                problem(f"matrix.{name}", "must be a non-empty list of values")
+            elif not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values):
+                problem(f"matrix.{name}", "values must be strings or numbers")
+        used = _placeholders(template, "template", problem)
+        for name in sorted(used - set(matrix)):
+            problem("template", f"uses {{{name}}}, which the matrix does not define")
+        for name in sorted(n for n in set(matrix) - used if isinstance(n, str) and n.isidentifier()):
+            problem(f"matrix.{name}", "is not used in the template")
+        if isinstance(explicit, str):
+            id_vars = _placeholders(explicit, "id", problem)
+            for name in sorted(id_vars - set(matrix)):
+                problem("id", f"uses {{{name}}}, which the matrix does not define")
+            if not id_vars and math.prod(len(v) for v in matrix.values() if isinstance(v, list)) > 1:
+                problem("id", "with a matrix, the id must use its variables (e.g. '{subject}-{style}'), "
+                              "or leave it out for ids derived from each request")
+    if problems:
+        return problems
+    return [(template, matrix, repeat)]
+
+
+def _placeholders(text: str, key: str, problem: Callable[[str, str], None]) -> set[str]:
+    names: set[str] = set()
     try:
-        rhash = request_hash(body)
-    except (TypeError, ValueError):
-        yield Problem(fname, line, f"{prefix}fields", "values must be JSON: strings, numbers, lists, mappings")
-        return
-    item_id = ids.assign(explicit, rhash)
-    if item_id is None:
-        yield Problem(fname, lines.get("id", line), f"{prefix}id", f"duplicate id {explicit!r}")
-        return
-    yield Item(item_id, body, rhash, fname, line, explicit is not None)
+        for _literal, name, spec, conversion in string.Formatter().parse(text):
+            if name is None:
+                continue
+            if not name.isidentifier() or spec or conversion:
+                problem(key, f"placeholder {{{name}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}} must be a plain {{variable}}; "
+                             f"write {{{{ and }}}} for literal braces")
+            else:
+                names.add(name)
+    except ValueError as exc:
+        problem(key, f"{exc}; write {{{{ and }}}} for literal braces")
+    return names
+
+
+def _pricing(val: Any, fname: str, node: yaml.Node, problems: list[Problem]) -> list[dict[str, Any]]:
+    """`pricing: [{model, size, quality, per_image}]`: the most specific matching row prices an image."""
+    line = _line(node)
+    if not isinstance(val, list):
+        problems.append(Problem(fname, line, "pricing", "must be a list of {model, size, quality, per_image}"))
+        return []
+    rows: list[dict[str, Any]] = []
+    for index, row in enumerate(val):
+        rline = _line(node.value[index]) if isinstance(node, yaml.SequenceNode) else line
+        where = f"pricing[{index}]"
+        if not isinstance(row, dict):
+            problems.append(Problem(fname, rline, where, "must be a mapping with per_image"))
+            continue
+        bad = False
+        for k, v in row.items():
+            if k in ("model", "size", "quality"):
+                if not isinstance(v, str) or not v:
+                    problems.append(Problem(fname, rline, f"{where}.{k}", "must be a non-empty string"))
+                    bad = True
+            elif k == "per_image":
+                if not _is_number(v) or v < 0:
+                    problems.append(Problem(fname, rline, f"{where}.per_image", "must be a number ≥ 0"))
+                    bad = True
+            else:
+                problems.append(Problem(fname, rline, f"{where}.{k}", "unknown key (model, size, quality, per_image)"))
+                bad = True
+        if "per_image" not in row:
+            problems.append(Problem(fname, rline, f"{where}.per_image", "missing"))
+            bad = True
+        if not bad:
+            rows.append(row)
+    return rows
 
 
 def _is_int(v: Any) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 
 from ._exceptions import ManifestError
 
-__all__ = ["Journal", "Entry", "write_manifest", "utc_now", "MANIFEST_VERSION"]
+__all__ = ["Journal", "Entry", "needs_run", "write_manifest", "utc_now", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 1
 
@@ -46,6 +46,17 @@ class Entry:
     attempts: int
     offset: int  # byte offset of the latest `item` line, or -1
     error_kind: str | None = None
+
+
+def needs_run(entry: Entry | None, rhash: str, retry_failed: bool = False) -> bool:
+    """Whether an item must be sent again, given what the journal says of it."""
+    if entry is None or entry.rhash != rhash:
+        return True  # new, or its request changed under the same id
+    if entry.status == "done":
+        return False
+    if entry.status == "failed" and entry.error_kind == "permanent":
+        return retry_failed
+    return True
 
 
 class Journal:
@@ -218,8 +229,11 @@ def _item_record(journal: Journal, jfh: Any, item: Any) -> dict[str, Any]:
         if rec is not None:
             return {k: v for k, v in rec.items() if k not in ("t", "rhash")}
     attempts = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
-    return {"id": item.id, "status": "pending", "request": item.body, "created": None, "images": [],
-            "attempts": attempts, "error": None}
+    rec = {"id": item.id, "status": "pending", "request": item.body, "created": None, "images": [],
+           "attempts": attempts, "error": None}
+    if getattr(item, "vars", None):
+        rec["vars"] = item.vars
+    return rec
 
 
 class _NullFile:

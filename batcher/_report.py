@@ -108,6 +108,12 @@ class Reporter:
             f"{result.outcome}: {s['done']} done, {s['failed']} failed, {s['pending']} pending "
             f"of {s['total']}; {result.images} image(s) in {result.elapsed:.1f}s -> {result.out}"
         )
+        if getattr(result, "cost", None) is not None:
+            line += f"; estimated cost {result.cost:.2f}"
+        if getattr(result, "budget", None):
+            b = result.budget
+            line += f"; budget charged {b['images']} image(s)" + (
+                f", {b['cost']:.2f} of {b['max_cost']:.2f}" if b.get("max_cost") is not None else "")
         self.log(line, level="summary")
         if self._log:
             self._log.close()

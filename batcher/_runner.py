@@ -22,6 +22,8 @@ from ._client import Generation, ImagesClient, Timeouts
 from ._exceptions import (
     BatcherError,
     FatalError,
+    JobValidationError,
+    Problem,
     ManifestError,
     RequestError,
     TransientError,
@@ -29,7 +31,8 @@ from ._exceptions import (
 from ._ids import safe_stem
 from ._job import Item, Job
 from ._limiter import ConcurrencyController, RateLimiter
-from ._manifest import Journal, utc_now, write_manifest
+from ._manifest import Journal, needs_run, utc_now, write_manifest
+from ._plan import Budget, BudgetLimits, PriceTable
 from ._policy import POLICY_CODES, RetryPolicy
 from ._report import Reporter
 from ._writer import DISK_ERRNOS, OutputDir, SavedImage
@@ -67,6 +70,8 @@ class RunOptions:
     handle_signals: bool = False
     retry: RetryPolicy | None = None
     seed: int | None = None
+    max_images: int | None = None  # this run starts no work beyond these (exit 4, rest pending)
+    max_cost: float | None = None
 
 
 @dataclass
@@ -80,6 +85,8 @@ class RunResult:
     rate_limited: int = 0
     elapsed: float = 0.0
     error: dict[str, Any] | None = None
+    cost: float | None = None  # estimated cost of the images this run saved (None: no pricing)
+    budget: dict[str, Any] | None = None  # what the budget charged, when one was set
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +156,9 @@ class _Runner:
         self.policy_violations = 0
         self.requests = 0
         self.images = 0
+        self.cost = 0.0
+        self.prices = PriceTable(job.pricing)
+        self.budget = Budget(BudgetLimits(options.max_images, options.max_cost))
         self._wait_scopes: set[anyio.CancelScope] = set()
         self._missing: set[str] = set()
 
@@ -174,13 +184,9 @@ class _Runner:
 
     def _needs_run(self, item: Item) -> bool:
         entry = self.journal.entries.get(item.id)
-        if entry is None or entry.rhash != item.rhash:
-            return True
-        if entry.status == "done":
+        if entry is not None and entry.rhash == item.rhash and entry.status == "done":
             return item.id in self._missing
-        if entry.status == "failed" and entry.error_kind == "permanent":
-            return self.options.retry_failed
-        return True
+        return needs_run(entry, item.rhash, self.options.retry_failed)
 
     def _check_done_files(self) -> None:
         """Done items whose files vanished or are short (a lost disk write) run again."""
@@ -215,7 +221,14 @@ class _Runner:
             total = todo = 0
             for item in self.job.items():
                 total += 1
-                todo += self._needs_run(item)
+                if self._needs_run(item):
+                    todo += 1
+                    if self.options.max_cost is not None and self.prices.per_image(item.body) is None:
+                        raise JobValidationError([Problem(
+                            item.file, item.line, "pricing",
+                            f"--max-cost needs a price for every item; none matches model="
+                            f"{item.body.get('model')!r} size={item.body.get('size')!r} "
+                            f"quality={item.body.get('quality')!r}")])
             if todo == 0:
                 self.reporter.start(0, total)
                 return await self._finish(started)
@@ -357,7 +370,11 @@ class _Runner:
         await self._record_failure(item, attempt, error)
 
     async def _attempt(self, item: Item, attempt: int) -> Generation:
-        """One request: take a slot and rate tokens, journal the attempt, send."""
+        """One request: take a slot, rate tokens and budget, journal the attempt, send.
+
+        The budget is charged last, just before sending (so a budget stop never strands work
+        that fits), and refunded only when an error answer proves nothing was generated.
+        """
         slots = self.pool.slots
         if not await self._wait(slots.acquire):
             raise _Stopped
@@ -365,11 +382,19 @@ class _Runner:
             permit = await self._wait_for(self.limiter.acquire, item.images)
             if permit is None:
                 raise _Stopped
+            cost = self.prices.cost(item.body, item.images)
+            if not self.budget.reserve(item.images, cost):
+                permit.refund()
+                note = (f"budget reached ({self.budget.describe()}): {item.images} more image(s) would exceed "
+                        f"it; stopping, unstarted items stay pending")
+                self._stop(FatalError(note, code="budget_exhausted"), note)
+                raise _Stopped
             # journal first: a request that times out after it was sent may still be billed
             try:
                 self.journal.append({"t": "attempt", "id": item.id, "rhash": item.rhash, "attempt": attempt,
                                      "at": utc_now()})
             except OSError as exc:
+                self.budget.refund(item.images, cost)
                 self._disk_trouble(exc)
                 raise _Stopped from None
             self.requests += 1
@@ -380,6 +405,8 @@ class _Runner:
             except TimeoutError:
                 raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
             except RequestError as exc:
+                if exc.status is not None and exc.status >= 400:
+                    self.budget.refund(item.images, cost)  # an error answer: nothing was generated
                 if exc.status == 429 and exc.kind == "transient":
                     permit.refund()  # the server did not count it; its retry may use the slot
                 raise
@@ -451,6 +478,12 @@ class _Runner:
         rec = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "done", "request": item.body,
                "created": gen.created, "images": images, "attempts": attempts, "error": None,
                "request_id": gen.request_id, "finished": utc_now()}
+        if item.vars:
+            rec["vars"] = item.vars
+        cost = self.prices.cost(item.body, len(saved))
+        if cost is not None:
+            rec["cost"] = round(cost, 6)
+            self.cost += cost
         if gen.usage is not None:
             rec["usage"] = gen.usage
         await self._journal(rec)
@@ -461,6 +494,8 @@ class _Runner:
         rec = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "failed", "request": item.body,
                "created": None, "images": [], "attempts": attempts, "error": exc.as_record(),
                "finished": utc_now()}
+        if item.vars:
+            rec["vars"] = item.vars
         await self._journal(rec)
         self.reporter.item_finished(False)
         if exc.kind == "permanent":
@@ -487,6 +522,8 @@ class _Runner:
                     pass
         if self.interrupted:
             outcome, code = "interrupted", EXIT_INTERRUPTED
+        elif self.fatal is not None and self.fatal.code == "budget_exhausted":
+            outcome, code = "budget reached", EXIT_ABORTED
         elif self.fatal is not None:
             outcome, code = "aborted", EXIT_ABORTED
         elif summary["failed"]:
@@ -498,6 +535,9 @@ class _Runner:
             requests=self.requests, rate_limited=getattr(self, "limiter", None) and self.limiter.rejections or 0,
             elapsed=time.monotonic() - started,
             error=self.fatal.as_record() if self.fatal is not None else None,
+            cost=round(self.cost, 6) if self.prices else None,
+            budget={"images": self.budget.images, "cost": round(self.budget.cost, 6), **asdict(self.budget.limits)}
+            if self.budget.limits else None,
         )
         self.reporter.summary(result)
         return result

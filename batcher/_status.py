@@ -30,17 +30,23 @@ def status(out: str | Path) -> dict[str, Any]:
                 "code": err.get("code") or (f"http_{err['status']}" if err.get("status") else err.get("kind")),
                 "message": err.get("message"),
                 "images": rec.get("images") or [],
+                "cost": rec.get("cost"),
             }
         elif kind == "attempt":
             prev = latest.get(rec["id"])
             if prev is None or prev["status"] != "done":
-                latest[rec["id"]] = {"status": "pending", "code": None, "message": None, "images": []}
+                latest[rec["id"]] = {"status": "pending", "code": None, "message": None, "images": [], "cost": None}
         elif kind == "run":
             runs.append(rec.get("at", ""))
     totals = {"done": 0, "failed": 0, "pending": 0}
     failures: dict[str, dict[str, Any]] = {}
-    images = nbytes = 0
+    images = nbytes = made = 0
+    cost: float | None = None
     for info in latest.values():
+        if info["status"] == "done":
+            made += len(info["images"])
+            if info["cost"] is not None:
+                cost = (cost or 0.0) + info["cost"]
         totals[info["status"]] = totals.get(info["status"], 0) + 1
         if info["status"] == "failed":
             group = failures.setdefault(str(info["code"]), {"count": 0, "example": info["message"]})
@@ -67,6 +73,8 @@ def status(out: str | Path) -> dict[str, Any]:
         "total": total if total is not None else sum(totals.values()),
         **totals,
         "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1]["count"])),
+        "images": made,
+        "cost": round(cost, 6) if cost is not None else None,
         "images_on_disk": images,
         "bytes_on_disk": nbytes,
         "first_run": runs[0] if runs else None,

@@ -122,7 +122,7 @@ def test_jsonl_problems_carry_line_numbers(tmp_path):
     ("", "the file is empty"),
     ("a: [\n", "yaml"),
     ("- just\n- a list\n", "must be a mapping"),
-    ("name: x\n", "needs 'prompts' or 'prompts_file'"),
+    ("name: x\n", "needs 'prompts', 'prompts_file' or 'template'"),
     ("prompts: nope\n", "must be a list"),
     ("prompts: [x]\nprompts: [y]\n", "given twice"),
     ("prompts: [x]\nendpoint: {api_key: sk-123}\n", "keys don't belong"),
