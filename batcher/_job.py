@@ -13,7 +13,7 @@ import math
 import os
 import re
 import string
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 }
 TOP_LEVEL_KEYS = (
     "name", "endpoint", "defaults", "concurrency", "rate_limit", "output", "prompts", "prompts_file",
-    "template", "matrix", "repeat", "pricing",
+    "template", "matrix", "repeat", "pricing", "endpoints", "dialects",
 )
 # Keys of an item (or of the job's top level) that make several items out of one entry.
 EXPANSION_KEYS = ("template", "matrix", "repeat")
@@ -44,15 +44,37 @@ _BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
 
 
 @dataclass(frozen=True)
-class Endpoint:
-    base_url: str | None = None
-    api_key_env: str | None = None
-
-
-@dataclass(frozen=True)
 class RateLimit:
     rpm: float | None = None
     ipm: float | None = None
+
+
+BUILTIN_DIALECTS = ("openai-compatible", "openai", "azure-openai", "xai")
+ENDPOINT_KEYS = ("name", "base_url", "api_key_env", "dialect", "models", "concurrency", "rate_limit", "price",
+                 "options")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True, eq=False)
+class Endpoint:
+    """One place to send requests: URL, key variable, dialect, models served, limits, price."""
+
+    base_url: str | None = None
+    api_key_env: str | None = None
+    name: str = "default"
+    dialect: str = "openai-compatible"
+    models: dict[str, str] | None = None  # model asked -> model sent; None serves every model
+    concurrency: int | None = None
+    rate_limit: RateLimit = field(default_factory=RateLimit)
+    price: list[dict[str, Any]] | None = None  # pricing rows; None: the job's `pricing`
+    options: dict[str, str] = field(default_factory=dict)  # dialect placeholders, e.g. api_version
+    line: int = 0
+
+    def serves(self, model: Any) -> bool:
+        return self.models is None or model in self.models
+
+    def model_sent(self, model: str) -> str:
+        return self.models.get(model, model) if self.models is not None else model
 
 
 @dataclass(frozen=True)
@@ -78,22 +100,53 @@ class Job:
 
     path: Path
     name: str
-    endpoint: Endpoint = field(default_factory=Endpoint)
+    endpoints: list[Endpoint] = field(default_factory=lambda: [Endpoint()])
     defaults: dict[str, Any] = field(default_factory=dict)
     concurrency: int | None = None
     rate_limit: RateLimit = field(default_factory=RateLimit)
     output: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     pricing: list[dict[str, Any]] = field(default_factory=list)
+    dialects: dict[str, Any] = field(default_factory=dict)  # dialects declared in the job file
+    active: frozenset[str] | None = None  # --endpoint: the endpoints this run may use
     _inline: list[tuple[int, Any, dict[str, int], str]] = field(default_factory=list, repr=False)
     _prompts_file: Path | None = field(default=None, repr=False)
     _header_problems: list[Problem] = field(default_factory=list, repr=False)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The first endpoint (the only one, for a job with a single `endpoint:`)."""
+        return self.endpoints[0]
+
+    def use_endpoints(self, names: Iterable[str]) -> None:
+        """Restrict this run to some endpoints (`--endpoint NAME`); unknown names are an error."""
+        wanted = list(names)
+        known = [e.name for e in self.endpoints]
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise JobError(f"{self.path}: no endpoint named {', '.join(map(repr, unknown))} "
+                           f"(the job has {', '.join(known)})")
+        self.active = frozenset(wanted) if wanted else None
+
+    def live_endpoints(self) -> list[Endpoint]:
+        return [e for e in self.endpoints if self.active is None or e.name in self.active]
 
     def _entries(self) -> Iterator[Item | Problem]:
         yield from self._header_problems
         ids = IdAssigner()
         base = {**BUILTIN_DEFAULTS, **self.defaults}
         fname = str(self.path)
+        live = self.live_endpoints()
+        routed = any(e.models is not None for e in live)
+        for entry in self._raw_entries(fname, base, ids):
+            if routed and isinstance(entry, Item) and not any(e.serves(entry.body.get("model")) for e in live):
+                yield Problem(entry.file, entry.line, "model",
+                              f"no endpoint serves model {entry.body.get('model')!r} "
+                              f"(endpoints: {', '.join(e.name for e in live)})")
+                continue
+            yield entry
+
+    def _raw_entries(self, fname: str, base: dict[str, Any], ids: IdAssigner) -> Iterator[Item | Problem]:
         for line, raw, lines, prefix in self._inline:
             yield from _make_item(raw, fname, line, prefix, lines, base, self.overrides, ids)
         if self._prompts_file is not None:
@@ -268,7 +321,24 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
         elif key == "rate_limit":
             job.rate_limit = _rate_limit(val, fname, vline, problems)
         elif key == "endpoint":
-            job.endpoint = _endpoint(val, fname, vline, problems)
+            job.endpoints = [_endpoint(val, fname, node, problems, single=True)]
+        elif key == "endpoints":
+            if "endpoint" in seen:
+                problems.append(Problem(fname, vline, key, "give 'endpoint' or 'endpoints', not both"))
+            elif not isinstance(node, yaml.SequenceNode) or not node.value:
+                problems.append(Problem(fname, vline, key, "must be a non-empty list of endpoints"))
+            else:
+                job.endpoints = [_endpoint(value(el), fname, el, problems) for el in node.value]
+                names: set[str] = set()
+                for ep in job.endpoints:
+                    if ep.name in names:
+                        problems.append(Problem(fname, ep.line, "endpoints.name", f"{ep.name!r} is used twice"))
+                    names.add(ep.name)
+        elif key == "dialects":
+            if not isinstance(val, dict):
+                problems.append(Problem(fname, vline, key, "must be a mapping of dialect name to its rules"))
+            else:
+                job.dialects = val
         elif key == "output":
             if not isinstance(val, str) or not val:
                 problems.append(Problem(fname, vline, key, "must be a folder path"))
@@ -286,6 +356,12 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
                 problems.append(Problem(fname, vline, key, f"{pf} does not exist or is not a file"))
             else:
                 job._prompts_file = pf
+    for ep in job.endpoints:
+        if ep.dialect not in BUILTIN_DIALECTS and ep.dialect not in job.dialects:
+            near = difflib.get_close_matches(ep.dialect, [*BUILTIN_DIALECTS, *job.dialects], n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            problems.append(Problem(fname, ep.line, "endpoints.dialect", f"unknown dialect {ep.dialect!r}{hint} "
+                                    f"(built in: {', '.join(BUILTIN_DIALECTS)}; or declare it under `dialects:`)"))
     if expansion:
         # a top-level template/matrix is one more entry, after the listed prompts
         first = min(expansion_lines.values())
@@ -310,42 +386,92 @@ def _field_lines(node: yaml.MappingNode, only: str | None = None) -> dict[str, i
     return lines
 
 
-def _rate_limit(val: Any, fname: str, line: int, problems: list[Problem]) -> RateLimit:
+def _rate_limit(val: Any, fname: str, line: int, problems: list[Problem], where: str = "rate_limit") -> RateLimit:
     if not isinstance(val, dict):
-        problems.append(Problem(fname, line, "rate_limit", "must be a mapping with rpm and/or ipm"))
+        problems.append(Problem(fname, line, where, "must be a mapping with rpm and/or ipm"))
         return RateLimit()
     out: dict[str, float] = {}
     for k, v in val.items():
         if k not in ("rpm", "ipm"):
-            problems.append(Problem(fname, line, f"rate_limit.{k}", "unknown key (rpm, ipm)"))
+            problems.append(Problem(fname, line, f"{where}.{k}", "unknown key (rpm, ipm)"))
         elif not _is_number(v) or v <= 0:
-            problems.append(Problem(fname, line, f"rate_limit.{k}", "must be a positive number per minute"))
+            problems.append(Problem(fname, line, f"{where}.{k}", "must be a positive number per minute"))
         else:
             out[k] = float(v)
     return RateLimit(**out)
 
 
-def _endpoint(val: Any, fname: str, line: int, problems: list[Problem]) -> Endpoint:
+def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], single: bool = False) -> Endpoint:
+    line = _line(node)
+    where = "endpoint" if single else "endpoints"
     if not isinstance(val, dict):
-        problems.append(Problem(fname, line, "endpoint", "must be a mapping with base_url and api_key_env"))
-        return Endpoint()
-    out: dict[str, str] = {}
+        problems.append(Problem(fname, line, where, "must be a mapping with base_url and api_key_env"))
+        return Endpoint(line=line)
+    lines = _field_lines(node) if isinstance(node, yaml.MappingNode) else {}
+    out: dict[str, Any] = {"line": line}
+
+    def problem(k: str, msg: str) -> None:
+        problems.append(Problem(fname, lines.get(k, line), f"{where}.{k}", msg))
+
     for k, v in val.items():
         if k == "base_url":
             if not isinstance(v, str) or not re.match(r"^https?://[^\s/]+", v):
-                problems.append(Problem(fname, line, "endpoint.base_url", "must be an http(s) URL"))
+                problem(k, "must be an http(s) URL")
                 continue
         elif k == "api_key_env":
             if not isinstance(v, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
-                problems.append(Problem(fname, line, "endpoint.api_key_env", "must name an environment variable"))
+                problem(k, "must name an environment variable")
                 continue
         elif k in ("api_key", "key"):
-            problems.append(Problem(fname, line, f"endpoint.{k}", "keys don't belong in job files; use api_key_env"))
+            problem(k, "keys don't belong in job files; use api_key_env")
             continue
+        elif k == "name":
+            if not isinstance(v, str) or not _NAME.match(v):
+                problem(k, "must be 1-64 letters, digits, '_', '.', '-'")
+                continue
+        elif k == "dialect":
+            if not isinstance(v, str) or not v:
+                problem(k, f"must name a dialect ({', '.join(BUILTIN_DIALECTS)}, or one under `dialects:`)")
+                continue
+        elif k == "models":
+            if isinstance(v, list) and v and all(isinstance(m, str) and m for m in v):
+                v = {m: m for m in v}
+            elif isinstance(v, dict) and v and all(isinstance(a, str) and a and isinstance(b, str) and b
+                                                   for a, b in v.items()):
+                v = dict(v)
+            else:
+                problem(k, "must be a list of model names, or a mapping of model to the name this endpoint "
+                           "is sent (e.g. {grok-imagine: grok-imagine-image})")
+                continue
+        elif k == "concurrency":
+            if not _is_int(v) or v < 1:
+                problem(k, "must be an integer ≥ 1")
+                continue
+        elif k == "rate_limit":
+            v = _rate_limit(v, fname, lines.get(k, line), problems, f"{where}.rate_limit")
+        elif k == "price":
+            if _is_number(v) and v >= 0:
+                v = [{"per_image": v}]
+            else:
+                v = _price_rows(v, fname, lines.get(k, line), f"{where}.price", problems, None)
+        elif k == "options":
+            if not isinstance(v, dict) or not all(isinstance(a, str) and isinstance(b, (str, int, float))
+                                                  and not isinstance(b, bool) for a, b in v.items()):
+                problem(k, "must be a mapping of option name to a string (e.g. api_version: 2025-04-01-preview)")
+                continue
+            v = {a: str(b) for a, b in v.items()}
         else:
-            problems.append(Problem(fname, line, f"endpoint.{k}", "unknown key (base_url, api_key_env)"))
+            known = ("base_url", "api_key_env") if single else ENDPOINT_KEYS
+            problem(k, f"unknown key ({', '.join(known)})")
             continue
         out[k] = v
+    if not single:
+        if "name" not in val:
+            problems.append(Problem(fname, line, f"{where}.name", "every endpoint needs a name"))
+        if "base_url" not in val:
+            problems.append(Problem(fname, line, f"{where}.base_url", "missing"))
+    elif any(k in out for k in ENDPOINT_KEYS if k not in ("base_url", "api_key_env")):
+        pass  # the single-endpoint form only knows base_url and api_key_env (reported above)
     return Endpoint(**out)
 
 
@@ -543,32 +669,36 @@ def _placeholders(text: str, key: str, problem: Callable[[str, str], None]) -> s
 
 def _pricing(val: Any, fname: str, node: yaml.Node, problems: list[Problem]) -> list[dict[str, Any]]:
     """`pricing: [{model, size, quality, per_image}]`: the most specific matching row prices an image."""
-    line = _line(node)
+    return _price_rows(val, fname, _line(node), "pricing", problems, node)
+
+
+def _price_rows(val: Any, fname: str, line: int, where: str, problems: list[Problem],
+                node: yaml.Node | None) -> list[dict[str, Any]]:
     if not isinstance(val, list):
-        problems.append(Problem(fname, line, "pricing", "must be a list of {model, size, quality, per_image}"))
+        problems.append(Problem(fname, line, where, "must be a list of {model, size, quality, per_image}"))
         return []
     rows: list[dict[str, Any]] = []
     for index, row in enumerate(val):
         rline = _line(node.value[index]) if isinstance(node, yaml.SequenceNode) else line
-        where = f"pricing[{index}]"
+        at = f"{where}[{index}]"
         if not isinstance(row, dict):
-            problems.append(Problem(fname, rline, where, "must be a mapping with per_image"))
+            problems.append(Problem(fname, rline, at, "must be a mapping with per_image"))
             continue
         bad = False
         for k, v in row.items():
             if k in ("model", "size", "quality"):
                 if not isinstance(v, str) or not v:
-                    problems.append(Problem(fname, rline, f"{where}.{k}", "must be a non-empty string"))
+                    problems.append(Problem(fname, rline, f"{at}.{k}", "must be a non-empty string"))
                     bad = True
             elif k == "per_image":
                 if not _is_number(v) or v < 0:
-                    problems.append(Problem(fname, rline, f"{where}.per_image", "must be a number ≥ 0"))
+                    problems.append(Problem(fname, rline, f"{at}.per_image", "must be a number ≥ 0"))
                     bad = True
             else:
-                problems.append(Problem(fname, rline, f"{where}.{k}", "unknown key (model, size, quality, per_image)"))
+                problems.append(Problem(fname, rline, f"{at}.{k}", "unknown key (model, size, quality, per_image)"))
                 bad = True
         if "per_image" not in row:
-            problems.append(Problem(fname, rline, f"{where}.per_image", "missing"))
+            problems.append(Problem(fname, rline, f"{at}.per_image", "missing"))
             bad = True
         if not bad:
             rows.append(row)

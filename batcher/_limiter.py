@@ -155,6 +155,11 @@ class RateLimiter:
     def _windows(self) -> dict[str, Window]:
         return {"requests": self.requests, "images": self.images}
 
+    @property
+    def waiting(self) -> int:
+        """Acquirers queued for tokens."""
+        return len(self._queue)
+
     def wait_time(self, images: int, now: float | None = None) -> float:
         now = self._clock() if now is None else now
         return max(

@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,13 @@ from ._exceptions import (
     TransientError,
 )
 from ._ids import safe_stem
-from ._job import Item, Job
+from ._job import Endpoint, Item, Job
 from ._limiter import ConcurrencyController, RateLimiter
 from ._manifest import Journal, needs_run, utc_now, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable
 from ._policy import POLICY_CODES, RetryPolicy
 from ._report import Reporter
+from ._route import CircuitBreaker, Dispatcher, Task
 from ._writer import DISK_ERRNOS, OutputDir, SavedImage
 
 __all__ = [
@@ -70,6 +72,7 @@ class RunOptions:
     handle_signals: bool = False
     retry: RetryPolicy | None = None
     seed: int | None = None
+    endpoints: tuple[str, ...] = ()  # use only these of the job's endpoints (default: all)
     max_images: int | None = None  # this run starts no work beyond these (exit 4, rest pending)
     max_cost: float | None = None
 
@@ -86,6 +89,7 @@ class RunResult:
     elapsed: float = 0.0
     error: dict[str, Any] | None = None
     cost: float | None = None  # estimated cost of the images this run saved (None: no pricing)
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # per endpoint: requests, done, ...
     budget: dict[str, Any] | None = None  # what the budget charged, when one was set
 
     def as_dict(self) -> dict[str, Any]:
@@ -100,18 +104,19 @@ def resolve_out(job: Job, options: RunOptions) -> Path:
     return Path("output") / job.name
 
 
-def _resolve_key(job: Job, options: RunOptions) -> str:
+def _key_names(ep: Endpoint, options: RunOptions) -> list[str]:
+    return [n for n in (options.api_key_env, ep.api_key_env) if n] or list(KEY_ENVS)
+
+
+def _resolve_key(ep: Endpoint, options: RunOptions) -> str | None:
+    """The endpoint's key, from the environment (never from the job file); None if unset."""
     if options.api_key:
         return options.api_key
-    names = [n for n in (options.api_key_env, job.endpoint.api_key_env) if n] or list(KEY_ENVS)
-    for name in names:
+    for name in _key_names(ep, options):
         value = os.environ.get(name)
         if value:
             return value
-    raise BatcherError(
-        f"no API key: set the environment variable {' or '.join(names)} (or use --simulate to try batcher "
-        f"on the built-in simulator)"
-    )
+    return None
 
 
 def run_sync(job: Job, options: RunOptions = RunOptions(), reporter: Reporter | None = None) -> RunResult:
@@ -128,6 +133,8 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
     0
     Raises JobValidationError (nothing sent), OutputError / ManifestError / LockedError.
     """
+    if options.endpoints:
+        job.use_endpoints(options.endpoints)
     job.validate()
     reporter = reporter or Reporter(quiet=True)
     out = OutputDir(resolve_out(job, options))
@@ -148,7 +155,6 @@ class _Runner:
         self.reporter = reporter
         self.policy = options.retry or RetryPolicy(max_attempts=options.max_attempts)
         self.rng = random.Random(options.seed)
-        self.concurrency = options.concurrency or job.concurrency or DEFAULT_CONCURRENCY
         self.stopping = False
         self.interrupted = False
         self.fatal: RequestError | None = None
@@ -219,11 +225,13 @@ class _Runner:
         try:
             await anyio.to_thread.run_sync(self._check_done_files)
             total = todo = 0
+            models: set[Any] = set()
             for item in self.job.items():
                 total += 1
                 if self._needs_run(item):
                     todo += 1
-                    if self.options.max_cost is not None and self.prices.per_image(item.body) is None:
+                    models.add(item.body.get("model"))
+                    if self.options.max_cost is not None and self._dearest_price(item) is None:
                         raise JobValidationError([Problem(
                             item.file, item.line, "pricing",
                             f"--max-cost needs a price for every item; none matches model="
@@ -232,7 +240,7 @@ class _Runner:
             if todo == 0:
                 self.reporter.start(0, total)
                 return await self._finish(started)
-            self.api_key = _resolve_key(self.job, self.options)
+            self.endpoints = self._endpoints_for(models)
             self.journal.append({"t": "run", "job": self.job.name, "job_file": str(self.job.path),
                                  "at": utc_now(), "pid": os.getpid()})
             self.reporter.start(todo, total - todo)
@@ -241,43 +249,105 @@ class _Runner:
         finally:
             self.journal.close()
 
+    def _dearest_price(self, item: Item) -> float | None:
+        """The budget's view of an item: the highest price among endpoints that may send it."""
+        prices = [self._prices_for(e).per_image(item.body) for e in self.job.live_endpoints()
+                  if e.serves(item.body.get("model"))]
+        return None if not prices or None in prices else max(p for p in prices if p is not None)
+
+    def _prices_for(self, ep: Endpoint) -> PriceTable:
+        return PriceTable(ep.price) if ep.price is not None else self.prices
+
+    def _endpoints_for(self, models: set[Any]) -> list[_EndpointRun]:
+        """The endpoints this run uses, each with its key; a missing key is an error only where needed."""
+        opts = self.options
+        runs: list[_EndpointRun] = []
+        for ep in self.job.live_endpoints():
+            needed = any(ep.serves(m) for m in models)
+            key = _resolve_key(ep, opts)
+            if key is None:
+                names = " or ".join(_key_names(ep, opts))
+                if needed:
+                    raise BatcherError(
+                        f"no API key for endpoint {ep.name!r}: set the environment variable {names} (or use "
+                        f"--simulate to try batcher on the built-in simulator)")
+                self.reporter.log(f"endpoint {ep.name!r}: no key in {names}; not used (no item needs it)",
+                                  level="warning")
+                continue
+            if not needed:
+                continue
+            rpm = opts.rpm or ep.rate_limit.rpm or (self.job.rate_limit.rpm if len(self.job.endpoints) == 1 else None)
+            ipm = opts.ipm or ep.rate_limit.ipm or (self.job.rate_limit.ipm if len(self.job.endpoints) == 1 else None)
+            concurrency = opts.concurrency or ep.concurrency or self.job.concurrency or DEFAULT_CONCURRENCY
+            base_url = (opts.base_url or ep.base_url or os.environ.get("BATCHER_BASE_URL") or DEFAULT_BASE_URL)
+            runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self._prices_for(ep)))
+        return runs
+
     async def _pipeline(self) -> None:
-        job, opts = self.job, self.options
-        rpm = opts.rpm or job.rate_limit.rpm
-        ipm = opts.ipm or job.rate_limit.ipm
-        self.limiter = RateLimiter(rpm, ipm)
-        self.pool = ConcurrencyController(self.concurrency, limit_known=bool(rpm or ipm))
-        base_url = opts.base_url or job.endpoint.base_url or os.environ.get("BATCHER_BASE_URL") or DEFAULT_BASE_URL
+        opts = self.options
         timeouts = Timeouts(connect=opts.connect_timeout, read=opts.timeout)
         self.deadline = opts.timeout + opts.connect_timeout
-        async with ImagesClient(base_url, self.api_key, timeouts=timeouts,
-                                max_connections=self.concurrency) as self.client:
+        total_slots = sum(e.concurrency for e in self.endpoints)
+        self.dispatch = Dispatcher([e.name for e in self.endpoints], max_queued=max(16, total_slots * 2))
+        async with AsyncExitStack() as stack:
+            for ep in self.endpoints:
+                ep.client = await stack.enter_async_context(_make_client(ep, timeouts, self.job))
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._ticker)
                 if opts.handle_signals:
                     outer.start_soon(self._watch_signals)
                 async with anyio.create_task_group() as work:
                     self._work_scope = work.cancel_scope
-                    send, receive = anyio.create_memory_object_stream[Item](self.concurrency * 2)
-                    work.start_soon(self._feed, send)
-                    # more workers than slots: items in backoff don't hold a request slot
-                    for _ in range(self.concurrency * 2):
-                        work.start_soon(self._worker, receive.clone())
-                    receive.close()
+                    work.start_soon(self._feed)
+                    for ep in self.endpoints:
+                        for _ in range(ep.concurrency):
+                            work.start_soon(self._endpoint_worker, ep)
                 outer.cancel_scope.cancel()
 
-    async def _feed(self, send: Any) -> None:
-        async with send:
+    async def _feed(self) -> None:
+        try:
             for item in self._to_run():
                 if self.stopping:
                     break
-                await send.send(item)
+                model = item.body.get("model")
+                eligible = frozenset(e.name for e in self.endpoints if e.ep.serves(model))
+                entry = self.journal.entries.get(item.id)
+                prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
+                if not await self._wait(self.dispatch.put_new, Task(item, eligible, attempt=prior)):
+                    break
+        finally:
+            self.dispatch.close_feed()
 
-    async def _worker(self, receive: ObjectReceiveStream[Item]) -> None:
-        async with receive:
-            async for item in receive:
-                if not self.stopping:
-                    await self._process(item)
+    async def _endpoint_worker(self, ep: _EndpointRun) -> None:
+        """Take an item only when this endpoint can send it now: the pull makes the routing."""
+        dispatch = self.dispatch
+        while not self.stopping and ep.retired is None and not dispatch.done:
+            wait = ep.breaker.wait_time()
+            if wait > 0:
+                if not await self._wait(anyio.sleep, wait):
+                    return
+                continue
+            if not await self._wait(ep.pool.slots.acquire):
+                return
+            try:
+                task = None
+                while task is None and not self.stopping and ep.retired is None and not dispatch.done:
+                    if ep.breaker.wait_time() > 0:
+                        break
+                    wait = ep.limiter.wait_time(1) if not ep.limiter.waiting else 0.005
+                    if wait > 0:
+                        if not await self._wait(anyio.sleep, wait):
+                            return
+                        continue
+                    task = dispatch.try_take(ep.name)
+                    if task is None and not await self._wait(dispatch.wait, ep.name):
+                        return
+                if task is not None:
+                    if task.tries:
+                        self.reporter.retry(-1)
+                    await self._attempt(ep, task)
+            finally:
+                ep.pool.slots.release()
 
     async def _ticker(self) -> None:
         while True:
@@ -328,105 +398,98 @@ class _Runner:
             return None
         return True if result is None else result
 
-    # -- one item ---------------------------------------------------------------------------
+    # -- one attempt ------------------------------------------------------------------------
 
-    async def _process(self, item: Item) -> None:
-        entry = self.journal.entries.get(item.id)
-        prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
-        stem = safe_stem(item.id)
-        error: RequestError | None = None
-        attempt = prior
-        for tries in range(1, self.policy.max_attempts + 1):
-            if tries > 1:
-                delay = self.policy.delay(tries - 1, self.rng, error.retry_after if error else None)
-                self.reporter.retry(1)
-                try:
-                    if not await self._wait(anyio.sleep, delay):
-                        return
-                finally:
-                    self.reporter.retry(-1)
-            attempt += 1
-            try:
-                gen = await self._attempt(item, attempt)
-            except _Stopped:
-                return
-            except RequestError as exc:
-                error = exc
-                if await self._after_failure(item, exc):
-                    continue
-                if exc.kind == "fatal":
-                    return  # the item stays pending for the next run
-                return await self._record_failure(item, attempt, exc)
-            try:
-                saved = await self._save(item, stem, gen)
-            except RequestError as exc:
-                return await self._record_failure(item, attempt, exc)
-            except OSError as exc:
-                self._disk_trouble(exc)
-                return
-            await self._record_done(item, attempt, gen, saved)
-            return
-        assert error is not None
-        await self._record_failure(item, attempt, error)
-
-    async def _attempt(self, item: Item, attempt: int) -> Generation:
-        """One request: take a slot, rate tokens and budget, journal the attempt, send.
-
-        The budget is charged last, just before sending (so a budget stop never strands work
-        that fits), and refunded only when an error answer proves nothing was generated.
-        """
-        slots = self.pool.slots
-        if not await self._wait(slots.acquire):
-            raise _Stopped
+    async def _attempt(self, ep: _EndpointRun, task: Task) -> None:
+        """Send one attempt of `task` on `ep` and decide what happens to the item next."""
+        item = task.item
         try:
-            permit = await self._wait_for(self.limiter.acquire, item.images)
-            if permit is None:
-                raise _Stopped
-            cost = self.prices.cost(item.body, item.images)
-            if not self.budget.reserve(item.images, cost):
-                permit.refund()
-                note = (f"budget reached ({self.budget.describe()}): {item.images} more image(s) would exceed "
-                        f"it; stopping, unstarted items stay pending")
-                self._stop(FatalError(note, code="budget_exhausted"), note)
-                raise _Stopped
-            # journal first: a request that times out after it was sent may still be billed
-            try:
-                self.journal.append({"t": "attempt", "id": item.id, "rhash": item.rhash, "attempt": attempt,
-                                     "at": utc_now()})
-            except OSError as exc:
-                self.budget.refund(item.images, cost)
-                self._disk_trouble(exc)
-                raise _Stopped from None
-            self.requests += 1
-            permit.sent()
-            try:
-                with anyio.fail_after(self.deadline):
-                    gen = await self.client.generate(item.body)
-            except TimeoutError:
-                raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
-            except RequestError as exc:
-                if exc.status is not None and exc.status >= 400:
-                    self.budget.refund(item.images, cost)  # an error answer: nothing was generated
-                if exc.status == 429 and exc.kind == "transient":
-                    permit.refund()  # the server did not count it; its retry may use the slot
-                raise
-        finally:
-            slots.release()
-        self.pool.on_answer()
-        self.pool.on_success()
-        self.limiter.observe_headers(gen.headers)
+            gen = await self._send(ep, task)
+        except _Stopped:
+            ep.breaker.on_abandoned()
+            self.dispatch.finished(task)  # stays pending for the next run
+            return
+        except RequestError as exc:
+            await self._after_failure(ep, task, exc)
+            return
+        try:
+            saved = await self._save(ep, safe_stem(item.id), gen)
+        except RequestError as exc:
+            await self._record_failure(ep, task, exc)
+        except OSError as exc:
+            self._disk_trouble(exc)
+            self.dispatch.finished(task)
+        else:
+            await self._record_done(ep, task, gen, saved)
+
+    async def _send(self, ep: _EndpointRun, task: Task) -> Generation:
+        """Take rate tokens and budget, journal the attempt, send (the caller holds a slot).
+
+        The budget is charged just before sending (so a budget stop never strands work that
+        fits) and refunded only when an error answer proves nothing was generated.
+        """
+        item = task.item
+        permit = await self._wait_for(ep.limiter.acquire, item.images)
+        if permit is None:
+            raise _Stopped
+        cost = ep.prices.cost(item.body, item.images)
+        if not self.budget.reserve(item.images, cost):
+            permit.refund()
+            note = (f"budget reached ({self.budget.describe()}): {item.images} more image(s) would exceed "
+                    f"it; stopping, unstarted items stay pending")
+            self._stop(FatalError(note, code="budget_exhausted"), note)
+            raise _Stopped
+        task.tries += 1
+        task.attempt += 1
+        # journal first: a request that times out after it was sent may still be billed
+        try:
+            self.journal.append({"t": "attempt", "id": item.id, "rhash": item.rhash, "attempt": task.attempt,
+                                 "endpoint": ep.name, "at": utc_now()})
+        except OSError as exc:
+            self.budget.refund(item.images, cost)
+            self._disk_trouble(exc)
+            raise _Stopped from None
+        self.requests += 1
+        ep.stats["requests"] += 1
+        ep.breaker.starting()
+        permit.sent()
+        body = ep.body_for(item.body)
+        try:
+            with anyio.fail_after(self.deadline):
+                gen = await ep.client.generate(body)
+        except TimeoutError:
+            raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
+        except RequestError as exc:
+            if exc.status is not None and exc.status >= 400:
+                self.budget.refund(item.images, cost)  # an error answer: nothing was generated
+            if exc.status == 429 and exc.kind == "transient":
+                permit.refund()  # the server did not count it; its retry may use the slot
+            raise
+        ep.pool.on_answer()
+        ep.pool.on_success()
+        ep.breaker.on_success()
+        ep.limiter.observe_headers(gen.headers)
         return gen
 
-    async def _after_failure(self, item: Item, exc: RequestError) -> bool:
-        """React to a failed attempt; return True to retry the item."""
+    async def _after_failure(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:
+        """A failed attempt: retire the endpoint, fail the item, or give it back for a retry."""
+        item, dispatch = task.item, self.dispatch
+        task.error = exc
         if exc.status is not None:
-            self.pool.on_answer()
-            self.limiter.observe_headers(exc.headers)
+            ep.pool.on_answer()
+            ep.limiter.observe_headers(exc.headers)
         if exc.kind == "fatal":
-            self._stop(exc, f"fatal: HTTP {exc.status} {exc.code or ''}: {exc.message} — stopping; "
-                            f"unstarted items stay pending")
-            return False
+            ep.breaker.on_abandoned()
+            self._retire(ep, exc)
+            task.prefer = None
+            task.tries -= 1  # not the item's fault: it goes to another endpoint, or stays pending
+            dispatch.retry_later(task, 0.0)
+            if not dispatch.live:
+                self._stop(exc, f"fatal: no endpoint left (last: {ep.name!r}, HTTP {exc.status} "
+                                f"{exc.code or ''}); unstarted items stay pending")
+            return
         if exc.kind == "permanent":
+            ep.breaker.on_success()  # the endpoint answered about the request: it works
             if exc.code in POLICY_CODES:
                 self.policy_violations += 1
                 limit = self.options.max_policy_violations
@@ -434,14 +497,39 @@ class _Runner:
                     self._stop(exc, f"stopping: {self.policy_violations} content-policy rejections "
                                     f"(--max-policy-violations {limit}); providers suspend accounts for this. "
                                     f"Review the prompts, then rerun")
-            return False
+            return await self._record_failure(ep, task, exc)
         if exc.status == 429:
-            self.limiter.on_rate_limited(exc.retry_after, exc.type or "requests", item.images)
+            ep.limiter.on_rate_limited(exc.retry_after, exc.type or "requests", item.images)
+            ep.stats["rate_limited"] += 1
         elif exc.status is None or exc.status >= 500 or exc.code in ("timeout", "connection_error"):
-            self.pool.on_server_trouble()
-        return True
+            ep.pool.on_server_trouble()
+            if ep.breaker.on_trouble():
+                self.reporter.log(f"endpoint {ep.name!r}: {ep.breaker.streak} failures in a row "
+                                  f"(last: {exc.code or exc.status}); resting it "
+                                  f"{ep.breaker.open_until - anyio.current_time():.0f}s, then one probe",
+                                  level="warning")
+                dispatch.unpin(ep.name)
+        if task.tries >= self.policy.max_attempts or self.stopping:
+            if self.stopping:
+                dispatch.finished(task)  # stays pending
+                return
+            return await self._record_failure(ep, task, exc)
+        # a request that got no clear answer may have been generated (and billed) there: go back
+        ambiguous = exc.status is None or exc.status == 200
+        task.prefer = ep.name if ambiguous and ep.breaker.state == "closed" else None
+        self.reporter.retry(1)
+        dispatch.retry_later(task, self.policy.delay(task.tries, self.rng, exc.retry_after))
 
-    async def _save(self, item: Item, stem: str, gen: Generation) -> list[SavedImage]:
+    def _retire(self, ep: _EndpointRun, exc: RequestError) -> None:
+        if ep.retired is not None:
+            return
+        ep.retired = f"HTTP {exc.status} {exc.code or ''}".strip()
+        self.dispatch.retire(ep.name)
+        left = ", ".join(sorted(self.dispatch.live)) or "none"
+        self.reporter.log(f"endpoint {ep.name!r} retired for this run: HTTP {exc.status} {exc.code or ''}: "
+                          f"{exc.message}; its items go to the others (left: {left})", level="error")
+
+    async def _save(self, ep: _EndpointRun, stem: str, gen: Generation) -> list[SavedImage]:
         count = len(gen.images)
         saved: list[SavedImage] = []
         for index, image in enumerate(gen.images):
@@ -450,7 +538,7 @@ class _Runner:
             else:
                 assert image.url is not None
                 tmp = self.out.temp_path(stem)
-                await self.client.download(image.url, tmp)  # at once: URLs expire
+                await ep.client.download(image.url, tmp)  # at once: URLs expire
                 saved.append(await anyio.to_thread.run_sync(self.out.adopt_file, tmp, stem, index, count))
         return saved
 
@@ -469,34 +557,43 @@ class _Runner:
         except OSError as exc:
             self._disk_trouble(exc)
 
-    async def _record_done(self, item: Item, attempts: int, gen: Generation, saved: list[SavedImage]) -> None:
+    async def _record_done(self, ep: _EndpointRun, task: Task, gen: Generation, saved: list[SavedImage]) -> None:
+        item = task.item
+        model = ep.ep.model_sent(item.body.get("model", ""))
         images = [
             {"file": s.file, "revised_prompt": g.revised_prompt, "sha256": s.sha256, "bytes": s.bytes,
-             "width": s.width, "height": s.height}
+             "width": s.width, "height": s.height, "endpoint": ep.name, "model": model}
             for s, g in zip(saved, gen.images)
         ]
         rec = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "done", "request": item.body,
-               "created": gen.created, "images": images, "attempts": attempts, "error": None,
-               "request_id": gen.request_id, "finished": utc_now()}
+               "created": gen.created, "images": images, "attempts": task.attempt, "error": None,
+               "request_id": gen.request_id, "endpoint": ep.name, "finished": utc_now()}
         if item.vars:
             rec["vars"] = item.vars
-        cost = self.prices.cost(item.body, len(saved))
+        cost = ep.prices.cost(item.body, len(saved))
         if cost is not None:
             rec["cost"] = round(cost, 6)
             self.cost += cost
+            ep.stats["cost"] += cost
         if gen.usage is not None:
             rec["usage"] = gen.usage
         await self._journal(rec)
+        self.dispatch.finished(task)
         self.images += len(saved)
+        ep.stats["done"] += 1
+        ep.stats["images"] += len(saved)
         self.reporter.item_finished(True, len(saved))
 
-    async def _record_failure(self, item: Item, attempts: int, exc: RequestError) -> None:
+    async def _record_failure(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:
+        item = task.item
         rec = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "failed", "request": item.body,
-               "created": None, "images": [], "attempts": attempts, "error": exc.as_record(),
-               "finished": utc_now()}
+               "created": None, "images": [], "attempts": task.attempt, "error": exc.as_record(),
+               "endpoint": ep.name, "finished": utc_now()}
         if item.vars:
             rec["vars"] = item.vars
         await self._journal(rec)
+        self.dispatch.finished(task)
+        ep.stats["failed"] += 1
         self.reporter.item_finished(False)
         if exc.kind == "permanent":
             self.reporter.log(f"{item.id}: failed: HTTP {exc.status} {exc.code}: {exc.message}", level="warning")
@@ -517,9 +614,15 @@ class _Runner:
                     self.fatal = FatalError(str(exc), code="disk_error")
             if self.requests:
                 try:
-                    self.journal.append({"t": "end", "at": utc_now(), "summary": summary})
+                    self.journal.append({"t": "end", "at": utc_now(), "summary": summary,
+                                         "endpoints": self._endpoint_stats()})
                 except OSError:
                     pass
+        stranded = getattr(self, "dispatch", None) and self.dispatch.stranded
+        if stranded and self.fatal is None:
+            retired = ", ".join(f"{e.name} ({e.retired})" for e in self.endpoints if e.retired)
+            self.fatal = FatalError(f"{len(stranded)} item(s) need an endpoint that was retired: {retired}",
+                                    code="no_endpoint")
         if self.interrupted:
             outcome, code = "interrupted", EXIT_INTERRUPTED
         elif self.fatal is not None and self.fatal.code == "budget_exhausted":
@@ -532,15 +635,53 @@ class _Runner:
             outcome, code = "completed", EXIT_OK
         result = RunResult(
             outcome=outcome, exit_code=code, out=str(self.out.root), summary=summary, images=self.images,
-            requests=self.requests, rate_limited=getattr(self, "limiter", None) and self.limiter.rejections or 0,
+            requests=self.requests, rate_limited=sum(e.limiter.rejections for e in getattr(self, "endpoints", [])),
             elapsed=time.monotonic() - started,
             error=self.fatal.as_record() if self.fatal is not None else None,
             cost=round(self.cost, 6) if self.prices else None,
+            endpoints=self._endpoint_stats(),
             budget={"images": self.budget.images, "cost": round(self.budget.cost, 6), **asdict(self.budget.limits)}
             if self.budget.limits else None,
         )
         self.reporter.summary(result)
         return result
+
+
+    def _endpoint_stats(self) -> dict[str, dict[str, Any]]:
+        return {e.name: {**e.stats, "cost": round(e.stats["cost"], 6), "retired": e.retired,
+                         "circuit_openings": e.breaker.openings} for e in getattr(self, "endpoints", [])}
+
+
+class _EndpointRun:
+    """One endpoint during a run: its client, limiter, pool, circuit breaker and counters."""
+
+    client: ImagesClient
+
+    def __init__(self, ep: Endpoint, key: str, base_url: str, concurrency: int, rpm: float | None,
+                 ipm: float | None, prices: PriceTable) -> None:
+        self.ep = ep
+        self.name = ep.name
+        self.key = key
+        self.base_url = base_url
+        self.concurrency = concurrency
+        self.limiter = RateLimiter(rpm, ipm)
+        self.pool = ConcurrencyController(concurrency, limit_known=bool(rpm or ipm))
+        self.breaker = CircuitBreaker()
+        self.prices = prices
+        self.retired: str | None = None
+        self.stats: dict[str, Any] = {"requests": 0, "done": 0, "failed": 0, "images": 0, "cost": 0.0,
+                                      "rate_limited": 0}
+
+    def body_for(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body this endpoint is sent: the model renamed to what it calls it."""
+        model = body.get("model")
+        if self.ep.models is not None and isinstance(model, str) and self.ep.models.get(model, model) != model:
+            return {**body, "model": self.ep.models[model]}
+        return body
+
+
+def _make_client(ep: _EndpointRun, timeouts: Timeouts, job: Job) -> ImagesClient:
+    return ImagesClient(ep.base_url, ep.key, timeouts=timeouts, max_connections=ep.concurrency)
 
 
 class _Stopped(Exception):
