@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", action="store_true", help="also retry items that failed permanently")
     r.add_argument("--max-policy-violations", type=int, default=50, metavar="N",
                    help="stop the run after N content-policy rejections (0: never; default 50)")
+    r.add_argument("--endpoint", action="append", default=[], metavar="NAME",
+                   help="use only this of the job's endpoints; repeatable (default: all)")
     r.add_argument("--max-images", type=_positive_int, metavar="N",
                    help="start no work beyond N images in this run; then stop with exit 4, the rest pending")
     r.add_argument("--max-cost", type=_positive_float, metavar="X",
@@ -157,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("job")
     pl.add_argument("--out", help="count only what this output folder does not have yet")
     pl.add_argument("--retry-failed", action="store_true", help="count permanently failed items as to send")
+    pl.add_argument("--endpoint", action="append", default=[], metavar="NAME",
+                    help="plan for only this of the job's endpoints; repeatable")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     for name in ("model", "size", "quality"):
         pl.add_argument(f"--{name}", help="request field override, as for run")
@@ -198,7 +202,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from ._plan import plan
 
-    info = plan(load_job(args.job, _overrides(args)), args.out, retry_failed=args.retry_failed)
+    job = load_job(args.job, _overrides(args))
+    job.use_endpoints(args.endpoint)
+    info = plan(job, args.out, retry_failed=args.retry_failed)
     if args.json:
         print(json.dumps(info))
         return EXIT_OK
@@ -254,7 +260,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rpm=args.rpm, ipm=args.ipm, timeout=args.timeout, connect_timeout=args.connect_timeout,
         max_attempts=args.max_attempts, retry_failed=args.retry_failed, force=args.force,
         max_policy_violations=args.max_policy_violations, grace_period=args.grace, handle_signals=True,
-        max_images=args.max_images, max_cost=args.max_cost,
+        max_images=args.max_images, max_cost=args.max_cost, endpoints=tuple(args.endpoint),
     )
     if args.simulate:
         from dataclasses import replace

@@ -16,7 +16,7 @@ from typing import Any
 from ._job import Item, Job
 from ._manifest import Journal, needs_run
 
-__all__ = ["PriceTable", "BudgetLimits", "Budget", "plan", "PRICE_KEYS"]
+__all__ = ["PriceTable", "BudgetLimits", "Budget", "plan", "item_price", "PRICE_KEYS"]
 
 PRICE_KEYS = ("model", "size", "quality")
 
@@ -44,6 +44,17 @@ class PriceTable:
     def cost(self, body: Mapping[str, Any], images: int) -> float | None:
         price = self.per_image(body)
         return None if price is None else price * images
+
+
+def item_price(job: Job, item: Item, default: PriceTable | None = None) -> float | None:
+    """Per-image price of an item as planned: the dearest endpoint that may send it (an upper
+    bound, since routing decides at run time); an endpoint without `price` uses the job's `pricing`."""
+    default = default if default is not None else PriceTable(job.pricing)
+    prices = [(PriceTable(e.price) if e.price is not None else default).per_image(item.body)
+              for e in job.live_endpoints() if e.serves(item.body.get("model"))]
+    if not prices or any(p is None for p in prices):
+        return None
+    return max(p for p in prices if p is not None)
 
 
 @dataclass(frozen=True)
@@ -121,9 +132,10 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
             have += 1
             continue
         key = tuple(str(item.body.get(k, "")) for k in PRICE_KEYS)
+        price = item_price(job, item, prices)
         group = groups.setdefault(key, {**dict(zip(PRICE_KEYS, key)), "requests": 0, "images": 0,
-                                        "per_image": prices.per_image(item.body), "cost": 0.0})
-        cost = prices.cost(item.body, item.images)
+                                        "per_image": price, "cost": 0.0})
+        cost = None if price is None else price * item.images
         group["requests"] += 1
         group["images"] += item.images
         send["requests"] += 1

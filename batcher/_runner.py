@@ -33,7 +33,7 @@ from ._ids import safe_stem
 from ._job import Endpoint, Item, Job
 from ._limiter import ConcurrencyController, RateLimiter
 from ._manifest import Journal, needs_run, utc_now, write_manifest
-from ._plan import Budget, BudgetLimits, PriceTable
+from ._plan import Budget, BudgetLimits, PriceTable, item_price
 from ._policy import POLICY_CODES, RetryPolicy
 from ._report import Reporter
 from ._route import CircuitBreaker, Dispatcher, Task
@@ -231,7 +231,7 @@ class _Runner:
                 if self._needs_run(item):
                     todo += 1
                     models.add(item.body.get("model"))
-                    if self.options.max_cost is not None and self._dearest_price(item) is None:
+                    if self.options.max_cost is not None and item_price(self.job, item, self.prices) is None:
                         raise JobValidationError([Problem(
                             item.file, item.line, "pricing",
                             f"--max-cost needs a price for every item; none matches model="
@@ -248,12 +248,6 @@ class _Runner:
             return await self._finish(started)
         finally:
             self.journal.close()
-
-    def _dearest_price(self, item: Item) -> float | None:
-        """The budget's view of an item: the highest price among endpoints that may send it."""
-        prices = [self._prices_for(e).per_image(item.body) for e in self.job.live_endpoints()
-                  if e.serves(item.body.get("model"))]
-        return None if not prices or None in prices else max(p for p in prices if p is not None)
 
     def _prices_for(self, ep: Endpoint) -> PriceTable:
         return PriceTable(ep.price) if ep.price is not None else self.prices
