@@ -14,6 +14,7 @@ answering 5xx or timing out, then lets one probe through.
 from __future__ import annotations
 
 import heapq
+import time
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -232,6 +233,7 @@ class CircuitBreaker:
         self._cooldown = policy.cooldown
         self._probing = False
         self.openings = 0
+        self.first_opened_wall: float | None = None  # time.time() of the first opening, for reports
 
     def wait_time(self) -> float:
         """0 if a request may start now; otherwise seconds to wait before asking again."""
@@ -268,6 +270,8 @@ class CircuitBreaker:
         if self.state == "closed" and self.streak >= self.policy.failures:
             self.state, self.opened_at, self.open_until = "open", now, now + self._cooldown
             self.openings += 1
+            if self.first_opened_wall is None:
+                self.first_opened_wall = time.time()
             return True
         return False
 

@@ -318,7 +318,8 @@ class _Runner:
         while not self.stopping and ep.retired is None and not dispatch.done:
             wait = ep.breaker.wait_time()
             if wait > 0:
-                if not await self._wait(anyio.sleep, wait):
+                # dispatch.wait, not sleep: the run's end wakes it
+                if not await self._wait(dispatch.wait, ep.name, wait):
                     return
                 continue
             if not await self._wait(ep.pool.slots.acquire):
@@ -330,7 +331,7 @@ class _Runner:
                         break
                     wait = ep.limiter.wait_time(1) if not ep.limiter.waiting else 0.005
                     if wait > 0:
-                        if not await self._wait(anyio.sleep, wait):
+                        if not await self._wait(dispatch.wait, ep.name, wait):
                             return
                         continue
                     task = dispatch.try_take(ep.name)
@@ -643,7 +644,8 @@ class _Runner:
 
     def _endpoint_stats(self) -> dict[str, dict[str, Any]]:
         return {e.name: {**e.stats, "cost": round(e.stats["cost"], 6), "retired": e.retired,
-                         "circuit_openings": e.breaker.openings} for e in getattr(self, "endpoints", [])}
+                         "circuit_openings": e.breaker.openings, "circuit_first_opened": e.breaker.first_opened_wall}
+                for e in getattr(self, "endpoints", [])}
 
 
 class _EndpointRun:
