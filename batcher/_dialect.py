@@ -324,11 +324,14 @@ def parse_dialects(spec: Mapping[str, Any]) -> dict[str, Dialect]:
                 if key not in _SPEC_KEYS:
                     problems.append((f"{where}.{key}", f"unknown key (known: {', '.join(_SPEC_KEYS)})"))
 
-    built: dict[str, Dialect] = {}
+    built: dict[str, Dialect | None] = {}  # None: failed, its problem already reported
 
     def build(name: str, chain: tuple[str, ...]) -> Dialect | None:
-        if name in built:
-            return built[name]
+        if name not in built:
+            built[name] = _build(name, chain)
+        return built[name]
+
+    def _build(name: str, chain: tuple[str, ...]) -> Dialect | None:
         entry, where = entries[name], f"dialects.{name}"
         base_name = entry.get("base", "openai-compatible")
         if not isinstance(base_name, str):
@@ -355,14 +358,13 @@ def parse_dialects(spec: Mapping[str, Any]) -> dict[str, Dialect]:
         except DialectError as exc:
             problems.append((f"{where}.{_template_field(changes)}", str(exc)))
             return None
-        built[name] = dialect
         return dialect
 
     for name in entries:
         build(name, ())
     if problems:
         raise DialectSpecError(problems)
-    return built
+    return {name: dialect for name, dialect in built.items() if dialect is not None}
 
 
 def _template_field(changes: Mapping[str, Any]) -> str:
