@@ -355,3 +355,45 @@ def test_each_dialect_on_the_wire():
     assert "api-key: sk-test-key" in heads[1] and not any(h.lower().startswith("authorization") for h in heads[1])
     assert heads[2][0] == "POST /images/generations HTTP/1.1" and bodies[2]["aspect_ratio"] == "1:1"
     assert "size" not in bodies[2]
+
+
+# -- fuzz: never crash, never mutate ------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.text(max_size=12))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=6), inner, max_size=3), max_leaves=6)
+FIELDS = st.sampled_from(["model", "prompt", "size", "n", "quality", "style", "response_format",
+                          "aspect_ratio", "resolution", "background"]) | st.text(max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(FIELDS, VALUES, max_size=8), st.sampled_from(sorted(DIALECTS)))
+def test_prepare_never_crashes_or_mutates(body_in, name):
+    frozen = copy.deepcopy(body_in)
+    try:
+        req = DIALECTS[name].prepare(body_in, AZ)
+    except PermanentError as exc:
+        assert exc.code == "invalid_value" and exc.message
+    else:
+        assert req.path.startswith("/") and all(isinstance(v, str) for v in req.params.values())
+        assert set(req.body) <= set(body_in) | {"aspect_ratio"}
+    assert body_in == frozen
+
+
+SPEC_KEYS = st.sampled_from(["base", "drop", "rename", "path", "query", "auth_header", "auth_prefix", "max_n",
+                             "other"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.text(max_size=8) | st.sampled_from(["a", "b", "xai"]),
+                       st.dictionaries(SPEC_KEYS, VALUES | st.sampled_from(["a", "b", "xai", "/p/{model}"]),
+                                       max_size=4) | VALUES, max_size=3))
+def test_parse_dialects_returns_or_lists_problems(spec):
+    try:
+        declared = parse_dialects(spec)
+    except DialectSpecError as exc:
+        assert exc.problems and all(path.startswith("dialects") and msg for path, msg in exc.problems)
+    else:
+        assert set(declared) == set(spec)
