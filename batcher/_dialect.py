@@ -184,7 +184,7 @@ class Dialect:
             renamed: dict[str, Any] = {}
             for key, value in sent.items():
                 target = self.rename.get(key, key)
-                if target != key and target in sent:
+                if target != key and target in sent and target not in self.rename:
                     continue  # the item set the provider's own field: it wins
                 renamed[target] = value
             sent = renamed

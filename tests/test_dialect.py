@@ -204,6 +204,10 @@ def test_declared_dialect_from_a_job_file():
 def test_rename_keeps_an_explicit_provider_field():
     d = parse_dialects({"p": {"rename": {"size": "dimensions"}}})["p"]
     assert d.prepare(body(dimensions="9x9"), {}).body["dimensions"] == "9x9"
+    chain = parse_dialects({"c": {"rename": {"size": "quality", "quality": "tier"}}})["c"]
+    assert chain.prepare(body(quality="hd"), {}).body == {
+        "model": "grok-imagine", "prompt": "a koi", "quality": "1024x1024", "n": 1, "response_format": "b64_json",
+        "tier": "hd"}
 
 
 @pytest.mark.parametrize("spec,problems", [
