@@ -307,6 +307,12 @@ class CaptureServer:
             pass
 
     def close(self) -> None:
+        import socket
+
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
+        except OSError:
+            pass
         self._sock.close()
         self._thread.join(timeout=10)
 
@@ -314,7 +320,7 @@ class CaptureServer:
 def test_default_dialect_sends_todays_request_byte_for_byte():
     import anyio
 
-    server = CaptureServer()
+    server = CaptureServer(max_requests=2)
     base = f"http://127.0.0.1:{server.port}/v1"
     sent = body(style="vivid", extra={"nested": [1, 2]})
 
@@ -339,7 +345,7 @@ def test_default_dialect_sends_todays_request_byte_for_byte():
 def test_each_dialect_on_the_wire():
     import anyio
 
-    server = CaptureServer()
+    server = CaptureServer(max_requests=3)
     base = f"http://127.0.0.1:{server.port}"
 
     async def main() -> None:
