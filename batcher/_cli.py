@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import anyio
 
 from . import __version__
+from ._dialect import DIALECTS
 from ._exceptions import BatcherError, JobError, JobValidationError, LockedError, ManifestError, OutputError
 from ._job import load_job
 from ._report import Reporter
@@ -78,6 +79,11 @@ def _add_simulator_options(p: argparse.ArgumentParser, prefix: str = "") -> None
     g.add_argument(f"--{prefix}gateway-quirks", action="store_true",
                    help="answer like a proxy: swapped formats, null keys, numeric error codes")
     g.add_argument(f"--{prefix}seed", type=int, default=None, help="random seed for faults and jitter")
+    g.add_argument(f"--{prefix}dialect", choices=tuple(DIALECTS), default="openai-compatible",
+                   help="speak and enforce this provider's variant of the API (default openai-compatible; "
+                        "the client must use the same dialect)")
+    g.add_argument(f"--{prefix}fail-all-after", type=float, default=None, metavar="SECONDS",
+                   help="an outage: answer every generation request 500 from SECONDS after start")
 
 
 def _simulator_config(args: argparse.Namespace, prefix: str = "", **extra: Any) -> Any:
@@ -97,6 +103,8 @@ def _simulator_config(args: argparse.Namespace, prefix: str = "", **extra: Any) 
         advertise_limits=not get("hide_limits"),
         gateway_quirks=get("gateway_quirks"),
         seed=get("seed"),
+        dialect=get("dialect"),
+        fail_all_after_s=get("fail_all_after"),
         **extra,
     )
 

@@ -1,6 +1,7 @@
 """Request stage: the only module that speaks HTTP (and the only one importing httpx).
 
-`ImagesClient.generate` sends one `POST {base_url}/images/generations` and returns the
+`ImagesClient.generate` sends one generation request — `POST {base_url}/images/generations`
+in the default dialect, or wherever the endpoint's `Dialect` says — and returns the
 images it got back, decoded; every failure is raised as a classified `RequestError`.
 `ImagesClient.download` fetches a `url` answer, streaming to disk, retried as a download.
 """
@@ -13,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import aiofiles
@@ -21,6 +22,7 @@ import anyio
 import httpx2 as httpx
 
 from . import __version__
+from ._dialect import DEFAULT_DIALECT, Dialect, DialectError
 from ._exceptions import PermanentError, RequestError, TransientError
 from ._policy import classify
 from ._writer import sniff
@@ -64,6 +66,9 @@ class ImagesClient:
 
     >>> async with ImagesClient("http://127.0.0.1:8000/v1", api_key="sk-...") as client:
     ...     gen = await client.generate({"model": "grok-imagine", "prompt": "a koi"})
+
+    `dialect` says how the endpoint wants the request (path, query, auth header, fields) and
+    `options` fill its templates, e.g. `{"api_version": "2025-04-01-preview"}` for azure-openai.
     """
 
     def __init__(
@@ -71,13 +76,20 @@ class ImagesClient:
         base_url: str,
         api_key: str | None,
         *,
+        dialect: Dialect = DEFAULT_DIALECT,
+        options: Mapping[str, str] | None = None,
         timeouts: Timeouts = Timeouts(),
         max_connections: int = 64,
         max_response_bytes: int = 256 * 1024 * 1024,
         max_download_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.dialect = dialect
+        self.options = dict(options or {})
+        missing = dialect.missing_options(self.options)
+        if missing:  # the same for every request: say so now, not once per item
+            raise DialectError(f"dialect {dialect.name!r} needs the endpoint option(s) {', '.join(missing)}")
+        self._auth = dialect.auth_headers(api_key)
         self.timeouts = timeouts
         self.max_response_bytes = max_response_bytes
         self.max_download_bytes = max_download_bytes
@@ -100,10 +112,19 @@ class ImagesClient:
         await self._http.aclose()
 
     async def generate(self, body: dict[str, Any]) -> Generation:
-        """Send one generation request; raise a classified RequestError on any failure."""
-        url = f"{self.base_url}/images/generations"
+        """Send one generation request; raise a classified RequestError on any failure.
+
+        `body` holds batcher's canonical fields; the dialect turns it into what is sent.
+        """
         try:
-            async with self._http.stream("POST", url, json=body, headers=self._auth) as resp:
+            prepared = self.dialect.prepare(body, self.options)
+        except DialectError as exc:
+            raise PermanentError(str(exc), code="dialect_error") from None
+        url = f"{self.base_url}{prepared.path}"
+        headers = {**prepared.headers, **self._auth} if prepared.headers else self._auth
+        try:
+            async with self._http.stream("POST", url, params=prepared.params or None, json=prepared.body,
+                                         headers=headers) as resp:
                 raw = await self._read_capped(resp)
         except httpx.TimeoutException as exc:
             raise TransientError(f"timed out ({type(exc).__name__})", code="timeout") from None
@@ -138,6 +159,7 @@ class ImagesClient:
             raise _malformed("body is not a JSON object", headers)
         if doc.get("error") and not doc.get("data"):
             raise classify(200, headers, raw)  # a 200 carrying an error object
+        self.dialect.read(doc, headers)  # e.g. xai's moderated images: a 200 that is a refusal
         data = doc.get("data")
         if not isinstance(data, list) or not data:
             raise _malformed("no 'data' list of images", headers)

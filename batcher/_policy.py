@@ -76,33 +76,77 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     return None
 
 
+def _text(value: Any) -> str | None:
+    """A code or message as text: strings and integers only (a nested object names nothing)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def _error_fields(body: Any) -> tuple[str | None, str | None, str | None]:
-    """(code, type, message) from OpenAI-shaped and other common error bodies."""
+    """(code, type, message) from OpenAI-shaped and other common error bodies.
+
+    OpenAI `{"error": {"code", "type", "message"}}`; xAI `{"code": ..., "error": "text"}`;
+    `{"message"}`; FastAPI `{"detail": "text" | [{"msg"}]}`; `{"errors": [{"message"}]}`;
+    a bare JSON string. Anything else yields nothing and the raw text is read instead.
+    """
+    if isinstance(body, str):
+        return None, None, body
     if not isinstance(body, dict):
         return None, None, None
     err = body.get("error")
     if isinstance(err, dict):
-        code, etype, msg = err.get("code"), err.get("type"), err.get("message")
-    else:
-        code, etype, msg = body.get("code"), body.get("type"), err if isinstance(err, str) else body.get("message")
-    as_str = lambda v: None if v is None else str(v)  # noqa: E731
-    return as_str(code), as_str(etype), as_str(msg)
+        return _text(err.get("code")), _text(err.get("type")), _text(err.get("message"))
+    msg = _text(err) if isinstance(err, str) else _text(body.get("message"))
+    if msg is None:
+        detail = body.get("detail")
+        errors = body.get("errors")
+        if isinstance(detail, str):
+            msg = detail
+        elif isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            msg = _text(detail[0].get("msg"))
+        elif isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            msg = _text(errors[0].get("message"))
+    return _text(body.get("code")), _text(body.get("type")), msg
+
+
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
 
 
 def error_message(raw: bytes, limit: int = 300) -> str:
-    """A short, printable excerpt of a non-JSON error body."""
-    text = raw[:limit].decode("utf-8", "replace")
-    return " ".join(text.split()) or "(empty body)"
+    """A short, printable excerpt of an error body: an HTML page's title or text, plain text as is."""
+    head = raw[: limit * 20]
+    title = _TITLE.search(head)
+    if title and title.group(1).strip():
+        text = title.group(1).decode("utf-8", "replace")
+    else:
+        text = head.decode("utf-8", "replace")
+        if text.lstrip()[:1] == "<":
+            text = _TAG.sub(" ", text)
+    return _short(text, limit) or "(empty body)"
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """One line, control characters gone, at most `limit` characters."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def classify(status: int, headers: Mapping[str, str], raw: bytes) -> RequestError:
-    """Turn a non-success answer into a transient, permanent or fatal error."""
+    """Turn a non-success answer into a transient, permanent or fatal error.
+
+    Any body is accepted (OpenAI's shape, other providers', HTML, plain text, empty): the
+    kind comes from the status and the symbolic code, the message is only read.
+    """
     try:
         body = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        body = None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        body = None  # not JSON (HTML from a proxy, plain text, a cut body): read it as text
     code, etype, msg = _error_fields(body)
-    message = msg or error_message(raw)
+    message = (_short(msg) if msg else None) or error_message(raw)
     # Gateways sometimes put the status in `code` as a string ("429"); it names no condition.
     symbolic = code if code and not code.isdigit() else None
     if symbolic is None and etype in FATAL_CODES:

@@ -3,8 +3,12 @@
 It binds to 127.0.0.1, speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies),
 answers real PNGs, and can be told to misbehave the ways real endpoints and gateways do:
 rate limits over a sliding one-second window, quota exhaustion, 5xx, dropped connections,
-malformed bodies, hangs, content-policy rejections and proxy quirks. It counts every
-generation per prompt so tests can prove that nothing was paid for twice.
+malformed bodies, hangs, content-policy rejections, proxy quirks and a total outage after
+a while. It counts every generation per prompt so tests can prove that nothing was paid for twice.
+
+`SimulatorConfig.dialect` makes it speak one provider's variant and enforce its rules:
+`openai` (gpt-image: no response_format, b64_json + usage), `azure-openai` (deployment paths,
+api-version, api-key header), `xai` (aspect_ratio not size, moderation flag on a 200).
 
 Only anyio and the standard library: httpx stays confined to the client module.
 """
@@ -29,6 +33,7 @@ import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 import anyio
 import anyio.from_thread
@@ -42,9 +47,13 @@ MAX_BODY = 1024 * 1024
 MAX_FILES = 2000
 MAX_FILE_BYTES = 512 * 1024 * 1024
 GENERATION_PATHS = ("/v1/images/generations", "/images/generations")
+DIALECT_NAMES = ("openai-compatible", "openai", "azure-openai", "xai")
+_AZURE_PATH = re.compile(r"(?:/v1)?/openai/deployments/([^/]+)/images/generations")
+XAI_ASPECT_RATIOS = ("1:1", "3:4", "4:3", "9:16", "16:9", "2:3", "3:2", "9:19.5", "19.5:9", "9:20", "20:9",
+                     "1:2", "2:1", "auto")
 
 _REASONS = {
-    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 422: "Unprocessable Entity",
     411: "Length Required", 413: "Payload Too Large", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
     503: "Service Unavailable",
@@ -81,6 +90,12 @@ class SimulatorConfig:
     max_n: int = 10
     seed: int | None = None
     gateway_quirks: bool = False
+    dialect: str = "openai-compatible"  # one of DIALECT_NAMES
+    fail_all_after_s: float | None = None  # an outage: every generation request after this answers 500
+
+    def __post_init__(self) -> None:
+        if self.dialect not in DIALECT_NAMES:
+            raise ValueError(f"unknown simulator dialect {self.dialect!r} (known: {', '.join(DIALECT_NAMES)})")
 
 
 def _window_shape(per_minute: float) -> tuple[int, float]:
@@ -149,10 +164,12 @@ def _plain_error(message: str, code: str | None = None) -> dict[str, Any]:
 
 
 class _Request:
-    __slots__ = ("method", "path", "headers", "body", "close")
+    __slots__ = ("method", "path", "query", "headers", "body", "close")
 
-    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes, close: bool) -> None:
-        self.method, self.path, self.headers, self.body, self.close = method, path, headers, body, close
+    def __init__(self, method: str, path: str, query: dict[str, list[str]], headers: dict[str, str], body: bytes,
+                 close: bool) -> None:
+        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
+        self.close = close
 
 
 class _Reply(Exception):
@@ -185,6 +202,7 @@ class Simulator:
         self._faults: dict[str, int] = {}
         self._generations: dict[str, int] = {}
         self._accepted_log: deque[float] = deque()
+        self._started = time.monotonic()  # reset when serving starts: fail_all_after_s counts from there
         self.reset()
 
     # -- counters -------------------------------------------------------------------------
@@ -194,7 +212,7 @@ class Simulator:
         with self._lock:
             self._counts = dict.fromkeys(("requests", "accepted", "images", "rate_limited", "quota_rejected",
                                           "policy_rejected", "max_window_requests", "downloads"), 0)
-            self._faults = dict.fromkeys(("5xx", "drop", "malformed", "hang"), 0)
+            self._faults = dict.fromkeys(("5xx", "drop", "malformed", "hang", "outage"), 0)
             self._generations = {}
             self._accepted_log.clear()
 
@@ -281,7 +299,10 @@ class Simulator:
         async with listener:
             bound = listener.extra(SocketAttribute.local_port)
             shown = f"[{host}]" if ":" in host else host
-            self.base_url = f"http://{shown}:{bound}/v1"
+            # Azure's base URL is the resource itself; the others put the API under /v1
+            root = "" if self.config.dialect == "azure-openai" else "/v1"
+            self.base_url = f"http://{shown}:{bound}{root}"
+            self._started = time.monotonic()
             task_status.started(self.base_url)
             await listener.serve(self._handle)
 
@@ -351,7 +372,8 @@ class Simulator:
         del buf[:length]
         connection = headers.get("connection", "").lower()
         close = connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive")
-        return _Request(method, target.split("?", 1)[0], headers, body, close)
+        path, _, query = target.partition("?")
+        return _Request(method, path, parse_qs(query, keep_blank_values=True), headers, body, close)
 
     async def _send(self, stream: SocketStream, status: int, headers: dict[str, str], body: Any,
                     content_type: str = "application/json") -> None:
@@ -363,7 +385,10 @@ class Simulator:
     async def _route(self, stream: SocketStream, req: _Request) -> bool:
         """Answer one request; False means close the connection without reading more."""
         closing = {"connection": "close"} if req.close else {}
-        if req.method == "POST" and req.path in GENERATION_PATHS:
+        azure = _AZURE_PATH.fullmatch(req.path) if self.config.dialect == "azure-openai" else None
+        if req.method == "POST" and azure is not None:
+            return await self._generate(stream, req, closing, deployment=unquote(azure[1]))
+        if req.method == "POST" and req.path in GENERATION_PATHS and self.config.dialect != "azure-openai":
             return await self._generate(stream, req, closing)
         if req.method == "GET" and req.path.startswith(("/v1/files/", "/files/")):
             data = self._files.get(req.path.rsplit("/", 1)[-1])
@@ -387,6 +412,8 @@ class Simulator:
                param: str | None = None) -> dict[str, Any]:
         if self.config.gateway_quirks and code is not None:
             code = str(status)  # proxies put the HTTP status where the symbolic code was
+        if self.config.dialect == "xai":
+            return {"code": code or etype, "error": message}  # xAI's own shape, not OpenAI's
         return {"error": {"message": message, "type": etype, "param": param, "code": code}}
 
     def _limit_headers(self, now: float) -> dict[str, str]:
@@ -400,7 +427,8 @@ class Simulator:
             out[f"x-ratelimit-reset-{kind}"] = _duration(window.reset_in(now))
         return out
 
-    async def _generate(self, stream: SocketStream, req: _Request, extra: dict[str, str]) -> bool:
+    async def _generate(self, stream: SocketStream, req: _Request, extra: dict[str, str],
+                        deployment: str | None = None) -> bool:
         cfg = self.config
         self._bump("requests")
         hdrs = {"x-request-id": f"req_{secrets.token_hex(16)}", **extra}
@@ -411,7 +439,26 @@ class Simulator:
                              self._error(status, message, etype, code, param))
             return True
 
-        if cfg.api_key is not None:
+        if cfg.fail_all_after_s is not None and time.monotonic() - self._started >= cfg.fail_all_after_s:
+            with self._lock:
+                self._faults["outage"] += 1
+            return await fail(500, "The server had an error while processing your request.", "server_error",
+                              "server_error")
+        if cfg.dialect == "azure-openai":
+            # Azure's own answers: the status as the code, the key in `api-key`, a version on every call
+            presented = req.headers.get("api-key")
+            if presented is None or (cfg.api_key is not None
+                                     and not hmac.compare_digest(_utf8(presented), _utf8(cfg.api_key))):
+                await self._send(stream, 401, hdrs, {"error": {"code": "401", "message": (
+                    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide "
+                    "a valid key for an active subscription (header api-key) and use a correct regional API "
+                    "endpoint for your resource.")}})
+                return True
+            if not req.query.get("api-version", [""])[0]:
+                await self._send(stream, 404, hdrs, {"error": {"code": "404", "message": (
+                    "Resource not found (the api-version query parameter is missing)")}})
+                return True
+        elif cfg.api_key is not None:
             presented = req.headers.get("authorization", "")
             if not hmac.compare_digest(_utf8(presented), _utf8(f"Bearer {cfg.api_key}")):
                 message = ("Incorrect API key provided." if presented
@@ -425,14 +472,15 @@ class Simulator:
         if not isinstance(body, dict):
             return await fail(400, "The request body must be a JSON object.", "invalid_request_error",
                               "invalid_json")
-        problem = self._validate(body)
+        problem = self._validate(body, model_required=deployment is None)
         if problem is not None:
             param, message, code = problem
             return await fail(400, message, "invalid_request_error", code, param)
         prompt: str = body["prompt"]
         n: int = body.get("n") or 1
-        width, height = self._size(body.get("size"))
-        fmt = body.get("response_format") or "url"
+        width, height = self._xai_size(body) if cfg.dialect == "xai" else self._size(body.get("size"))
+        # gpt-image models answer b64_json only (they reject the field, see _validate)
+        fmt = "b64_json" if cfg.dialect == "openai" else body.get("response_format") or "url"
 
         # Faults in front of the model: one roll, so the rates partition [0, 1).
         roll = self._rng.random()
@@ -455,7 +503,8 @@ class Simulator:
             await self._send(stream, 200, hdrs, _MALFORMED)  # a truncated body, honest Content-Length
             return True
 
-        if cfg.policy_word and cfg.policy_word.lower() in prompt.lower():
+        moderated = bool(cfg.policy_word) and cfg.policy_word.lower() in prompt.lower()
+        if moderated and cfg.dialect != "xai":  # xAI generates, then flags the image on a 200
             self._bump("policy_rejected")
             return await fail(400, "Your request was rejected as a result of our safety system.",
                               "invalid_request_error", "content_policy_violation", "prompt")
@@ -495,6 +544,8 @@ class Simulator:
         with self._lock:
             self._counts["images"] += n
             self._generations[prompt] = self._generations.get(prompt, 0) + 1
+            if moderated:
+                self._counts["policy_rejected"] += 1
 
         if fmt == "b64_json" and cfg.gateway_quirks:
             self._b64_requests += 1
@@ -512,10 +563,41 @@ class Simulator:
                 if cfg.gateway_quirks:
                     entry["b64_json"] = None
             entry["revised_prompt"] = f"A detailed rendering of: {prompt}"
+            if cfg.dialect == "xai":
+                entry["respect_moderation"] = not moderated
             data.append(entry)
-        await self._send(stream, 200, {**hdrs, **self._limit_headers(time.monotonic())},
-                         {"created": int(time.time()), "data": data})
+        answer: dict[str, Any] = {"created": int(time.time()), "data": data}
+        if cfg.dialect == "openai":
+            answer.update(self._gpt_image_extras(body, prompt, width, height, n))
+        await self._send(stream, 200, {**hdrs, **self._limit_headers(time.monotonic())}, answer)
         return True
+
+    @staticmethod
+    def _gpt_image_extras(body: dict[str, Any], prompt: str, width: int, height: int, n: int) -> dict[str, Any]:
+        """What gpt-image models add to an answer: the settings used and the tokens billed."""
+        text_tokens = max(1, len(prompt.split()))
+        output_tokens = n * math.ceil(width * height / (1024 * 1024) * 1056)
+        return {
+            "background": body.get("background") or "opaque",
+            "output_format": body.get("output_format") or "png",
+            "quality": body.get("quality") or "medium",
+            "size": f"{width}x{height}",
+            "usage": {"input_tokens": text_tokens, "output_tokens": output_tokens,
+                      "total_tokens": text_tokens + output_tokens,
+                      "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0}},
+        }
+
+    @staticmethod
+    def _xai_size(body: dict[str, Any]) -> tuple[int, int]:
+        """Pixels for xAI's aspect_ratio (validated) at its resolution: the long side 1024 (1k) or 2048 (2k)."""
+        ratio = body.get("aspect_ratio") or "1:1"
+        long_side = 2048 if body.get("resolution") == "2k" else 1024
+        if ratio == "auto":
+            return long_side, long_side
+        w, h = (float(x) for x in ratio.split(":"))
+        if w >= h:
+            return long_side, max(1, round(long_side * h / w))
+        return max(1, round(long_side * w / h)), long_side
 
     def _note_accepted(self, now: float) -> None:
         with self._lock:
@@ -534,10 +616,33 @@ class Simulator:
         assert match is not None  # validated
         return int(match[1]), int(match[2])
 
-    def _validate(self, body: dict[str, Any]) -> tuple[str, str, str] | None:
+    def _validate(self, body: dict[str, Any], model_required: bool = True) -> tuple[str, str, str] | None:
         """(param, message, code) of the first invalid field, or None."""
+        dialect = self.config.dialect
+        if dialect == "openai" and "response_format" in body:
+            return "response_format", "Unknown parameter: 'response_format'.", "unknown_parameter"
+        if dialect == "xai":
+            for name in ("size", "quality", "style"):
+                if name in body:
+                    return name, f"Argument not supported: {name}", "Client specified an invalid argument"
+            ratio, resolution = body.get("aspect_ratio"), body.get("resolution")
+            if ratio is not None and ratio not in XAI_ASPECT_RATIOS:
+                return "aspect_ratio", f"Invalid aspect_ratio {ratio!r}: use one of {', '.join(XAI_ASPECT_RATIOS)}", \
+                    "Client specified an invalid argument"
+            if resolution is not None and resolution not in ("1k", "2k"):
+                return "resolution", f"Invalid resolution {resolution!r}: use '1k' or '2k'", \
+                    "Client specified an invalid argument"
+        if dialect == "openai":
+            for name, allowed in (("output_format", ("png", "jpeg", "webp")),
+                                  ("background", ("transparent", "opaque", "auto")),
+                                  ("moderation", ("low", "auto"))):
+                if name in body and body[name] not in allowed:
+                    return name, f"Invalid value: {body[name]!r}. Supported values are: " \
+                                 f"{', '.join(repr(a) for a in allowed)}.", "invalid_value"
         for name in ("model", "prompt"):
             value = body.get(name)
+            if value is None and name == "model" and not model_required:
+                continue  # Azure: the deployment in the path names the model
             if value is None:
                 return name, f"Missing required parameter: '{name}'.", "missing_required_parameter"
             if not isinstance(value, str) or not value.strip():
@@ -549,8 +654,9 @@ class Simulator:
                 return "size", f"Invalid size {size!r}: use WIDTHxHEIGHT (1 to 4096 each) or 'auto'.", \
                     "invalid_value"
         n = body.get("n")
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.config.max_n):
-            return "n", f"Invalid n {n!r}: must be an integer from 1 to {self.config.max_n}.", "invalid_value"
+        max_n = min(self.config.max_n, 10) if dialect in ("openai", "xai") else self.config.max_n
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n):
+            return "n", f"Invalid n {n!r}: must be an integer from 1 to {max_n}.", "invalid_value"
         fmt = body.get("response_format")
         if fmt is not None and fmt not in ("url", "b64_json"):
             return "response_format", f"Invalid response_format {fmt!r}: use 'url' or 'b64_json'.", \

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from batcher._policy import RetryPolicy, classify, parse_duration, retry_after_seconds
+from batcher._policy import RetryPolicy, classify, error_message, parse_duration, retry_after_seconds
 
 
 def body(code=None, etype="invalid_request_error", message="m"):
@@ -82,3 +82,60 @@ def test_backoff_full_jitter_is_capped_and_honours_server():
     assert max(policy.delay(1, rng) for _ in range(100)) <= 0.5
     assert max(policy.delay(10, rng) for _ in range(200)) > 2.0  # grows to the cap
     assert policy.delay(3, rng, retry_after=7.0) == 7.0
+
+
+NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+             b"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+
+
+@pytest.mark.parametrize(
+    "status,raw,kind,code,message",
+    [
+        # xAI's own shape: a human-readable `code` and the text under `error`
+        (400, json.dumps({"code": "Client specified an invalid argument",
+                          "error": "Argument not supported: size"}).encode(),
+         "permanent", "Client specified an invalid argument", "Argument not supported: size"),
+        (429, json.dumps({"code": "rate_limit_exceeded", "error": "Too many requests"}).encode(),
+         "transient", "rate_limit_exceeded", "Too many requests"),
+        (429, json.dumps({"code": "insufficient_quota", "error": "no credits"}).encode(),
+         "fatal", "insufficient_quota", "no credits"),
+        (500, json.dumps({"code": 500, "error": "boom"}).encode(), "transient", "500", "boom"),
+        # Azure: the status repeated as a string code
+        (401, json.dumps({"error": {"code": "401", "message": "Access denied due to invalid subscription key."}}
+                         ).encode(), "fatal", "401", "Access denied due to invalid subscription key."),
+        # proxies and frameworks
+        (502, NGINX_502, "transient", None, "502 Bad Gateway"),
+        (404, b"<!doctype html><html><body><p>Not <b>here</b></p></body></html>", "permanent", None, "Not here"),
+        (503, b"", "transient", None, "(empty body)"),
+        (400, b"upstream said no\n\x00\x1b[31m", "permanent", None, "upstream said no [31m"),
+        (422, json.dumps({"detail": [{"loc": ["body", "n"], "msg": "n too large"}]}).encode(),
+         "permanent", None, "n too large"),
+        (400, json.dumps({"detail": "bad model"}).encode(), "permanent", None, "bad model"),
+        (400, json.dumps({"errors": [{"message": "first"}, {"message": "second"}]}).encode(),
+         "permanent", None, "first"),
+        (400, json.dumps("just a string").encode(), "permanent", None, "just a string"),
+        (400, json.dumps({"code": {"nested": 1}, "error": ["x"]}).encode(), "permanent", None, None),
+        (500, b"[" * 50_000, "transient", None, None),  # deeply nested JSON must not crash
+        (502, b"\xff\xfe not utf-8 \xc3", "transient", None, "not utf-8"),
+    ],
+)
+def test_classify_any_error_body_by_status_and_code(status, raw, kind, code, message):
+    err = classify(status, {}, raw)
+    assert (err.kind, err.code, err.status) == (kind, code, status)
+    assert err.message and "\n" not in err.message and len(err.message) <= 300
+    if message is not None:
+        assert message in err.message
+
+
+def test_error_message_is_capped_and_one_line():
+    err = classify(400, {}, json.dumps({"error": {"message": "x\n" * 5000, "code": "invalid_value"}}).encode())
+    assert len(err.message) <= 300 and "\n" not in err.message and err.code == "invalid_value"
+    assert len(error_message(b"y" * 100_000)) <= 300
+
+
+def test_non_openai_code_that_says_policy_is_still_read_by_code_not_text():
+    # the code decides; a message mentioning quota or policy decides nothing
+    err = classify(400, {}, json.dumps({"code": "content_policy_violation", "error": "quota"}).encode())
+    assert err.kind == "permanent" and err.code == "content_policy_violation"
+    err = classify(429, {}, json.dumps({"code": "Some Code", "error": "insufficient_quota"}).encode())
+    assert err.kind == "transient"
