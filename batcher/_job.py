@@ -14,13 +14,14 @@ import os
 import re
 import string
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ._exceptions import JobError, JobValidationError, Problem
+from ._dialect import DIALECTS, Dialect, DialectSpecError, get_dialect, parse_dialects
 from ._ids import IdAssigner, request_hash
 
 __all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS"]
@@ -49,7 +50,7 @@ class RateLimit:
     ipm: float | None = None
 
 
-BUILTIN_DIALECTS = ("openai-compatible", "openai", "azure-openai", "xai")
+BUILTIN_DIALECTS = tuple(DIALECTS)
 ENDPOINT_KEYS = ("name", "base_url", "api_key_env", "dialect", "models", "concurrency", "rate_limit", "price",
                  "options")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -75,6 +76,13 @@ class Endpoint:
 
     def model_sent(self, model: str) -> str:
         return self.models.get(model, model) if self.models is not None else model
+
+    def body_for(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The body this endpoint is sent: the model renamed to what it calls it."""
+        model = body.get("model")
+        if self.models is not None and isinstance(model, str) and self.models.get(model, model) != model:
+            return {**body, "model": self.models[model]}
+        return dict(body)
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class Job:
     output: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     pricing: list[dict[str, Any]] = field(default_factory=list)
-    dialects: dict[str, Any] = field(default_factory=dict)  # dialects declared in the job file
+    dialects: dict[str, Dialect] = field(default_factory=dict)  # dialects declared in the job file
     active: frozenset[str] | None = None  # --endpoint: the endpoints this run may use
     _inline: list[tuple[int, Any, dict[str, int], str]] = field(default_factory=list, repr=False)
     _prompts_file: Path | None = field(default=None, repr=False)
@@ -131,20 +139,36 @@ class Job:
     def live_endpoints(self) -> list[Endpoint]:
         return [e for e in self.endpoints if self.active is None or e.name in self.active]
 
+    def dialect_of(self, ep: Endpoint) -> Dialect:
+        return get_dialect(ep.dialect, self.dialects)
+
+    def can_send(self, ep: Endpoint, body: Mapping[str, Any]) -> bool:
+        """Whether `ep` serves the body's model and its dialect can express the request."""
+        if not ep.serves(body.get("model")):
+            return False
+        return not self.dialect_of(ep).check(ep.body_for(body))
+
     def _entries(self) -> Iterator[Item | Problem]:
         yield from self._header_problems
         ids = IdAssigner()
         base = {**BUILTIN_DEFAULTS, **self.defaults}
         fname = str(self.path)
         live = self.live_endpoints()
-        routed = any(e.models is not None for e in live)
         for entry in self._raw_entries(fname, base, ids):
-            if routed and isinstance(entry, Item) and not any(e.serves(entry.body.get("model")) for e in live):
-                yield Problem(entry.file, entry.line, "model",
-                              f"no endpoint serves model {entry.body.get('model')!r} "
-                              f"(endpoints: {', '.join(e.name for e in live)})")
+            if isinstance(entry, Item) and not any(self.can_send(e, entry.body) for e in live):
+                yield self._unsendable(entry, live)
                 continue
             yield entry
+
+    def _unsendable(self, item: Item, live: list[Endpoint]) -> Problem:
+        model = item.body.get("model")
+        serving = [e for e in live if e.serves(model)]
+        if not serving:
+            return Problem(item.file, item.line, "model", f"no endpoint serves model {model!r} "
+                                                          f"(endpoints: {', '.join(e.name for e in live)})")
+        ep = serving[0]
+        fld, msg = self.dialect_of(ep).check(ep.body_for(item.body))[0]
+        return Problem(item.file, item.line, fld, f"{msg} (endpoint {ep.name!r}, dialect {ep.dialect})")
 
     def _raw_entries(self, fname: str, base: dict[str, Any], ids: IdAssigner) -> Iterator[Item | Problem]:
         for line, raw, lines, prefix in self._inline:
@@ -337,8 +361,16 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
         elif key == "dialects":
             if not isinstance(val, dict):
                 problems.append(Problem(fname, vline, key, "must be a mapping of dialect name to its rules"))
-            else:
-                job.dialects = val
+                continue
+            try:
+                job.dialects = parse_dialects(val)
+            except DialectSpecError as exc:
+                names = {str(k.value): _line(k) for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+                for path, msg in exc.problems:
+                    parts = path.split(".")
+                    at = names.get(parts[1], vline) if len(parts) > 1 else vline
+                    problems.append(Problem(fname, at, path, msg))
+                job.dialects = {name: get_dialect("openai-compatible") for name in val if isinstance(name, str)}
         elif key == "output":
             if not isinstance(val, str) or not val:
                 problems.append(Problem(fname, vline, key, "must be a folder path"))
@@ -362,6 +394,12 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
             hint = f"; did you mean '{near[0]}'?" if near else ""
             problems.append(Problem(fname, ep.line, "endpoints.dialect", f"unknown dialect {ep.dialect!r}{hint} "
                                     f"(built in: {', '.join(BUILTIN_DIALECTS)}; or declare it under `dialects:`)"))
+            job.endpoints = [e if e is not ep else replace(e, dialect="openai-compatible") for e in job.endpoints]
+            continue
+        missing = job.dialect_of(ep).missing_options(ep.options)
+        if missing:
+            problems.append(Problem(fname, ep.line, "endpoints.options",
+                                    f"endpoint {ep.name!r} (dialect {ep.dialect}) needs options: {', '.join(missing)}"))
     if expansion:
         # a top-level template/matrix is one more entry, after the listed prompts
         first = min(expansion_lines.values())

@@ -51,7 +51,7 @@ def item_price(job: Job, item: Item, default: PriceTable | None = None) -> float
     bound, since routing decides at run time); an endpoint without `price` uses the job's `pricing`."""
     default = default if default is not None else PriceTable(job.pricing)
     prices = [(PriceTable(e.price) if e.price is not None else default).per_image(item.body)
-              for e in job.live_endpoints() if e.serves(item.body.get("model"))]
+              for e in job.live_endpoints() if job.can_send(e, item.body)]
     if not prices or any(p is None for p in prices):
         return None
     return max(p for p in prices if p is not None)

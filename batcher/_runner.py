@@ -257,7 +257,7 @@ class _Runner:
         opts = self.options
         runs: list[_EndpointRun] = []
         for ep in self.job.live_endpoints():
-            needed = any(ep.serves(m) for m in models)
+            needed = any(ep.serves(m) for m in models)  # dialect limits (n) are rare: checked per item
             key = _resolve_key(ep, opts)
             if key is None:
                 names = " or ".join(_key_names(ep, opts))
@@ -303,8 +303,7 @@ class _Runner:
             for item in self._to_run():
                 if self.stopping:
                     break
-                model = item.body.get("model")
-                eligible = frozenset(e.name for e in self.endpoints if e.ep.serves(model))
+                eligible = frozenset(e.name for e in self.endpoints if self.job.can_send(e.ep, item.body))
                 entry = self.journal.entries.get(item.id)
                 prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
                 if not await self._wait(self.dispatch.put_new, Task(item, eligible, attempt=prior)):
@@ -669,15 +668,12 @@ class _EndpointRun:
                                       "rate_limited": 0}
 
     def body_for(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The body this endpoint is sent: the model renamed to what it calls it."""
-        model = body.get("model")
-        if self.ep.models is not None and isinstance(model, str) and self.ep.models.get(model, model) != model:
-            return {**body, "model": self.ep.models[model]}
-        return body
+        return self.ep.body_for(body)
 
 
 def _make_client(ep: _EndpointRun, timeouts: Timeouts, job: Job) -> ImagesClient:
-    return ImagesClient(ep.base_url, ep.key, timeouts=timeouts, max_connections=ep.concurrency)
+    return ImagesClient(ep.base_url, ep.key, dialect=job.dialect_of(ep.ep), options=ep.ep.options,
+                        timeouts=timeouts, max_connections=ep.concurrency)
 
 
 class _Stopped(Exception):
