@@ -265,6 +265,8 @@ class LocalStore(Store):
                     os.fsync(fh.fileno())
             else:
                 shutil.copyfile(src, tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
             if not create:
                 os.replace(tmp, final)
                 return
