@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -219,12 +220,14 @@ class SharedRateLimiter:
         ipm: float | None = None,
         *,
         workers: int = 1,
-        margin: float = 0.015,
+        margin: float = 0.030,
         timeout: float = 1.0,
     ) -> None:
         self._redis = connect(redis, timeout=timeout) if isinstance(redis, str) else redis
         self.endpoint = endpoint
         self.workers = max(1, workers)
+        # twice RateLimiter's: a grant is stamped by Redis before the send, and the gap to the
+        # server varies more across processes than within one (see bench/shared_limit.py)
         self.margin = margin
         self.timeout = timeout
         self._prefix = f"batcher:{{{endpoint}}}:"
@@ -252,6 +255,9 @@ class SharedRateLimiter:
         self._retry_at = 0.0
         self.outages = 0
         self.round_trips = 0
+        # this process's own recent grants (local clock): they seed the fallback's windows, so
+        # that losing Redis does not also forget what this worker sent a moment ago
+        self._recent: deque[tuple[float, int]] = deque()
 
     # -- the RateLimiter interface -------------------------------------------------------------
 
@@ -272,6 +278,7 @@ class SharedRateLimiter:
                 self._rejoin()
                 status, wait_us = int(reply[0]), int(reply[1])
                 if status == 1:
+                    self._remember(images)
                     return SharedPermit(self, member, images)
                 with anyio.move_on_after(min(wait_us / 1e6, self.MAX_WAIT_S)):
                     await self._wake.wait()  # a pause, refund or limit queued here goes out at once
@@ -301,7 +308,7 @@ class SharedRateLimiter:
         self.shapes[kind] = (capacity, period_us)
         self._publish[kind] = f"{capacity} {period_us}"
         if self.fallback is not None:
-            self.fallback.set_limit(kind, per_minute / self.workers)
+            self._share_locally(kind)
         self._wake.set()
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
@@ -369,6 +376,14 @@ class SharedRateLimiter:
         self.shapes = {"requests": (int(reply[4]), int(reply[5])), "images": (int(reply[6]), int(reply[7]))}
         return reply
 
+    def _remember(self, images: int) -> None:
+        now = anyio.current_time()
+        horizon = max(self.shapes["requests"][1], self.shapes["images"][1]) / 1e6 + self.margin
+        recent = self._recent
+        recent.append((now, images))
+        while recent and recent[0][0] <= now - horizon:
+            recent.popleft()
+
     def _per_minute(self, kind: str) -> float | None:
         capacity, period_us = self.shapes[kind]
         return 60.0 * capacity / (period_us / 1e6) if capacity else None
@@ -378,16 +393,38 @@ class SharedRateLimiter:
         if self.fallback is not None:
             return  # still down: the warning was logged when it went
         self.outages += 1
-        rpm, ipm = self._per_minute("requests"), self._per_minute("images")
-        self.fallback = RateLimiter(rpm / self.workers if rpm else None, ipm / self.workers if ipm else None,
-                                    margin=self.margin)
+        self.fallback = RateLimiter(margin=self.margin)
+        for kind in KINDS:
+            self._share_locally(kind)
+        for at, images in self._recent:
+            self.fallback.requests.record(at, 1)
+            self.fallback.images.record(at, images)
         remaining = self.pause_until - anyio.current_time()
         if remaining > 0:
             self.fallback.pause(remaining)
-        log.warning("redis limiter unreachable (%s); using a local limit of %s for this worker "
-                    "(1/%d of the shared one), retrying Redis every %.0fs",
-                    type(exc).__name__, f"{rpm / self.workers:g} rpm" if rpm else "no rpm",
+        window = self.fallback.requests
+        share = f"{window.capacity} per {window.period:g}s" if window.capacity else "no request limit"
+        log.warning("redis limiter unreachable (%s); this worker now sends at most %s on its own "
+                    "(%s of %d workers), retrying Redis every %.0fs", type(exc).__name__, share,
+                    f"{60 * window.capacity / window.period:g} rpm" if window.capacity else "no limit",
                     self.workers, self.RETRY_REDIS_S)
+
+    def _share_locally(self, kind: str) -> None:
+        """This worker's 1/workers of a limit, never more: the share keeps the server's window
+        length (a shorter one would let two local bursts land in one server window), and rounds
+        the capacity down (50 per 1 s over 4 workers: 12 per 1 s each)."""
+        assert self.fallback is not None
+        window = self.fallback.requests if kind == "requests" else self.fallback.images
+        capacity, period_us = self.shapes[kind]
+        if not capacity:
+            window.capacity, window.period = None, 1.0
+            return
+        share = capacity // self.workers
+        if share >= 1:
+            window.capacity, window.period = share, period_us / 1e6
+        else:  # fewer sends per window than workers: each takes one every few windows
+            window.capacity, window.period = 1, period_us / 1e6 * math.ceil(self.workers / capacity)
+        self.fallback.source[kind] = "configured"
 
     def _rejoin(self) -> None:
         if self.fallback is not None:

@@ -226,6 +226,8 @@ def test_redis_down_falls_back_to_a_local_share_then_rejoins(caplog):
         assert all(isinstance(p, Permit) for p in permits)
         assert lim.fallback is not None and lim.outages == 1
         assert lim.fallback.requests.capacity == window_shape(3000 / 5)[0]  # 600 rpm: 10 per second
+        # the fallback's window starts from this worker's own recent grants (2 shared + 5 local)
+        assert lim.fallback.requests.used(anyio.current_time(), lim.margin) == 7
         lim._retry_at = 0.0
         await lim.acquire()  # still down: fallback again, no second warning
         server.connected = True
@@ -237,8 +239,24 @@ def test_redis_down_falls_back_to_a_local_share_then_rejoins(caplog):
     with caplog.at_level(logging.INFO, logger="batcher.redis"):
         anyio.run(main)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "local limit of 600 rpm" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "at most 10 per 1s on its own (600 rpm of 5 workers)" in warnings[0].getMessage()
     assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+def test_the_local_share_never_exceeds_the_shared_window():
+    async def main():
+        server = fakeredis.FakeServer()
+        lim = limiter(fakeredis.FakeAsyncRedis(server=server), rpm=120, ipm=3000, workers=4)  # 2 req, 50 img per s
+        server.connected = False
+        await lim.acquire()
+        fb = lim.fallback
+        # 2 per second over 4 workers: each one request every 2 s; images 50 // 4 = 12 per 1 s
+        assert (fb.requests.capacity, fb.requests.period) == (1, 2.0)
+        assert (fb.images.capacity, fb.images.period) == (12, 1.0)
+        lim.set_limit("requests", 6000)  # learned while down: applied locally, shared later
+        assert (fb.requests.capacity, fb.requests.period) == (25, 1.0)
+
+    anyio.run(main)
 
 
 # -- claims ----------------------------------------------------------------------------------------------
@@ -455,7 +473,7 @@ def test_killing_redis_mid_run_falls_back_and_restarting_it_rejoins(redis_server
         redis_server.kill()
         local = [await lim.acquire() for _ in range(5)]
         assert all(isinstance(p, Permit) for p in local) and lim.fallback is not None
-        assert lim.fallback.requests.capacity == window_shape(6000 / 4)[0]
+        assert (lim.fallback.requests.capacity, lim.fallback.requests.period) == (25, 1.0)  # 100 per s / 4
         await anyio.to_thread.run_sync(redis_server.start)  # same port
         rejoined = None
         for _ in range(100):  # bounded: 100 acquires, at least 0.2 s apart when still down
