@@ -2,7 +2,8 @@
 
     BatcherError
     ├── JobError                 the job file is unusable (exit 2)
-    │   └── JobValidationError   one or more `FILE:LINE: field: message` problems
+    │   ├── JobValidationError   one or more `FILE:LINE: field: message` problems
+    │   └── ShardError           a bad shard spec, or a shard plan made for another job or N
     ├── OutputError              the output folder can't be used (exit 2, or 4 on disk trouble)
     │   ├── ManifestError        the manifest is unreadable, corrupt, or belongs to another job
     │   └── LockedError          another run holds the output folder (exit 3)
@@ -20,6 +21,7 @@ __all__ = [
     "BatcherError",
     "JobError",
     "JobValidationError",
+    "ShardError",
     "Problem",
     "OutputError",
     "ManifestError",
@@ -59,6 +61,10 @@ class JobValidationError(JobError):
         self.problems = problems
         self.total = total if total is not None else len(problems)
         super().__init__("\n".join(str(p) for p in problems))
+
+
+class ShardError(JobError):
+    """A shard spec or launcher variable is unusable, or `OUT/plan.json` disagrees with this run."""
 
 
 class OutputError(BatcherError):

@@ -1,0 +1,535 @@
+"""Many workers, one limit: a rate limiter and item claims shared through Redis (extra `redis`).
+
+    >>> redis = connect("redis://redis:6379/0")
+    >>> limiter = SharedRateLimiter(redis, endpoint_key(base_url, api_key, model), rpm=3000, workers=8)
+    >>> permit = await limiter.acquire(images=1)       # same interface as RateLimiter
+    >>> claims = ClaimStore(redis, output="s3://bucket/run")
+    >>> async with claims.held(item.id, ttl_s=120) as claim:
+    ...     if claim: ...                              # exactly one worker gets here per item
+
+`redis` is imported only by `connect()`, i.e. only when a `redis://` limiter is asked for.
+
+Every acquire is ONE round trip: a Lua script (EVALSHA) that reads the server's clock
+(`TIME`), so worker clocks never matter, applies this worker's pending refunds, pause and
+published limits, and then either records the send in the sliding windows (sorted sets of
+send times, one member per request and one per image) or answers how long to wait.
+`Permit.refund()`, `pause()` and `set_limit()` are synchronous, as in `RateLimiter`: they are
+queued and ride on the next round trip, which they also wake, so there is no background task.
+
+Keys, per endpoint (`{...}` is a Redis Cluster hash tag: one endpoint's keys share a slot):
+
+    batcher:{EP}:requests    sorted set, a member per granted request, scored by server time (µs)
+    batcher:{EP}:images      sorted set, a member per granted image
+    batcher:{EP}:pause       server time (µs) until which nobody sends (a 429 seen by anyone)
+    batcher:{EP}:limits      hash kind -> "capacity period_us": a limit advertised or learned
+    batcher:{OUT}:claim:ID   the worker token holding item ID of output OUT
+
+EP = sha256(base_url, sha256(api key)[:16], model)[:16]: the key itself never leaves the process.
+
+When Redis stops answering (refused, reset, timeout), the limiter falls back to a local
+`RateLimiter` at limit ÷ `workers`, logs one warning, asks Redis again every few seconds and
+rejoins when it answers. Nothing is lost: a grant is either in Redis or in the local window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from ._exceptions import BatcherError
+from ._limiter import Permit, RateLimiter, window_shape
+from ._policy import parse_duration
+
+__all__ = [
+    "connect",
+    "endpoint_key",
+    "output_key",
+    "SharedRateLimiter",
+    "SharedPermit",
+    "ClaimStore",
+    "Claim",
+]
+
+log = logging.getLogger("batcher.redis")
+
+KINDS = ("requests", "images")
+
+# KEYS: 1 requests zset, 2 images zset, 3 pause-until, 4 limits hash
+# ARGV: 1 member, 2 images to grant (0: only apply what is queued), 3 requests capacity (0: no limit),
+#       4 requests period µs, 5 images capacity, 6 images period µs, 7 margin µs, 8 pause µs from now
+#       (0: none), 9 requests limit to publish ("" none), 10 images limit to publish, 11.. refunds as
+#       member, images pairs
+# Returns {status, wait µs, requests used, images used, req cap, req period µs, img cap, img period µs}
+# status: 1 granted, 0 wait, 2 nothing asked.
+ACQUIRE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- whole numbers as strings: Lua's default number format keeps only 14 digits
+local function int(x) return string.format('%d', math.floor(x)) end
+local margin = tonumber(ARGV[7])
+for i = 11, #ARGV, 2 do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  for j = 0, tonumber(ARGV[i + 1]) - 1 do redis.call('ZREM', KEYS[2], ARGV[i] .. ':' .. j) end
+end
+local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
+local p = tonumber(ARGV[8])
+if p > 0 and now + p > pause then
+  pause = now + p
+  redis.call('SET', KEYS[3], int(pause), 'PX', int(p / 1000 + 1000))
+end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[4], 'requests', ARGV[9]) end
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[4], 'images', ARGV[10]) end
+local function shape(field, cap, period)
+  local v = redis.call('HGET', KEYS[4], field)
+  if v then
+    local c, pp = string.match(v, '^(%d+) (%d+)$')
+    if c then return tonumber(c), tonumber(pp) end
+  end
+  return tonumber(cap), tonumber(period)
+end
+local rc, rp = shape('requests', ARGV[3], ARGV[4])
+local ic, ip = shape('images', ARGV[5], ARGV[6])
+local function window(key, cap, period, cost)
+  local horizon = period + margin
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - horizon))
+  local used = redis.call('ZCARD', key)
+  if cap == 0 or used == 0 or used + cost <= cap then return used, 0 end
+  local idx = math.min(used + cost - cap, used) - 1
+  local entry = redis.call('ZRANGE', key, idx, idx, 'WITHSCORES')
+  return used, math.max(tonumber(entry[2]) + horizon - now, 1)
+end
+local n = tonumber(ARGV[2])
+local ru, rw = window(KEYS[1], rc, rp, 1)
+local iu, iw = window(KEYS[2], ic, ip, math.max(n, 1))
+if n == 0 then return {2, 0, ru, iu, rc, rp, ic, ip} end
+local wait = math.max(pause - now, rw, iw)
+if wait > 0 then return {0, wait, ru, iu, rc, rp, ic, ip} end
+redis.call('ZADD', KEYS[1], int(now), ARGV[1])
+for j = 0, n - 1 do redis.call('ZADD', KEYS[2], int(now), ARGV[1] .. ':' .. j) end
+local ttl = int((math.max(rp, ip) + margin) / 1000 + 1000)
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('PEXPIRE', KEYS[4], 600000)
+return {1, 0, ru + 1, iu + n, rc, rp, ic, ip}
+"""
+
+# KEYS: 1 claim key; ARGV: 1 token, 2 ttl ms. Renew only a claim that is still ours.
+RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+# KEYS: 1 claim key; ARGV: 1 token. Release only a claim that is still ours.
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def connect(url: str, *, timeout: float = 1.0) -> Any:
+    """A `redis.asyncio.Redis` for `url` (redis:// or rediss://) that fails fast instead of retrying:
+    the limiter has its own fallback, and a stalled call would stall every worker behind it."""
+    try:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+    except ImportError:
+        raise BatcherError(f"a Redis limiter ({url.split('@')[-1]}) needs the redis extra: "
+                           f"pip install 'batcher[redis]'") from None
+    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                   retry=Retry(NoBackoff(), 0))
+
+
+def _down_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "Redis is not answering" (imported lazily, like redis itself)."""
+    import redis.exceptions
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError)
+
+
+def _digest(*parts: str | None) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def endpoint_key(base_url: str, api_key: str | None, model: str | None) -> str:
+    """16 hex digits naming one endpoint + key + model: workers with the same three share a limit.
+
+    The key enters only as sha256(key)[:16]; neither it nor that digest alone is stored.
+    """
+    key_fp = hashlib.sha256(api_key.encode()).hexdigest()[:16] if api_key else None
+    return _digest(base_url.rstrip("/"), key_fp, model)
+
+
+def output_key(output: str) -> str:
+    """16 hex digits naming one output (local path or s3:// URL): claims are per output."""
+    return _digest(str(output).rstrip("/"))
+
+
+def _shape(per_minute: float | None) -> tuple[int, int]:
+    """(capacity, period µs) for the script; (0, 1 s) means no limit (sends are still counted)."""
+    if not per_minute:
+        return 0, 1_000_000
+    capacity, period = window_shape(per_minute)
+    return capacity, round(period * 1e6)
+
+
+class SharedPermit:
+    """A send granted by Redis. `sent()` is a no-op: the grant is stamped with the server's clock
+    and the send follows at once; the margin covers the gap. `refund()` removes its members on
+    the next round trip."""
+
+    __slots__ = ("_limiter", "member", "images")
+
+    def __init__(self, limiter: SharedRateLimiter, member: str, images: int) -> None:
+        self._limiter = limiter
+        self.member = member
+        self.images = images
+
+    def sent(self) -> None:
+        pass
+
+    def refund(self) -> None:
+        self._limiter._queue_refund(self.member, self.images)
+
+
+class SharedRateLimiter:
+    """`RateLimiter`'s interface over Redis: every worker of every process shares one window.
+
+    `workers` is how many processes are expected to share the limit; with Redis gone each takes
+    limit ÷ workers locally until it is back.
+    """
+
+    RETRY_REDIS_S = 3.0  # while Redis is down, ask again this often
+    MAX_WAIT_S = 1.0  # re-ask at least this often: another worker may publish a pause or a limit
+    MAX_MARGIN_S = 0.200
+
+    def __init__(
+        self,
+        redis: Any,
+        endpoint: str,
+        rpm: float | None = None,
+        ipm: float | None = None,
+        *,
+        workers: int = 1,
+        margin: float = 0.030,
+        timeout: float = 1.0,
+    ) -> None:
+        self._redis = connect(redis, timeout=timeout) if isinstance(redis, str) else redis
+        self.endpoint = endpoint
+        self.workers = max(1, workers)
+        # twice RateLimiter's: a grant is stamped by Redis before the send, and the gap to the
+        # server varies more across processes than within one (see bench/shared_limit.py)
+        self.margin = margin
+        self.timeout = timeout
+        self._prefix = f"batcher:{{{endpoint}}}:"
+        self._keys = [self._prefix + "requests", self._prefix + "images", self._prefix + "pause",
+                      self._prefix + "limits"]
+        self._script = self._redis.register_script(ACQUIRE_LUA)
+        self._down = _down_errors()
+        self._token = secrets.token_hex(6)
+        self._seq = 0
+        # the limit the caller was given, and the one in force (read back from Redis on every trip)
+        self._configured = {"requests": _shape(rpm), "images": _shape(ipm)}
+        self.shapes: dict[str, tuple[int, int]] = dict(self._configured)
+        self.used = {"requests": 0, "images": 0}  # all workers' sends in the window, at the last trip
+        self.source: dict[str, str | None] = {"requests": "configured" if rpm else None,
+                                              "images": "configured" if ipm else None}
+        self.rejections = 0
+        self.pause_until = 0.0  # local clock; also queued for Redis
+        self._last_widen = -1e9
+        self._refunds: list[tuple[str, int]] = []
+        self._publish: dict[str, str] = {}
+        self._pause_queued = False
+        self._wake = anyio.Event()
+        self._lock = anyio.Lock()  # one acquire at a time talks to Redis: FIFO within the process
+        self.fallback: RateLimiter | None = None
+        self._retry_at = 0.0
+        self.outages = 0
+        self.round_trips = 0
+        # this process's own recent grants (local clock): they seed the fallback's windows, so
+        # that losing Redis does not also forget what this worker sent a moment ago
+        self._recent: deque[tuple[float, int]] = deque()
+
+    # -- the RateLimiter interface -------------------------------------------------------------
+
+    async def acquire(self, images: int = 1) -> SharedPermit | Permit:
+        """Wait until one request for `images` images may be sent by any worker; count it."""
+        async with self._lock:
+            while True:
+                if self.fallback is not None and anyio.current_time() < self._retry_at:
+                    return await self.fallback.acquire(images)
+                self._seq += 1
+                member = f"{self._token}:{self._seq}"
+                self._wake = anyio.Event()  # before the trip: nothing queued meanwhile is missed
+                try:
+                    reply = await self._trip(member, images)
+                except self._down as exc:
+                    self._lose_redis(exc)
+                    continue
+                self._rejoin()
+                status, wait_us = int(reply[0]), int(reply[1])
+                if status == 1:
+                    self._remember(images)
+                    return SharedPermit(self, member, images)
+                with anyio.move_on_after(min(wait_us / 1e6, self.MAX_WAIT_S)):
+                    await self._wake.wait()  # a pause, refund or limit queued here goes out at once
+
+    async def flush(self) -> None:
+        """Send what is queued (refunds, pause, limits) now instead of with the next acquire."""
+        async with self._lock:
+            if self.fallback is None or anyio.current_time() >= self._retry_at:
+                try:
+                    await self._trip("", 0)
+                except self._down as exc:
+                    self._lose_redis(exc)
+                else:
+                    self._rejoin()
+
+    def pause(self, seconds: float) -> None:
+        """Hold every worker, in every process, for `seconds`."""
+        self.pause_until = max(self.pause_until, anyio.current_time() + seconds)
+        self._pause_queued = True
+        if self.fallback is not None:
+            self.fallback.pause(seconds)
+        self._wake.set()
+
+    def set_limit(self, kind: str, per_minute: float) -> None:
+        """Adopt a limit and publish it: every worker uses it from its next acquire."""
+        capacity, period_us = _shape(per_minute)
+        self.shapes[kind] = (capacity, period_us)
+        self._publish[kind] = f"{capacity} {period_us}"
+        if self.fallback is not None:
+            self._share_locally(kind)
+        self._wake.set()
+
+    def observe_headers(self, headers: Mapping[str, str]) -> None:
+        """Adopt and publish limits the server advertises (`x-ratelimit-limit-requests`, `-images`)."""
+        for kind in KINDS:
+            raw = headers.get(f"x-ratelimit-limit-{kind}")
+            try:
+                limit = float(raw) if raw is not None else 0.0
+            except ValueError:
+                limit = 0.0
+            if limit > 0 and math.isfinite(limit):
+                shape = _shape(limit)
+                current = self.shapes[kind]
+                stricter = current[0] == 0 or shape[0] / shape[1] < current[0] / current[1]
+                if shape != current and (self.source[kind] != "configured" or stricter):
+                    self.set_limit(kind, limit)
+                    self.source[kind] = "advertised"
+            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            reset = headers.get(f"x-ratelimit-reset-{kind}")
+            if remaining is not None and reset is not None and remaining.strip() == "0":
+                seconds = parse_duration(reset)
+                if seconds is not None:
+                    self.pause(min(seconds, 60.0))
+
+    def on_rate_limited(self, retry_after: float | None, kind: str = "requests", images: int = 1) -> None:
+        """A 429: pause every worker; with no known limit, what all workers sent in the last
+        window (as of the last round trip) becomes the shared learned limit."""
+        kind = kind if kind in KINDS else "requests"
+        self.rejections += 1
+        self.pause(retry_after if retry_after is not None else 1.0)
+        if self.source[kind] is None:
+            self.set_limit(kind, 60.0 * max(1, self.used[kind] - 1))  # minus the send just refused
+            self.source[kind] = "learned"
+        elif anyio.current_time() - self._last_widen >= 1.0:
+            self._last_widen = anyio.current_time()
+            self.margin = min(self.MAX_MARGIN_S, self.margin + 0.005)  # the trip needs more slack
+
+    # -- Redis ---------------------------------------------------------------------------------
+
+    def _queue_refund(self, member: str, images: int) -> None:
+        self._refunds.append((member, images))  # kept through an outage: sent when Redis is back
+        self._wake.set()
+
+    async def _trip(self, member: str, images: int) -> list[int]:
+        refunds, publish = list(self._refunds), dict(self._publish)
+        pause_s = max(0.0, self.pause_until - anyio.current_time()) if self._pause_queued else 0.0
+        args: list[Any] = [member, images]
+        for kind in KINDS:
+            args += list(self._configured[kind])
+        args += [round(self.margin * 1e6), round(pause_s * 1e6), publish.get("requests", ""),
+                 publish.get("images", "")]
+        for refund in refunds:
+            args += list(refund)
+        with anyio.fail_after(self.timeout * 2):  # socket timeouts bound it already; this is a backstop
+            reply = await self._script(keys=self._keys, args=args)
+        self.round_trips += 1
+        # what went out is applied: forget exactly that (more may have been queued meanwhile)
+        del self._refunds[:len(refunds)]
+        for kind, value in publish.items():
+            if self._publish.get(kind) == value:
+                del self._publish[kind]
+        if pause_s or self.pause_until <= anyio.current_time():
+            self._pause_queued = False
+        self.used = {"requests": int(reply[2]), "images": int(reply[3])}
+        self.shapes = {"requests": (int(reply[4]), int(reply[5])), "images": (int(reply[6]), int(reply[7]))}
+        return reply
+
+    def _remember(self, images: int) -> None:
+        now = anyio.current_time()
+        horizon = max(self.shapes["requests"][1], self.shapes["images"][1]) / 1e6 + self.margin
+        recent = self._recent
+        recent.append((now, images))
+        while recent and recent[0][0] <= now - horizon:
+            recent.popleft()
+
+    def _per_minute(self, kind: str) -> float | None:
+        capacity, period_us = self.shapes[kind]
+        return 60.0 * capacity / (period_us / 1e6) if capacity else None
+
+    def _lose_redis(self, exc: BaseException) -> None:
+        self._retry_at = anyio.current_time() + self.RETRY_REDIS_S
+        if self.fallback is not None:
+            return  # still down: the warning was logged when it went
+        self.outages += 1
+        self.fallback = RateLimiter(margin=self.margin)
+        for kind in KINDS:
+            self._share_locally(kind)
+        for at, images in self._recent:
+            self.fallback.requests.record(at, 1)
+            self.fallback.images.record(at, images)
+        remaining = self.pause_until - anyio.current_time()
+        if remaining > 0:
+            self.fallback.pause(remaining)
+        window = self.fallback.requests
+        share = f"{window.capacity} per {window.period:g}s" if window.capacity else "no request limit"
+        log.warning("redis limiter unreachable (%s); this worker now sends at most %s on its own "
+                    "(%s of %d workers), retrying Redis every %.0fs", type(exc).__name__, share,
+                    f"{60 * window.capacity / window.period:g} rpm" if window.capacity else "no limit",
+                    self.workers, self.RETRY_REDIS_S)
+
+    def _share_locally(self, kind: str) -> None:
+        """This worker's 1/workers of a limit, never more: the share keeps the server's window
+        length (a shorter one would let two local bursts land in one server window), and rounds
+        the capacity down (50 per 1 s over 4 workers: 12 per 1 s each)."""
+        assert self.fallback is not None
+        window = self.fallback.requests if kind == "requests" else self.fallback.images
+        capacity, period_us = self.shapes[kind]
+        if not capacity:
+            window.capacity, window.period = None, 1.0
+            return
+        share = capacity // self.workers
+        if share >= 1:
+            window.capacity, window.period = share, period_us / 1e6
+        else:  # fewer sends per window than workers: each takes one every few windows
+            window.capacity, window.period = 1, period_us / 1e6 * math.ceil(self.workers / capacity)
+        self.fallback.source[kind] = "configured"
+
+    def _rejoin(self) -> None:
+        if self.fallback is not None:
+            self.fallback = None
+            log.info("redis limiter reachable again; sharing the limit")
+
+
+# -- claims -----------------------------------------------------------------------------------
+
+@dataclass
+class Claim:
+    """What `ClaimStore.held` yields: true while this worker holds the item."""
+
+    item_id: str
+    won: bool
+    lost: bool = False  # a renewal found the claim gone or taken (it expired while Redis was away)
+
+    def __bool__(self) -> bool:
+        return self.won and not self.lost
+
+
+class ClaimStore:
+    """At most one worker works on an item of an output at a time.
+
+    >>> if await claims.claim(item.id, ttl_s=120): ...; await claims.release(item.id)
+
+    A claim is `SET NX PX` of this worker's random token; renew and release are compare-and-set
+    Lua scripts, so a worker never extends or deletes a claim another worker took after its own
+    expired.
+    """
+
+    def __init__(self, redis: Any, output: str, *, token: str | None = None, timeout: float = 1.0) -> None:
+        self._redis = connect(redis, timeout=timeout) if isinstance(redis, str) else redis
+        self.token = token or secrets.token_hex(8)
+        self._prefix = f"batcher:{{{output_key(output)}}}:claim:"
+        self._renew = self._redis.register_script(RENEW_LUA)
+        self._release = self._redis.register_script(RELEASE_LUA)
+        self._ttl_ms: dict[str, int] = {}
+        self._down = _down_errors()
+
+    def key(self, item_id: str) -> str:
+        return self._prefix + item_id
+
+    async def claim(self, item_id: str, ttl_s: float) -> bool:
+        """Take the item for `ttl_s` seconds unless another worker holds it."""
+        ttl_ms = max(1, round(ttl_s * 1000))
+        won = bool(await self._redis.set(self.key(item_id), self.token, nx=True, px=ttl_ms))
+        if won:
+            self._ttl_ms[item_id] = ttl_ms
+        return won
+
+    async def renew(self, item_id: str) -> bool:
+        """Extend our claim by its ttl again; False if it is no longer ours."""
+        ttl_ms = self._ttl_ms.get(item_id)
+        if ttl_ms is None:
+            return False
+        return bool(await self._renew(keys=[self.key(item_id)], args=[self.token, ttl_ms]))
+
+    async def release(self, item_id: str) -> bool:
+        """Give the item up; False if it was no longer ours (expired, or taken since)."""
+        self._ttl_ms.pop(item_id, None)
+        return bool(await self._release(keys=[self.key(item_id)], args=[self.token]))
+
+    @asynccontextmanager
+    async def held(self, item_id: str, ttl_s: float) -> AsyncIterator[Claim]:
+        """Claim the item, renew it every ttl/3 while the body runs, release it after.
+
+        Yields a Claim: false when another worker holds the item (skip it), or when a renewal
+        found it lost (another worker may be on it now: do not record the result as ours).
+        """
+        claim = Claim(item_id, await self.claim(item_id, ttl_s))
+        if not claim.won:
+            yield claim
+            return
+        body_error: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep, claim, ttl_s)
+                try:
+                    yield claim
+                except Exception as exc:  # the body's own error, re-raised as is, not as a group
+                    body_error = exc
+                finally:
+                    tg.cancel_scope.cancel()
+            if body_error is not None:
+                raise body_error
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                try:
+                    await self.release(item_id)
+                except self._down:
+                    pass  # the claim expires on its own after ttl
+
+    async def _keep(self, claim: Claim, ttl_s: float) -> None:
+        while True:
+            await anyio.sleep(ttl_s / 3)
+            try:
+                ours = await self.renew(claim.item_id)
+            except self._down:
+                continue  # Redis away: the claim may survive; try again next period
+            except Exception as exc:  # never let the renewer break the body it guards
+                log.warning("renewing the claim on item %s failed: %s", claim.item_id, exc)
+                ours = False
+            if not ours:
+                claim.lost = True
+                log.warning("claim on item %s was lost (expired while unrenewed); another worker may "
+                            "have it", claim.item_id)
+                return

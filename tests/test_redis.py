@@ -1,0 +1,491 @@
+"""The Redis-shared limiter and claims: unit tests on fakeredis (its Lua runs the real scripts),
+integration tests on a real redis-server started here (skipped when it is not installed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+fakeredis = pytest.importorskip("fakeredis", reason="fakeredis[lua] is in the test extra")
+pytest.importorskip("lupa", reason="fakeredis needs lupa (fakeredis[lua]) to run Lua scripts")
+
+from batcher._limiter import Permit, window_shape  # noqa: E402
+from batcher._redis import (  # noqa: E402
+    ClaimStore,
+    SharedPermit,
+    SharedRateLimiter,
+    connect,
+    endpoint_key,
+    output_key,
+)
+from redis_helpers import REDIS_SERVER, RedisServer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test-never-stored-0123456789"
+
+
+def fake() -> object:
+    return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+
+
+def limiter(redis, rpm=None, ipm=None, ep="ep", **kw) -> SharedRateLimiter:
+    return SharedRateLimiter(redis, ep, rpm=rpm, ipm=ipm, **kw)
+
+
+# -- keys ---------------------------------------------------------------------------------------------
+
+def test_endpoint_key_separates_endpoints_keys_and_models_and_hides_the_key():
+    base = endpoint_key("http://a/v1", KEY, "m")
+    assert len(base) == 16 and int(base, 16) >= 0
+    assert endpoint_key("http://a/v1/", KEY, "m") == base  # a trailing slash is the same endpoint
+    assert len({base, endpoint_key("http://b/v1", KEY, "m"), endpoint_key("http://a/v1", KEY + "x", "m"),
+                endpoint_key("http://a/v1", KEY, "m2"), endpoint_key("http://a/v1", None, "m")}) == 5
+    assert KEY not in base and output_key("s3://b/p") == output_key("s3://b/p/") != output_key("s3://b/q")
+
+
+def test_nothing_stored_in_redis_mentions_the_key():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=600, ep=endpoint_key("http://a/v1", KEY, "m"))
+        permit = await lim.acquire(2)
+        lim.on_rate_limited(1.0)
+        permit.refund()
+        lim.set_limit("images", 60)
+        await lim.flush()
+        await ClaimStore(r, "out").claim("item", 5)
+        dump = []
+        for key in await r.keys("*"):
+            dump.append(key)
+            kind = (await r.type(key)).decode()
+            if kind == "string":
+                dump.append(await r.get(key))
+            elif kind == "zset":
+                dump += [m for m, _ in await r.zrange(key, 0, -1, withscores=True)]
+            elif kind == "hash":
+                dump += [v for kv in (await r.hgetall(key)).items() for v in kv]
+        assert len(dump) > 4
+        text = b" ".join(dump).decode()
+        import hashlib
+        assert KEY not in text and hashlib.sha256(KEY.encode()).hexdigest()[:16] not in text
+        assert all(k.startswith(b"batcher:{") for k in await r.keys("*"))
+
+    anyio.run(main)
+
+
+# -- the window ----------------------------------------------------------------------------------------
+
+def test_a_windows_share_is_granted_then_the_next_send_waits():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=600)  # 10 per 1 s
+        capacity, period = window_shape(600)
+        for _ in range(capacity):
+            assert isinstance(await lim.acquire(), SharedPermit)
+        assert lim.used["requests"] == capacity
+        status, wait_us = (await lim._trip("probe", 1))[:2]
+        assert status == 0 and 0 < wait_us <= (period + lim.margin) * 1e6
+        assert await r.zcard("batcher:{ep}:requests") == capacity
+
+    anyio.run(main)
+
+
+def test_images_cost_n_and_a_refund_removes_the_members():
+    async def main():
+        r = fake()
+        lim = limiter(r, ipm=240)  # 4 images per 1 s
+        first = await lim.acquire(3)
+        assert await r.zcard("batcher:{ep}:images") == 3
+        assert (await lim._trip("probe", 2))[0] == 0  # 3 + 2 > 4
+        first.refund()
+        await lim.flush()
+        assert await r.zcard("batcher:{ep}:images") == 0 and await r.zcard("batcher:{ep}:requests") == 0
+        assert isinstance(await lim.acquire(4), SharedPermit)
+
+    anyio.run(main)
+
+
+def test_workers_of_another_endpoint_do_not_share_the_window():
+    async def main():
+        r = fake()
+        a, b = limiter(r, rpm=60, ep="a"), limiter(r, rpm=60, ep="b")  # 1 per 1 s each
+        await a.acquire()
+        assert (await a._trip("x", 1))[0] == 0
+        assert (await b._trip("y", 1))[0] == 1
+
+    anyio.run(main)
+
+
+def test_a_429_seen_by_one_worker_pauses_all_of_them():
+    async def main():
+        r = fake()
+        a, b = limiter(r, rpm=6000), limiter(r, rpm=6000)
+        await a.acquire()
+        await b.acquire()
+        a.on_rate_limited(5.0)
+        await a.flush()
+        assert a.rejections == 1
+        status, wait_us = (await b._trip("b-probe", 1))[:2]
+        assert status == 0 and 4.0e6 < wait_us <= 5.0e6
+        # a shorter pause never shortens a longer one (SET with the max)
+        b.on_rate_limited(0.5)
+        await b.flush()
+        assert (await a._trip("a-probe", 1))[1] > 4.0e6
+
+    anyio.run(main)
+
+
+def test_set_limit_publishes_to_every_worker():
+    async def main():
+        r = fake()
+        a, b = limiter(r, rpm=6000), limiter(r, rpm=6000)
+        a.set_limit("requests", 120)
+        await a.flush()
+        await b.acquire()
+        assert b.shapes["requests"] == (2, 1_000_000) and b._per_minute("requests") == pytest.approx(120)
+        await b.acquire()
+        assert (await b._trip("probe", 1))[0] == 0  # 2 per second, for b too
+
+    anyio.run(main)
+
+
+def test_a_limit_is_learned_from_all_workers_sends_and_shared():
+    async def main():
+        r = fake()
+        a, b = limiter(r), limiter(r)  # no limit known
+        for _ in range(6):
+            await a.acquire()
+        for _ in range(5):
+            await b.acquire()
+        assert b.used["requests"] == 11
+        b.on_rate_limited(None)  # the 11th send was refused: 10 per second is the limit
+        assert b.source["requests"] == "learned"
+        await b.flush()
+        await a.flush()
+        assert a.shapes["requests"] == (10, 1_000_000)
+
+    anyio.run(main)
+
+
+def test_advertised_limits_are_adopted_and_published():
+    async def main():
+        r = fake()
+        a, b = limiter(r), limiter(r, rpm=6000)
+        a.observe_headers({"x-ratelimit-limit-requests": "300", "x-ratelimit-limit-images": "bogus"})
+        assert a.source == {"requests": "advertised", "images": None}
+        await a.flush()
+        await b.flush()
+        assert b.shapes["requests"] == (5, 1_000_000)
+
+    anyio.run(main)
+
+
+def test_queued_pause_wakes_a_sleeping_acquirer():
+    async def main():
+        r = fake()
+        a = limiter(r, rpm=60)  # 1 per second
+        await a.acquire()
+        done = []
+
+        async def second():
+            done.append(await a.acquire())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second)
+            await anyio.sleep(0.05)  # second is now waiting for the window
+            trips = a.round_trips
+            a.pause(0.3)
+            await anyio.sleep(0.05)
+            # the pause went out at once, on the waiter's wake-up trip, not after its wait
+            assert a.round_trips > trips and await r.exists("batcher:{ep}:pause")
+        assert len(done) == 1
+
+    anyio.run(main)
+
+
+# -- Redis down ------------------------------------------------------------------------------------------
+
+def test_redis_down_falls_back_to_a_local_share_then_rejoins(caplog):
+    async def main():
+        server = fakeredis.FakeServer()
+        r = fakeredis.FakeAsyncRedis(server=server)
+        lim = limiter(r, rpm=3000, workers=5)
+        lim.RETRY_REDIS_S = 0.0  # ask Redis again at every acquire
+        assert isinstance(await lim.acquire(), SharedPermit)
+        queued = await lim.acquire()
+        server.connected = False
+        queued.refund()  # queued while Redis is away: sent when it is back
+        lim.RETRY_REDIS_S = 60.0
+        permits = [await lim.acquire() for _ in range(5)]
+        assert all(isinstance(p, Permit) for p in permits)
+        assert lim.fallback is not None and lim.outages == 1
+        assert lim.fallback.requests.capacity == window_shape(3000 / 5)[0]  # 600 rpm: 10 per second
+        # the fallback's window starts from this worker's own recent grants (2 shared + 5 local)
+        assert lim.fallback.requests.used(anyio.current_time(), lim.margin) == 7
+        lim._retry_at = 0.0
+        await lim.acquire()  # still down: fallback again, no second warning
+        server.connected = True
+        lim._retry_at = 0.0
+        back = await lim.acquire()
+        assert isinstance(back, SharedPermit) and lim.fallback is None
+        assert await r.zcard("batcher:{ep}:requests") == 2  # the first grant and this one; refund applied
+
+    with caplog.at_level(logging.INFO, logger="batcher.redis"):
+        anyio.run(main)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "at most 10 per 1s on its own (600 rpm of 5 workers)" in warnings[0].getMessage()
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+def test_the_local_share_never_exceeds_the_shared_window():
+    async def main():
+        server = fakeredis.FakeServer()
+        lim = limiter(fakeredis.FakeAsyncRedis(server=server), rpm=120, ipm=3000, workers=4)  # 2 req, 50 img per s
+        server.connected = False
+        await lim.acquire()
+        fb = lim.fallback
+        # 2 per second over 4 workers: each one request every 2 s; images 50 // 4 = 12 per 1 s
+        assert (fb.requests.capacity, fb.requests.period) == (1, 2.0)
+        assert (fb.images.capacity, fb.images.period) == (12, 1.0)
+        lim.set_limit("requests", 6000)  # learned while down: applied locally, shared later
+        assert (fb.requests.capacity, fb.requests.period) == (25, 1.0)
+
+    anyio.run(main)
+
+
+# -- claims ----------------------------------------------------------------------------------------------
+
+def test_claim_renew_release_are_per_token():
+    async def main():
+        r = fake()
+        a, b = ClaimStore(r, "out"), ClaimStore(r, "out")
+        assert await a.claim("x", 10) and not await b.claim("x", 10)
+        assert await a.renew("x") and not await b.renew("x")
+        assert not await b.release("x") and await r.get(a.key("x")) == a.token.encode()
+        assert await a.release("x") and not await r.exists(a.key("x"))
+        assert await b.claim("x", 10)
+        assert not await a.renew("x")  # released: nothing of ours to renew
+        # another output is another key space
+        assert await ClaimStore(r, "other-out").claim("x", 10)
+
+    anyio.run(main)
+
+
+def test_one_of_many_concurrent_claimers_wins():
+    async def main():
+        r = fake()
+        stores = [ClaimStore(r, "out") for _ in range(20)]
+        wins = []
+
+        async def go(store):
+            if await store.claim("item", 10):
+                wins.append(store.token)
+
+        async with anyio.create_task_group() as tg:
+            for store in stores:
+                tg.start_soon(go, store)
+        assert len(wins) == 1
+
+    anyio.run(main)
+
+
+def test_held_renews_while_the_body_runs_and_releases_after():
+    async def main():
+        r = fake()
+        a, b = ClaimStore(r, "out"), ClaimStore(r, "out")
+        async with a.held("x", ttl_s=0.3) as claim:
+            assert claim
+            await anyio.sleep(1.0)  # > 3 ttls: only renewals keep it
+            assert await r.get(a.key("x")) == a.token.encode()
+            async with b.held("x", ttl_s=0.3) as other:
+                assert not other
+        assert claim and not await r.exists(a.key("x"))
+
+    anyio.run(main)
+
+
+def test_held_notices_a_lost_claim():
+    async def main():
+        r = fake()
+        a = ClaimStore(r, "out")
+        async with a.held("x", ttl_s=0.3) as claim:
+            await r.set(a.key("x"), b"someone-else")  # as if it expired and another worker took it
+            await anyio.sleep(0.5)
+            assert claim.lost and not claim
+        assert await r.get(a.key("x")) == b"someone-else"  # release left theirs alone
+
+    anyio.run(main)
+
+
+def test_held_releases_when_the_body_fails():
+    async def main():
+        r = fake()
+        a = ClaimStore(r, "out")
+        with pytest.raises(KeyError):
+            async with a.held("x", ttl_s=5):
+                raise KeyError("boom")
+        assert not await r.exists(a.key("x"))
+
+    anyio.run(main)
+
+
+# -- no redis, no s3fs, unless asked -----------------------------------------------------------------------
+
+def test_a_plain_local_run_imports_neither_redis_nor_s3fs(tmp_path):
+    code = (
+        "import sys, json\n"
+        "import batcher, batcher._cli, batcher._shard\n"
+        "from batcher._cli import main\n"
+        f"rc = main(['run', {str(ROOT / 'jobs' / 'example.yaml')!r}, '--simulate', '--out', "
+        f"{str(tmp_path / 'out')!r}, '--quiet'])\n"
+        "print(json.dumps({'rc': rc, 'loaded': sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('redis', 's3fs', 'fakeredis', 'fsspec'))}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"rc": 0, "loaded": []}
+    assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_importing_the_redis_module_does_not_import_redis(tmp_path):
+    code = "import sys, batcher._redis; print('redis' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+# -- a real redis-server ---------------------------------------------------------------------------------------
+
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed "
+                                 "(apt-get install -y redis-server; .ci/run does it)")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+WORKER = r"""
+import json, sys, anyio
+from batcher._redis import SharedRateLimiter, connect
+
+async def main(url, count, tasks):
+    redis = connect(url)
+    limiter = SharedRateLimiter(redis, "shared", rpm=1200)   # 20 per 1 s
+    key = "batcher:{shared}:requests"
+    grants = []
+
+    async def worker(n):
+        for _ in range(n):
+            permit = await limiter.acquire()
+            grants.append(int(await redis.zscore(key, permit.member)))  # the server's time of the grant
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(worker, count // tasks)
+    print(json.dumps(grants))
+    await redis.aclose()
+
+anyio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+"""
+
+
+@needs_redis
+def test_concurrent_processes_never_exceed_the_window_on_the_servers_clock(redis_server, tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, redis_server.url, "20", "4"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(4)]
+    grants: list[int] = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        grants += json.loads(out)
+    assert len(grants) == 80
+    capacity, period = window_shape(1200)
+    grants.sort()
+    # in every span of `period` seconds at most `capacity` grants: the (i+C)-th is a period after the i-th
+    gaps = [grants[i + capacity] - grants[i] for i in range(len(grants) - capacity)]
+    assert min(gaps) >= period * 1e6
+    # and the window was used, not serialised: a whole share went within one window
+    assert grants[capacity - 1] - grants[0] < period * 1e6
+
+
+CLAIMER = r"""
+import json, random, sys, time, anyio
+from batcher._redis import ClaimStore, connect
+
+async def main(url, seed):
+    ids = [f"item-{i}" for i in range(1000)]
+    random.Random(seed).shuffle(ids)
+    redis = connect(url)
+    store = ClaimStore(redis, "s3://bucket/out")
+    won = []
+    await store.claim("warm-up-" + str(seed), 60)  # connected and scripts loaded before the start line
+    await anyio.sleep(max(0.0, min(float(sys.argv[3]) - time.time(), 20.0)))  # a common start: they compete
+
+    async def go(chunk):
+        for item_id in chunk:
+            if await store.claim(item_id, 60):
+                won.append(item_id)
+
+    async with anyio.create_task_group() as tg:
+        for k in range(8):
+            tg.start_soon(go, ids[k::8])
+    print(json.dumps(won))
+
+anyio.run(main, sys.argv[1], int(sys.argv[2]))
+"""
+
+
+@needs_redis
+def test_concurrent_processes_claim_each_item_exactly_once(redis_server):
+    start = f"{time.time() + 3.0:.3f}"  # all four processes are up and connected by then
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, redis_server.url, str(seed), start], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for seed in range(4)]
+    won: list[str] = []
+    per_process = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        per_process.append([i for i in json.loads(out) if i.startswith("item-")])
+        won += per_process[-1]
+    assert sorted(won) == sorted(f"item-{i}" for i in range(1000))  # each once: none twice, none missed
+    assert sum(1 for p in per_process if p) >= 2  # the processes really competed
+
+
+@needs_redis
+def test_killing_redis_mid_run_falls_back_and_restarting_it_rejoins(redis_server, caplog):
+    async def main():
+        redis = connect(redis_server.url, timeout=0.5)
+        lim = SharedRateLimiter(redis, "ep", rpm=6000, workers=4)
+        lim.RETRY_REDIS_S = 0.2
+        for _ in range(5):
+            assert isinstance(await lim.acquire(), SharedPermit)
+        redis_server.kill()
+        local = [await lim.acquire() for _ in range(5)]
+        assert all(isinstance(p, Permit) for p in local) and lim.fallback is not None
+        assert (lim.fallback.requests.capacity, lim.fallback.requests.period) == (25, 1.0)  # 100 per s / 4
+        await anyio.to_thread.run_sync(redis_server.start)  # same port
+        rejoined = None
+        for _ in range(100):  # bounded: 100 acquires, at least 0.2 s apart when still down
+            permit = await lim.acquire()
+            if isinstance(permit, SharedPermit):
+                rejoined = permit
+                break
+            await anyio.sleep(0.05)
+        assert rejoined is not None and lim.fallback is None and lim.outages == 1
+        assert await redis.zscore("batcher:{ep}:requests", rejoined.member) is not None
+        await redis.aclose()
+
+    with caplog.at_level(logging.INFO, logger="batcher.redis"):
+        anyio.run(main)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
