@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the run after N content-policy rejections (0: never; default 50)")
     r.add_argument("--endpoint", action="append", default=[], metavar="NAME",
                    help="use only this of the job's endpoints; repeatable (default: all)")
+    r.add_argument("--shard", metavar="I/N",
+                   help="run shard I of N (0-based) of a planned output; default: the array launcher's index "
+                        "variable (JOB_COMPLETION_INDEX, ...) when --shards N is given or OUT has a plan")
+    r.add_argument("--shards", type=_positive_int, metavar="N", help="shard count, with a launcher's index variable")
+    r.add_argument("--limiter", metavar="URL",
+                   help="redis://HOST:PORT/DB: share each endpoint's limit, and claim items, across workers")
+    r.add_argument("--work-dir", metavar="DIR", help="local work folder of a sharded or s3:// run")
     r.add_argument("--max-images", type=_positive_int, metavar="N",
                    help="start no work beyond N images in this run; then stop with exit 4, the rest pending")
     r.add_argument("--max-cost", type=_positive_float, metavar="X",
@@ -170,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--endpoint", action="append", default=[], metavar="NAME",
                     help="plan for only this of the job's endpoints; repeatable")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.add_argument("--shards", type=_positive_int, metavar="N",
+                    help="fix the split of the job into N shards: writes OUT/plan.json (needs --out)")
     for name in ("model", "size", "quality"):
         pl.add_argument(f"--{name}", help="request field override, as for run")
     pl.add_argument("--n", type=_positive_int, help="images per request, override")
@@ -180,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="what an output folder holds: totals, failures, files")
     st.add_argument("out")
     st.add_argument("--json", action="store_true", help="print one JSON object")
+
+    m = sub.add_parser("merge", help="write OUT/manifest.json from every shard's journal segments")
+    m.add_argument("out", help="output folder or s3:// URL")
+    m.add_argument("--job", help="the job file, for pending items and the job's order (default: what the journal knows)")
 
     s = sub.add_parser("simulate", help="serve a local simulator of the OpenAI Images API")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -212,6 +225,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, _overrides(args))
     job.use_endpoints(args.endpoint)
+    if args.shards is not None:
+        return _plan_shards(job, args)
     info = plan(job, args.out, retry_failed=args.retry_failed)
     if args.json:
         print(json.dumps(info))
@@ -234,6 +249,64 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _plan_shards(job: Any, args: argparse.Namespace) -> int:
+    from ._shard import make_plan
+    from ._sharded import read_store_plan, write_store_plan
+    from ._store import open_store
+
+    if not args.out:
+        raise BatcherError("plan --shards needs --out: the plan is written into the output it splits")
+    job.validate()
+    new = make_plan(job.all_items(), args.shards)
+    store = open_store(args.out)
+    old = read_store_plan(store)
+    if old is not None and (old.count, old.fingerprint) != (new.count, new.fingerprint):
+        raise BatcherError(f"{store.url_of('plan.json')}: already planned for {old.count} shards of another job "
+                           f"state ({old.created}); plan into a new output")
+    if old is None:
+        write_store_plan(store, new)
+    plan = old or new
+    if args.json:
+        print(json.dumps(plan.as_record()))
+    else:
+        print(f"{store.url_of('plan.json')}: {plan.items} item(s) in {plan.count} shard(s): "
+              f"{', '.join(map(str, plan.items_per_shard))}; fingerprint {plan.fingerprint[:23]}…")
+        print(f"  run each with: batcher run {args.job} --out {args.out} --shard I/{plan.count}")
+    return EXIT_OK
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from ._store import merge, open_store
+
+    store = open_store(args.out)
+    if args.job:
+        job = load_job(args.job)
+        job.validate()
+        summary = merge(store, {"name": job.name, "file": str(job.path)}, job.all_items)
+    else:
+        summary = merge(store)
+    print(f"{store.url_of('manifest.json')}: {summary['total']} items: {summary['done']} done, "
+          f"{summary['failed']} failed, {summary['pending']} pending")
+    return EXIT_OK
+
+
+def _shard_for(args: argparse.Namespace) -> Any:
+    """--shard I/N, else a launcher's index variable with --shards N or the output's plan."""
+    from ._shard import parse_shard, shard_from_env
+
+    if args.shard:
+        return parse_shard(args.shard)
+    count = args.shards
+    if count is None and args.out:
+        from ._sharded import is_remote, read_store_plan
+        from ._store import open_store
+
+        if is_remote(args.out) or os.path.isfile(os.path.join(args.out, "plan.json")):
+            plan = read_store_plan(open_store(args.out))
+            count = plan.count if plan is not None else None
+    return shard_from_env(os.environ, count) if count is not None else None
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from ._status import status
 
@@ -245,6 +318,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
           f"{info['pending']} pending")
     if info.get("cost") is not None:
         print(f"  {info['images']} image(s) made, estimated cost {info['cost']:.2f}")
+    for name, counts in info.get("endpoints", {}).items():
+        print(f"  endpoint {name}: {counts['done']} done, {counts['failed']} failed")
+    if info.get("shards"):
+        sh = info["shards"]
+        print(f"  shards: {len(sh['committed'])} of {sh['planned']} committed")
     print(f"  {info['images_on_disk']} image(s), {info['bytes_on_disk']:,} bytes on disk; "
           f"{info['runs']} run(s), first {info['first_run']}, last {info['last_run']}")
     for code, group in info["failures"].items():
@@ -269,6 +347,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts, retry_failed=args.retry_failed, force=args.force,
         max_policy_violations=args.max_policy_violations, grace_period=args.grace, handle_signals=True,
         max_images=args.max_images, max_cost=args.max_cost, endpoints=tuple(args.endpoint),
+        shard=_shard_for(args), limiter=args.limiter, work_dir=args.work_dir,
     )
     if args.simulate:
         from dataclasses import replace
@@ -291,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "plan": _cmd_plan, "status": _cmd_status,
-               "simulate": _cmd_simulate}
+               "merge": _cmd_merge, "simulate": _cmd_simulate}
     try:
         return handler[args.command](args)
     except JobValidationError as exc:

@@ -117,6 +117,7 @@ class Job:
     pricing: list[dict[str, Any]] = field(default_factory=list)
     dialects: dict[str, Dialect] = field(default_factory=dict)  # dialects declared in the job file
     active: frozenset[str] | None = None  # --endpoint: the endpoints this run may use
+    shard: Any = None  # a ShardSpec: items() yields only that shard's items
     _inline: list[tuple[int, Any, dict[str, int], str]] = field(default_factory=list, repr=False)
     _prompts_file: Path | None = field(default=None, repr=False)
     _header_problems: list[Problem] = field(default_factory=list, repr=False)
@@ -200,7 +201,14 @@ class Job:
         return count
 
     def items(self) -> Iterator[Item]:
-        """Stream the items; call `validate()` first (a problem here raises)."""
+        """Stream the items (of `shard` only, when set); call `validate()` first (a problem raises)."""
+        shard = self.shard
+        for entry in self.all_items():
+            if shard is None or shard.contains(entry.id):
+                yield entry
+
+    def all_items(self) -> Iterator[Item]:
+        """Stream every item of the job, whatever the shard."""
         for entry in self._entries():
             if isinstance(entry, Problem):
                 raise JobValidationError([entry])

@@ -74,6 +74,7 @@ class Journal:
         self._fd: int | None = None
         self._lock = threading.Lock()
         self._dirty = False
+        self.mirror: Callable[[dict[str, Any]], None] | None = None  # e.g. a shard's segment writer
 
     @classmethod
     def open(cls, path: Path) -> Journal:
@@ -159,6 +160,8 @@ class Journal:
                 view = view[written:]
             self._dirty = True
             self._apply(rec, offset)
+            if self.mirror is not None:
+                self.mirror(rec)
 
     def sync(self) -> None:
         """fsync if anything was written since the last one."""

@@ -483,6 +483,14 @@ class ClaimStore:
             return False
         return bool(await self._renew(keys=[self.key(item_id)], args=[self.token, ttl_ms]))
 
+    async def keep(self, item_id: str, seconds: float) -> bool:
+        """Hold a finished item's claim for `seconds` more, so no worker whose view of the output is
+        older than its journal segment sends it again; False if it was no longer ours."""
+        if item_id not in self._ttl_ms:
+            return False
+        self._ttl_ms.pop(item_id)
+        return bool(await self._renew(keys=[self.key(item_id)], args=[self.token, max(1, round(seconds * 1000))]))
+
     async def release(self, item_id: str) -> bool:
         """Give the item up; False if it was no longer ours (expired, or taken since)."""
         self._ttl_ms.pop(item_id, None)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ from ._exceptions import (
     FatalError,
     JobValidationError,
     Problem,
+    ShardError,
     ManifestError,
     RequestError,
     TransientError,
@@ -36,6 +38,8 @@ from ._manifest import Journal, needs_run, utc_now, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable, item_price
 from ._policy import POLICY_CODES, RetryPolicy
 from ._report import Reporter
+from ._shard import ShardSpec, fingerprint_line
+from ._sharded import is_remote
 from ._route import CircuitBreaker, Dispatcher, Task
 from ._writer import DISK_ERRNOS, OutputDir, SavedImage
 
@@ -73,6 +77,9 @@ class RunOptions:
     retry: RetryPolicy | None = None
     seed: int | None = None
     endpoints: tuple[str, ...] = ()  # use only these of the job's endpoints (default: all)
+    shard: ShardSpec | None = None  # run one shard of a planned output (see `batcher plan --shards`)
+    limiter: str | None = None  # redis://HOST:PORT/DB: one rate limit and item claims for all workers
+    work_dir: str | None = None  # a sharded or object-storage run's local work folder
     max_images: int | None = None  # this run starts no work beyond these (exit 4, rest pending)
     max_cost: float | None = None
 
@@ -90,6 +97,7 @@ class RunResult:
     error: dict[str, Any] | None = None
     cost: float | None = None  # estimated cost of the images this run saved (None: no pricing)
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # per endpoint: requests, done, ...
+    merged: dict[str, int] | None = None  # a sharded run's whole-output summary, once every shard committed
     budget: dict[str, Any] | None = None  # what the budget charged, when one was set
 
     def as_dict(self) -> dict[str, Any]:
@@ -137,19 +145,40 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
         job.use_endpoints(options.endpoints)
     job.validate()
     reporter = reporter or Reporter(quiet=True)
-    out = OutputDir(resolve_out(job, options))
+    target = options.out or job.output or str(Path("output") / job.name)
+    sharded = None
+    if options.shard is not None or is_remote(target):
+        from ._sharded import ShardedOutput  # the store (and fsspec for s3://) only when asked for
+
+        shard = options.shard or ShardSpec(0, 1)
+        sharded = ShardedOutput(target, shard, options.work_dir)
+        job.shard = shard if shard.count > 1 else None
+        out = OutputDir(sharded.work)
+    else:
+        out = OutputDir(resolve_out(job, options))
+        _refuse_planned(out.root)
     out.prepare()
     out.lock()
     try:
-        runner = _Runner(job, options, out, reporter)
+        runner = _Runner(job, options, out, reporter, sharded)
         return await runner.run()
     finally:
         out.unlock()
 
 
+def _refuse_planned(root: Path) -> None:
+    if (root / "plan.json").is_file() or (root / "segments").is_dir():
+        raise ShardError(f"{root} is planned for sharded runs (plan.json): run each shard with --shard I/N "
+                         f"(or the launcher's index variable with --shards N)")
+
+
 class _Runner:
-    def __init__(self, job: Job, options: RunOptions, out: OutputDir, reporter: Reporter) -> None:
+    def __init__(self, job: Job, options: RunOptions, out: OutputDir, reporter: Reporter,
+                 sharded: Any = None) -> None:
         self.job = job
+        self.sharded = sharded
+        self.claims: Any = None
+        self._claimed: set[str] = set()
         self.options = options
         self.out = out
         self.reporter = reporter
@@ -171,6 +200,8 @@ class _Runner:
     # -- setup ------------------------------------------------------------------------------
 
     def _open_journal(self) -> Journal:
+        if self.sharded is not None:
+            self.sharded.rebuild_journal(self.out.journal)  # what every machine finished, for this shard
         journal = Journal.open(self.out.journal)
         if journal.torn_line is not None:
             self.reporter.log(f"{self.out.journal}:{journal.torn_line}: torn last line from an interrupted "
@@ -203,7 +234,8 @@ class _Runner:
                 if entry.status != "done":
                     continue
                 rec = self.journal.record(item_id, fh)
-                if rec and not all(self.out.has_file(i["file"], i["bytes"]) for i in rec.get("images", [])):
+                has_file = self.sharded.has_file if self.sharded is not None else self.out.has_file
+                if rec and not all(has_file(i["file"], i["bytes"]) for i in rec.get("images", [])):
                     self._missing.add(item_id)
         if self._missing:
             self.reporter.log(f"{len(self._missing)} done item(s) have missing or short image files; "
@@ -226,7 +258,13 @@ class _Runner:
             await anyio.to_thread.run_sync(self._check_done_files)
             total = todo = 0
             models: set[Any] = set()
-            for item in self.job.items():
+            digest = hashlib.sha256()
+            shard = self.job.shard
+            for item in self.job.all_items():
+                if self.sharded is not None:
+                    digest.update(fingerprint_line(item.id, item.rhash))
+                if shard is not None and not shard.contains(item.id):
+                    continue
                 total += 1
                 if self._needs_run(item):
                     todo += 1
@@ -237,10 +275,16 @@ class _Runner:
                             f"--max-cost needs a price for every item; none matches model="
                             f"{item.body.get('model')!r} size={item.body.get('size')!r} "
                             f"quality={item.body.get('quality')!r}")])
+            if self.sharded is not None and self.sharded.shard.count > 1:
+                self.sharded.check_plan("sha256:" + digest.hexdigest())
+            if self.sharded is not None:
+                await anyio.to_thread.run_sync(self.sharded.open_writer, self.journal)
             if todo == 0:
                 self.reporter.start(0, total)
                 return await self._finish(started)
             self.endpoints = self._endpoints_for(models)
+            if self.options.limiter:
+                self._use_shared_limits()
             self.journal.append({"t": "run", "job": self.job.name, "job_file": str(self.job.path),
                                  "at": utc_now(), "pid": os.getpid()})
             self.reporter.start(todo, total - todo)
@@ -277,6 +321,55 @@ class _Runner:
             runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self._prices_for(ep)))
         return runs
 
+    def _use_shared_limits(self) -> None:
+        """`--limiter redis://`: every worker of every shard shares each endpoint's window and
+        claims items before sending them (imports redis only here)."""
+        from ._redis import ClaimStore, SharedRateLimiter, endpoint_key
+
+        url = self.options.limiter
+        workers = self.job.shard.count if self.job.shard is not None else 1
+        for ep in self.endpoints:
+            ep.limiter = SharedRateLimiter(url, endpoint_key(ep.base_url, ep.key, None), ep.rpm, ep.ipm,
+                                           workers=workers)
+        out = self.sharded.out if self.sharded is not None else str(self.out.root.resolve())
+        self.claims = ClaimStore(url, out)
+        self.claim_ttl = max(60.0, 2 * (self.options.timeout + self.options.connect_timeout))
+
+    async def _claim(self, task: Task) -> bool:
+        """Take the item for this worker; False if another worker (a replaced pod) holds it."""
+        if self.claims is None or task.item.id in self._claimed:
+            return True
+        try:
+            won = await self.claims.claim(task.item.id, self.claim_ttl)
+        except Exception as exc:  # Redis away: the shard split still keeps workers apart
+            self.reporter.log(f"claims unavailable ({type(exc).__name__}); going on without", level="warning")
+            return True
+        if won:
+            self._claimed.add(task.item.id)
+        return won
+
+    async def _unclaim(self, item_id: str, done: bool) -> None:
+        if self.claims is None or item_id not in self._claimed:
+            return
+        self._claimed.discard(item_id)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            try:
+                if done:
+                    await self.claims.keep(item_id, 24 * 3600.0)  # others' views may predate our segment
+                else:
+                    await self.claims.release(item_id)
+            except Exception:
+                pass  # the claim expires on its own
+
+    async def _renew_claims(self) -> None:
+        while True:
+            await anyio.sleep(self.claim_ttl / 3)
+            for item_id in list(self._claimed):
+                try:
+                    await self.claims.renew(item_id)
+                except Exception:
+                    break  # Redis away: try again next period
+
     async def _pipeline(self) -> None:
         opts = self.options
         timeouts = Timeouts(connect=opts.connect_timeout, read=opts.timeout)
@@ -288,6 +381,8 @@ class _Runner:
                 ep.client = await stack.enter_async_context(_make_client(ep, timeouts, self.job))
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._ticker)
+                if self.claims is not None:
+                    outer.start_soon(self._renew_claims)
                 if opts.handle_signals:
                     outer.start_soon(self._watch_signals)
                 async with anyio.create_task_group() as work:
@@ -328,7 +423,7 @@ class _Runner:
                 while task is None and not self.stopping and ep.retired is None and not dispatch.done:
                     if ep.breaker.wait_time() > 0:
                         break
-                    wait = ep.limiter.wait_time(1) if not ep.limiter.waiting else 0.005
+                    wait = ep.gate()
                     if wait > 0:
                         if not await self._wait(dispatch.wait, ep.name, wait):
                             return
@@ -339,6 +434,9 @@ class _Runner:
                 if task is not None:
                     if task.tries:
                         self.reporter.retry(-1)
+                    if not await self._claim(task):
+                        self.dispatch.finished(task)  # another worker has it; pending here
+                        continue
                     await self._attempt(ep, task)
             finally:
                 ep.pool.slots.release()
@@ -348,6 +446,8 @@ class _Runner:
             await anyio.sleep(1.0)
             self.reporter.tick()
             await anyio.to_thread.run_sync(self.journal.sync)
+            if self.sharded is not None:
+                await anyio.to_thread.run_sync(self.sharded.sync)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -402,6 +502,7 @@ class _Runner:
         except _Stopped:
             ep.breaker.on_abandoned()
             self.dispatch.finished(task)  # stays pending for the next run
+            await self._unclaim(item.id, done=False)
             return
         except RequestError as exc:
             await self._after_failure(ep, task, exc)
@@ -534,6 +635,8 @@ class _Runner:
                 tmp = self.out.temp_path(stem)
                 await ep.client.download(image.url, tmp)  # at once: URLs expire
                 saved.append(await anyio.to_thread.run_sync(self.out.adopt_file, tmp, stem, index, count))
+            if self.sharded is not None:
+                await anyio.to_thread.run_sync(self.sharded.publish, self.out.root, saved[-1].file)
         return saved
 
     def _disk_trouble(self, exc: OSError) -> None:
@@ -573,6 +676,7 @@ class _Runner:
             rec["usage"] = gen.usage
         await self._journal(rec)
         self.dispatch.finished(task)
+        await self._unclaim(item.id, done=True)
         self.images += len(saved)
         ep.stats["done"] += 1
         ep.stats["images"] += len(saved)
@@ -587,6 +691,7 @@ class _Runner:
             rec["vars"] = item.vars
         await self._journal(rec)
         self.dispatch.finished(task)
+        await self._unclaim(item.id, done=False)
         ep.stats["failed"] += 1
         self.reporter.item_finished(False)
         if exc.kind == "permanent":
@@ -612,6 +717,22 @@ class _Runner:
                                          "endpoints": self._endpoint_stats()})
                 except OSError:
                     pass
+            merged = None
+            if self.sharded is not None:
+                try:
+                    # a shard that left nothing pending commits; the last one to commit merges
+                    merged = await anyio.to_thread.run_sync(lambda: self.sharded.finish(
+                        summary, job_meta, self.job.all_items, commit=summary["pending"] == 0))
+                except (OSError, BatcherError) as exc:
+                    self.reporter.log(f"can't finish shard {self.sharded.shard} in {self.sharded.out}: {exc}; "
+                                      f"its records stay in the local buffer and go up with the next run",
+                                      level="error")
+                    if self.fatal is None:
+                        self.fatal = FatalError(str(exc), code="store_error")
+                if merged is not None:
+                    self.reporter.log(f"all {self.sharded.shard.count} shards committed: wrote "
+                                      f"{self.sharded.out}/manifest.json ({merged['done']} done, {merged['failed']} "
+                                      f"failed, {merged['pending']} pending of {merged['total']})")
         stranded = getattr(self, "dispatch", None) and self.dispatch.stranded
         if stranded and self.fatal is None:
             retired = ", ".join(f"{e.name} ({e.retired})" for e in self.endpoints if e.retired)
@@ -634,6 +755,7 @@ class _Runner:
             error=self.fatal.as_record() if self.fatal is not None else None,
             cost=round(self.cost, 6) if self.prices else None,
             endpoints=self._endpoint_stats(),
+            merged=merged,
             budget={"images": self.budget.images, "cost": round(self.budget.cost, 6), **asdict(self.budget.limits)}
             if self.budget.limits else None,
         )
@@ -659,7 +781,8 @@ class _EndpointRun:
         self.key = key
         self.base_url = base_url
         self.concurrency = concurrency
-        self.limiter = RateLimiter(rpm, ipm)
+        self.rpm, self.ipm = rpm, ipm
+        self.limiter: Any = RateLimiter(rpm, ipm)
         self.pool = ConcurrencyController(concurrency, limit_known=bool(rpm or ipm))
         self.breaker = CircuitBreaker()
         self.prices = prices
@@ -669,6 +792,13 @@ class _EndpointRun:
 
     def body_for(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.ep.body_for(body)
+
+    def gate(self) -> float:
+        """Seconds until this endpoint could send a request (0: take an item now)."""
+        limiter = self.limiter
+        if not isinstance(limiter, RateLimiter):
+            return 0.0  # a shared limiter answers only by acquiring: take the item, wait there
+        return limiter.wait_time(1) if not limiter.waiting else 0.005
 
 
 def _make_client(ep: _EndpointRun, timeouts: Timeouts, job: Job) -> ImagesClient:

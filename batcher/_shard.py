@@ -211,12 +211,17 @@ def make_plan(items: Iterable[Any], count: int) -> Plan:
     return Plan(count, digest, tuple(per_shard), _utc_now())
 
 
+def fingerprint_line(item_id: str, rhash: str) -> bytes:
+    """What one item adds to the fingerprint (for callers that stream the job themselves)."""
+    # JSON framing: ids may hold any character, so no separator could be ambiguous
+    return json.dumps([item_id, rhash], ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+
+
 def _fold(items: Iterable[Any], count: int | None) -> tuple[str, list[int]]:
     h = hashlib.sha256()
     per_shard = [0] * (count or 0)
     for item_id, rhash in _pairs(items):
-        # JSON framing: ids may hold any character, so no separator could be ambiguous
-        h.update(json.dumps([item_id, rhash], ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+        h.update(fingerprint_line(item_id, rhash))
         if count:
             per_shard[shard_of(item_id, count)] += 1
     return "sha256:" + h.hexdigest(), per_shard
@@ -252,6 +257,11 @@ def read_plan(out_dir: str | os.PathLike[str]) -> Plan | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    return parse_plan(text, str(path))
+
+
+def parse_plan(text: str, path: str) -> Plan:
+    """A plan from the text of a `plan.json` (`path` names it in errors)."""
     try:
         doc = json.loads(text)
     except ValueError as exc:
@@ -272,13 +282,14 @@ def read_plan(out_dir: str | os.PathLike[str]) -> Plan | None:
 
 
 def check_plan(out_dir: str | os.PathLike[str], count: int, fingerprint: str, *,
-               required: bool = False) -> Plan | None:
+               required: bool = False, plan: Plan | None = None, path: str | None = None) -> Plan | None:
     """Refuse a run whose N or job differs from `OUT/plan.json` (ShardError); return the plan.
 
     Without a plan: None, or a ShardError when `required` (a sharded run should not guess).
+    Pass `plan` (and `path`) when the plan was read from object storage.
     """
-    path = Path(out_dir) / PLAN_FILE
-    plan = read_plan(out_dir)
+    path = path or str(Path(out_dir) / PLAN_FILE)
+    plan = plan if plan is not None else read_plan(out_dir)
     if plan is None:
         if required:
             raise ShardError(f"{path} not found: run `batcher plan JOB --out {out_dir} --shards {count}` first")

@@ -13,12 +13,39 @@ __all__ = ["status"]
 
 
 def status(out: str | Path) -> dict[str, Any]:
-    """Totals by status, failures grouped by error code, files on disk, first and last runs."""
+    """Totals by status and by endpoint, failures grouped by error code, files on disk, runs.
+
+    A sharded output (or one on object storage) is read through all shards' merged segments.
+    """
+    text = str(out)
     root = Path(out)
+    if "://" in text or (not (root / "manifest.jsonl").is_file() and (root / "segments").is_dir()):
+        from ._store import merged_journal, open_store
+
+        store = open_store(out)
+        with merged_journal(store) as journal:
+            info = _status(journal.path, None if "://" in text else root)
+        info["out"] = text
+        info["shards"] = _shard_markers(store)
+        return info
     journal_path = root / "manifest.jsonl"
     if not journal_path.is_file():
         raise ManifestError(f"{root}: no batcher manifest here (missing {journal_path.name})")
     Journal.read(journal_path)  # raises a clear ManifestError on a corrupt journal
+    return _status(journal_path, root)
+
+
+def _shard_markers(store: Any) -> dict[str, Any]:
+    from ._store import current_markers
+
+    markers = current_markers(store)
+    plan = None
+    if store.exists("plan.json"):
+        plan = json.loads(store.read("plan.json")).get("shards")
+    return {"planned": plan, "committed": sorted(markers)}
+
+
+def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
     latest: dict[str, dict[str, Any]] = {}
     runs: list[str] = []
     for rec in iter_records(journal_path):
@@ -31,18 +58,24 @@ def status(out: str | Path) -> dict[str, Any]:
                 "message": err.get("message"),
                 "images": rec.get("images") or [],
                 "cost": rec.get("cost"),
+                "endpoint": rec.get("endpoint"),
             }
         elif kind == "attempt":
             prev = latest.get(rec["id"])
             if prev is None or prev["status"] != "done":
-                latest[rec["id"]] = {"status": "pending", "code": None, "message": None, "images": [], "cost": None}
+                latest[rec["id"]] = {"status": "pending", "code": None, "message": None, "images": [], "cost": None,
+                                    "endpoint": None}
         elif kind == "run":
             runs.append(rec.get("at", ""))
     totals = {"done": 0, "failed": 0, "pending": 0}
     failures: dict[str, dict[str, Any]] = {}
     images = nbytes = made = 0
     cost: float | None = None
+    by_endpoint: dict[str, dict[str, int]] = {}
     for info in latest.values():
+        if info["endpoint"] and info["status"] in ("done", "failed"):
+            counts = by_endpoint.setdefault(info["endpoint"], {"done": 0, "failed": 0})
+            counts[info["status"]] += 1
         if info["status"] == "done":
             made += len(info["images"])
             if info["cost"] is not None:
@@ -51,14 +84,14 @@ def status(out: str | Path) -> dict[str, Any]:
         if info["status"] == "failed":
             group = failures.setdefault(str(info["code"]), {"count": 0, "example": info["message"]})
             group["count"] += 1
-        for image in info["images"]:
+        for image in info["images"] if root is not None else ():
             path = root / image["file"]
             if path.is_file():
                 images += 1
                 nbytes += path.stat().st_size
     total = None
-    manifest = root / "manifest.json"
-    if manifest.is_file():
+    manifest = root / "manifest.json" if root is not None else None
+    if manifest is not None and manifest.is_file():
         try:
             with open(manifest, "rb") as fh:
                 head = fh.read(65536).decode("utf-8", "replace")
@@ -69,13 +102,14 @@ def status(out: str | Path) -> dict[str, Any]:
     if total is not None:
         totals["pending"] = max(total - totals["done"] - totals["failed"], totals["pending"])
     return {
-        "out": str(root),
+        "out": str(root) if root is not None else "",
         "total": total if total is not None else sum(totals.values()),
         **totals,
         "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1]["count"])),
         "images": made,
         "cost": round(cost, 6) if cost is not None else None,
-        "images_on_disk": images,
+        "endpoints": by_endpoint,
+        "images_on_disk": images if root is not None else None,
         "bytes_on_disk": nbytes,
         "first_run": runs[0] if runs else None,
         "last_run": runs[-1] if runs else None,

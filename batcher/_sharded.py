@@ -1,0 +1,143 @@
+"""A shard's run against a shared output: local work folder in, store (disk or S3) out.
+
+A sharded run (`--shard I/N`, or an index from the array launcher) or a run whose output is
+object storage works in a local *work folder* exactly as a single run works in `OUT`: its
+journal, temp files and lock live there. Around that:
+
+- at start, the work journal is rebuilt from the store's merged records of this shard's items,
+  so resume sees what every earlier run of this shard (on any machine) finished;
+- every journal record is mirrored into the shard's `SegmentWriter` (immutable segments in the
+  store, then a commit marker);
+- each image is published to the store create-only before its `item` record is written, and
+  its staged copy removed;
+- at the end, the shard commits, and the last shard to commit writes the merged `manifest.json`.
+
+>>> sharded = ShardedOutput("s3://bucket/run1", ShardSpec(3, 8))
+>>> work = sharded.work       # the OutputDir root the runner uses
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from ._exceptions import ShardError
+from ._manifest import Journal
+from ._shard import PLAN_FILE, Plan, ShardSpec, check_plan, parse_plan
+from ._store import FlushPolicy, SegmentWriter, Store, current_markers, iter_merged_records, merge, open_store
+
+__all__ = ["ShardedOutput", "is_remote", "read_store_plan", "write_store_plan"]
+
+
+def is_remote(out: str | os.PathLike[str]) -> bool:
+    """An object-storage URL (`s3://`, `gs://`, `memory://`), not a local folder."""
+    text = str(out)
+    return "://" in text and not text.startswith("file://")
+
+
+def read_store_plan(store: Store) -> Plan | None:
+    if not store.exists(PLAN_FILE):
+        return None
+    return parse_plan(store.read(PLAN_FILE).decode("utf-8"), store.url_of(PLAN_FILE))
+
+
+def write_store_plan(store: Store, plan: Plan) -> None:
+    store.put(PLAN_FILE, (json.dumps(plan.as_record(), indent=1) + "\n").encode())
+
+
+class ShardedOutput:
+    """The store, the local work folder and the segment writer of one shard's run."""
+
+    def __init__(self, out: str | os.PathLike[str], shard: ShardSpec, work_dir: str | os.PathLike[str] | None = None,
+                 *, flush_seconds: float = 5.0) -> None:
+        self.out = str(out)
+        self.shard = shard
+        self.store = open_store(out)
+        if work_dir is not None:
+            root = Path(work_dir)
+        elif is_remote(out):
+            cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+            root = cache / "batcher" / "work" / hashlib.sha256(self.out.encode()).hexdigest()[:16]
+        else:
+            root = Path(out) / ".work"
+        self.work = root / f"shard-{shard.index:05d}-of-{shard.count:05d}"
+        self.flush_seconds = flush_seconds
+        self.writer: SegmentWriter | None = None
+
+    # -- before the run ---------------------------------------------------------------------
+
+    def check_plan(self, fingerprint: str) -> Plan:
+        """The run must match the plan the output was split by (ShardError, exit 2, otherwise)."""
+        plan = read_store_plan(self.store)
+        where = self.store.url_of(PLAN_FILE)
+        if plan is None:
+            raise ShardError(f"{where} not found: run `batcher plan JOB --out {self.out} --shards "
+                             f"{self.shard.count}` once before starting the shards")
+        return check_plan(self.out, self.shard.count, fingerprint, plan=plan, path=where)  # type: ignore[return-value]
+
+    def rebuild_journal(self, path: Path) -> int:
+        """Write this shard's merged records (every machine's) into the local work journal."""
+        count = 0
+        tmp = path.with_name(f".{path.name}.rebuild-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            for rec in iter_merged_records(self.store):
+                item_id = rec.get("id")
+                if item_id is not None and not self.shard.contains(str(item_id)):
+                    continue
+                fh.write((json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return count
+
+    def open_writer(self, journal: Journal) -> SegmentWriter:
+        """Start this shard's segment writer and mirror the journal into it."""
+        # records go up every `flush_seconds` from the ticker's sync(), never from append():
+        # append runs on the event loop for attempt records and must not wait for an upload
+        self.writer = SegmentWriter.open(self.store, self.shard.index, self.shard.count,
+                                         policy=FlushPolicy(records=10**12, seconds=self.flush_seconds))
+        journal.mirror = self.writer.append
+        return self.writer
+
+    # -- during the run ---------------------------------------------------------------------
+
+    def publish(self, work_root: Path, rel: str) -> None:
+        """Put a staged image into the store, then drop the staged copy. Runs in a worker thread.
+
+        The item is being run, so it is not done in the journal: an object already under its name
+        is a leftover of a killed attempt (or, on disk, this very file) and is replaced.
+        """
+        local = work_root / rel
+        self.store.put_image(rel, local, replace=True)
+        if not self._same_file(local, rel):
+            local.unlink(missing_ok=True)
+
+    def _same_file(self, local: Path, rel: str) -> bool:
+        root = getattr(self.store, "root", None)
+        return root is not None and Path(root).resolve() / rel == local.resolve()
+
+    def has_file(self, rel: str, size: int) -> bool:
+        return self.store.has_file(rel, size)
+
+    def sync(self) -> None:
+        if self.writer is not None:
+            self.writer.sync()
+
+    # -- after the run ----------------------------------------------------------------------
+
+    def finish(self, summary: dict[str, int], job_meta: dict[str, Any],
+               all_items: Callable[[], Iterable[Any]], *, commit: bool) -> dict[str, int] | None:
+        """Close the writer (committing the shard when it ran to its end); when every shard has
+        committed, write the merged `manifest.json` and return its summary."""
+        if self.writer is None:
+            return None
+        self.writer.close(summary, commit=commit)
+        self.writer = None
+        if commit and len(current_markers(self.store)) >= self.shard.count:
+            return merge(self.store, job_meta, all_items)
+        return None
