@@ -161,7 +161,7 @@ $("codes").textContent = codes ? "failed: " + codes : "";
 const href = (file) => file.split("/").map(encodeURIComponent).join("/");
 
 function card(it) {
-  const c = el("article", "card st-" + it.s);
+  const c = el("article", "card");
   c.dataset.id = it.id;
   c.dataset.status = it.s;
   const thumbs = el("div", "thumbs");
