@@ -26,7 +26,7 @@ import shutil
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from ._exceptions import ManifestError, OutputError
@@ -86,7 +86,8 @@ class _Source:
         self.root = root
         self.manifest = manifest
         self.statuses = ("done", "failed") if include_failed else ("done",)
-        self._real_root = root.resolve()
+        self._root = str(root)
+        self._real_root = os.path.realpath(root)
 
     def items(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(line number, item) for every exported item; pending items never."""
@@ -95,15 +96,24 @@ class _Source:
             if item["status"] in self.statuses:
                 yield lineno, item
 
-    def image(self, file: Any, lineno: int) -> Path | None:
-        """The image's path in OUT, or None when it is gone from disk."""
-        rel = PurePosixPath(file) if isinstance(file, str) else None
-        if rel is None or rel.is_absolute() or ".." in rel.parts or not rel.parts:
+    def image(self, file: Any, lineno: int) -> str | None:
+        """The image's path in OUT, or None when it is gone from disk.
+
+        Plain strings, not pathlib: pathlib interns every path part, and an interpreter-wide table
+        growing by one entry per image would break the constant-memory promise.
+        """
+        if not is_inside(file):
             raise ManifestError(f"{self.manifest}:{lineno}: images.file: {file!r} is not a path inside {self.root}")
-        path = self.root / rel
-        if not path.resolve().is_relative_to(self._real_root):
+        path = os.path.join(self._root, file)
+        if not os.path.realpath(path).startswith(self._real_root + os.sep):
             raise ManifestError(f"{self.manifest}:{lineno}: images.file: {file!r} leads outside {self.root}")
-        return path if path.is_file() else None
+        return path if os.path.isfile(path) else None
+
+
+def is_inside(file: Any) -> bool:
+    """Whether a manifest's image `file` is a relative path that stays inside OUT."""
+    return (isinstance(file, str) and file != "" and not file.startswith("/") and "\\" not in file
+            and ".." not in file.split("/") and "\x00" not in file)
 
 
 def _common(item: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +136,7 @@ def _jsonl(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False).translate(_LINE_SAFE) + "\n"
 
 
-def _link(src: Path, dst: Path) -> None:
+def _link(src: str, dst: str) -> None:
     """Hard-link when OUT and DIR share a file system (no bytes copied), else copy."""
     try:
         os.link(src, dst)
@@ -168,6 +178,7 @@ def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: in
                *(_var_column(n) for n in sorted(var_names))]
     train = tmp / "train"
     train.mkdir()
+    train_dir = str(train)
     with open(train / "metadata.jsonl", "w", encoding="utf-8") as meta, \
             open(tmp / "failed.jsonl", "w", encoding="utf-8") as failed:
         for lineno, item in src.items():
@@ -188,8 +199,8 @@ def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: in
                 if path is None:
                     counts["missing"] += 1
                     continue
-                name = path.name
-                _link(path, train / name)
+                name = os.path.basename(path)
+                _link(path, os.path.join(train_dir, name))
                 row = {**base, "file_name": name, "image_index": index,
                        "revised_prompt": image.get("revised_prompt"), "endpoint": item.get("endpoint"),
                        "cost": item["cost"] / len(images) if item.get("cost") is not None else None, **extra}
@@ -226,7 +237,7 @@ def _webdataset(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int
 
     try:
         for lineno, item in src.items():
-            samples: list[tuple[str, Path | None, dict[str, Any]]] = []
+            samples: list[tuple[str, str | None, dict[str, Any]]] = []
             meta = {**_common(item), "status": item["status"], **_optional(item), "request": item.get("request")}
             if item["status"] == "failed":
                 samples.append((safe_stem(item["id"]), None, {**meta, "error": item.get("error")}))
@@ -238,7 +249,7 @@ def _webdataset(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int
                     if path is None:
                         counts["missing"] += 1
                         continue
-                    samples.append((path.stem, path, {**meta, "image_index": index, "file": image.get("file"),
+                    samples.append((os.path.splitext(os.path.basename(path))[0], path, {**meta, "image_index": index, "file": image.get("file"),
                                                       "revised_prompt": image.get("revised_prompt"),
                                                       "width": image.get("width"), "height": image.get("height")}))
             for stem, path, record in samples:
@@ -250,10 +261,11 @@ def _webdataset(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int
                     in_shard = 0
                 key = _sample_key(seq, stem)
                 if path is not None:
-                    ext = path.suffix.lstrip(".").lower() or "bin"
+                    ext = os.path.splitext(path)[1].lstrip(".").lower() or "bin"
                     shard.add(path, arcname=f"{key}.{ext}", recursive=False, filter=plain)
                     counts["images"] += 1
                 add_bytes(f"{key}.json", json.dumps(record, ensure_ascii=False).encode())
+                shard.members.clear()  # TarFile keeps every TarInfo it wrote; a writer never reads them back
                 seq += 1
                 in_shard += 1
     finally:
@@ -294,8 +306,8 @@ def _batch_line(item: dict[str, Any], data: list[dict[str, Any]]) -> dict[str, A
 
 
 def _openai_batch(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int) -> None:
-    images = tmp / "images"
-    images.mkdir()
+    images = str(tmp / "images")
+    os.mkdir(images)
     with open(tmp / "results.jsonl", "w", encoding="utf-8") as results:
         for lineno, item in src.items():
             data: list[dict[str, Any]] = []
@@ -305,8 +317,9 @@ def _openai_batch(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: i
                     if path is None:
                         counts["missing"] += 1
                         continue
-                    _link(path, images / path.name)
-                    data.append({"file": f"images/{path.name}", "revised_prompt": image.get("revised_prompt")})
+                    name = os.path.basename(path)
+                    _link(path, os.path.join(images, name))
+                    data.append({"file": f"images/{name}", "revised_prompt": image.get("revised_prompt")})
                     counts["images"] += 1
                 counts["items"] += 1
             else:
@@ -345,7 +358,26 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
     old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(dest, old)
     os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a folder, streaming its entries (shutil.rmtree lists a whole folder in memory first)."""
+    for _ in range(3):  # entries unlinked mid-listing may hide others; a second pass catches them
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        _remove_tree(Path(entry.path))
+                    else:
+                        os.unlink(entry.path)
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            continue
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_stale_temporaries(dest: Path) -> None:

@@ -20,9 +20,10 @@ import hashlib
 import html
 import json
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from ._export import is_inside
 from ._manifest import iter_manifest
 
 __all__ = ["report"]
@@ -80,8 +81,7 @@ def _card(item: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     images = []
     for image in item.get("images") or []:
         file = image.get("file") if isinstance(image, dict) else None
-        rel = PurePosixPath(file) if isinstance(file, str) else None
-        if rel is None or rel.is_absolute() or ".." in rel.parts:
+        if not is_inside(file):
             continue  # only paths inside OUT become links
         images.append([file, image.get("revised_prompt"), image.get("width"), image.get("height")])
     if images:
