@@ -277,7 +277,21 @@ def iter_manifest(path: Path) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]
     except BaseException:
         fh.close()
         raise
-    return header, _manifest_items(path, fh)
+    return header, _Items(_manifest_items(path, fh), fh)
+
+
+class _Items(Iterator[dict[str, Any]]):
+    """The items of a manifest; `close()` closes the file even when no item was read."""
+
+    def __init__(self, gen: Iterator[dict[str, Any]], fh: Any) -> None:
+        self._gen, self._fh = gen, fh
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+        self._fh.close()
 
 
 def _manifest_items(path: Path, fh: Any) -> Iterator[dict[str, Any]]:

@@ -231,7 +231,7 @@ def test_openai_batch_lines_carry_relative_image_paths(out, tmp_path):
 def test_openai_batch_failure_without_http_answer_uses_the_error_field(tmp_path):
     src = optional_fields_out(tmp_path / "out")
     batcher.export(src, "openai-batch", tmp_path / "batch", include_failed=True)
-    lines = {json.loads(x)["custom_id"]: json.loads(x) for x in (tmp_path / "batch" / "results.jsonl").open()}
+    lines = {json.loads(x)["custom_id"]: json.loads(x) for x in (tmp_path / "batch" / "results.jsonl").read_text().splitlines()}
     assert set(lines) == {"a", "b", "c", "d"}  # pending `e` never
     check_batch_line(lines["d"])
     assert lines["d"]["response"] is None and lines["d"]["error"] == {"code": "transient", "message": "timed out"}
@@ -239,7 +239,7 @@ def test_openai_batch_failure_without_http_answer_uses_the_error_field(tmp_path)
 
 def test_only_done_items_without_include_failed(out, tmp_path):
     batcher.export(out, "openai-batch", tmp_path / "batch")
-    ids = [json.loads(x)["custom_id"] for x in (tmp_path / "batch" / "results.jsonl").open()]
+    ids = [json.loads(x)["custom_id"] for x in (tmp_path / "batch" / "results.jsonl").read_text().splitlines()]
     assert ids == [i["id"] for i in manifest_items(out) if i["status"] == "done"]
 
 

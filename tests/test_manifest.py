@@ -161,3 +161,13 @@ def test_iter_manifest_names_file_and_line_of_a_corrupt_manifest(tmp_path, text,
 def test_iter_manifest_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ManifestError, match="no manifest here"):
         iter_manifest(tmp_path / "manifest.json")
+
+
+def test_iter_manifest_close_releases_the_file_unread(tmp_path):
+    path = _written(tmp_path, ["a", "b"])
+    _, items = iter_manifest(path)
+    fh = items._fh
+    items.close()
+    assert fh.closed
+    _, items = iter_manifest(path)
+    assert [i["id"] for i in items] == ["i0", "i1"] and items._fh.closed  # exhausted: closed too
