@@ -23,6 +23,8 @@ from ._exceptions import (
     RequestError,
     TransientError,
 )
+from ._export import export
+from ._gallery import report
 from ._job import Item, Job, load_job
 from ._limiter import RateLimiter
 from ._policy import RetryPolicy
@@ -42,6 +44,8 @@ __all__ = [
     "RateLimiter",
     "Timeouts",
     "status",
+    "export",
+    "report",
     "BatcherError",
     "JobError",
     "JobValidationError",

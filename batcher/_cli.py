@@ -194,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output folder or s3:// URL")
     m.add_argument("--job", help="the job file, for pending items and the job's order (default: what the journal knows)")
 
+    ex = sub.add_parser("export", help="write an output folder as a dataset (imagefolder, webdataset, openai-batch)")
+    ex.add_argument("out", help="output folder of a run")
+    ex.add_argument("--format", required=True, choices=("imagefolder", "webdataset", "openai-batch"))
+    ex.add_argument("--to", required=True, metavar="DIR",
+                    help="destination: absent, empty, or an earlier export of the same format (replaced)")
+    ex.add_argument("--include-failed", action="store_true", help="also export failed items with their error")
+    ex.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
+                    help="webdataset: samples per tar shard (default 1000)")
+
+    rp = sub.add_parser("report", help="write OUT/report.html: a static gallery of the items")
+    rp.add_argument("out", help="output folder of a run")
+
     s = sub.add_parser("simulate", help="serve a local simulator of the OpenAI Images API")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=0, help="port (default: any free port)")
@@ -330,6 +342,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ._export import export
+
+    c = export(args.out, args.format, args.to, include_failed=args.include_failed, shard_size=args.shard_size)
+    shards = f", {c['shards']} shard(s)" if args.format == "webdataset" else ""
+    print(f"exported {c['items']} item(s), {c['images']} image(s), {c['failed']} failed{shards} "
+          f"as {args.format} -> {args.to}")
+    if c["missing"]:
+        print(f"batcher: warning: {c['missing']} image file(s) named in the manifest are missing; skipped",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ._gallery import report
+
+    print(report(args.out))
+    return EXIT_OK
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from ._simulator import main_serve
 
@@ -370,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "plan": _cmd_plan, "status": _cmd_status,
-               "merge": _cmd_merge, "simulate": _cmd_simulate}
+               "merge": _cmd_merge, "export": _cmd_export, "report": _cmd_report, "simulate": _cmd_simulate}
     try:
         return handler[args.command](args)
     except JobValidationError as exc:

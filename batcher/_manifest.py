@@ -28,7 +28,7 @@ from typing import Any
 
 from ._exceptions import ManifestError
 
-__all__ = ["Journal", "Entry", "needs_run", "write_manifest", "utc_now", "MANIFEST_VERSION"]
+__all__ = ["Journal", "Entry", "needs_run", "write_manifest", "iter_manifest", "utc_now", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 1
 
@@ -256,3 +256,82 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
                     yield json.loads(raw)
                 except ValueError:
                     continue
+
+
+def iter_manifest(path: Path) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+    """Read `manifest.json` with constant memory: its header, and its items one at a time.
+
+        >>> header, items = iter_manifest(out / "manifest.json")
+        >>> header["summary"]["done"], sum(1 for item in items if item["status"] == "done")
+
+    It relies on the layout `write_manifest` guarantees: a first line holding everything but the
+    items and ending in `"items": [`, then one item per line (all but the last ending in `,`),
+    then `]}`. Any other file is a `ManifestError` naming the file and line. The file is closed
+    when the items are exhausted (or the iterator is closed).
+    """
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest here; `batcher run` writes it at the end of every run") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: can't read the manifest: {exc.strerror}") from None
+    try:
+        first = fh.readline()
+        head = first.rstrip(b"\r\n")
+        try:
+            if not head.endswith(b"["):
+                raise ValueError
+            header = json.loads(head + b"]}")
+            if not isinstance(header, dict) or header.pop("items", None) != []:
+                raise ValueError
+        except ValueError:
+            raise ManifestError(f"{path}:1: not a batcher manifest (the first line must open the item list; "
+                                f"was the file edited or reformatted?)") from None
+        if header.get("version") != MANIFEST_VERSION:
+            raise ManifestError(f"{path}:1: version: manifest version {header.get('version')!r} is not "
+                                f"{MANIFEST_VERSION}; this batcher can't read it")
+    except BaseException:
+        fh.close()
+        raise
+    return header, _Items(_manifest_items(path, fh), fh)
+
+
+class _Items(Iterator[dict[str, Any]]):
+    """The items of a manifest; `close()` closes the file even when no item was read."""
+
+    def __init__(self, gen: Iterator[dict[str, Any]], fh: Any) -> None:
+        self._gen, self._fh = gen, fh
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+        self._fh.close()
+
+
+def _manifest_items(path: Path, fh: Any) -> Iterator[dict[str, Any]]:
+    with fh:
+        lineno = 1
+        expect_more = True  # the previous item line ended in `,` (or none was read yet)
+        for raw in fh:
+            lineno += 1
+            line = raw.rstrip(b"\r\n")
+            if line == b"]}":
+                if fh.read().strip():
+                    raise ManifestError(f"{path}:{lineno + 1}: data after the end of the manifest")
+                return
+            if not expect_more:
+                raise ManifestError(f"{path}:{lineno - 1}: item line without a trailing comma before more items")
+            expect_more = line.endswith(b",")
+            try:
+                item = json.loads(line[:-1] if expect_more else line)
+                if not isinstance(item, dict) or not isinstance(item.get("id"), str) \
+                        or item.get("status") not in ("done", "failed", "pending"):
+                    raise ValueError
+            except ValueError:
+                raise ManifestError(f"{path}:{lineno}: corrupt item line (expected one item object with "
+                                    f"an id and a status)") from None
+            yield item
+        raise ManifestError(f"{path}:{lineno}: the manifest ends before its closing `]}}` (truncated?)")

@@ -35,3 +35,50 @@ def manifest(out: Path) -> dict:
 
 def by_id(out: Path) -> dict:
     return {r["id"]: r for r in manifest(out)["items"]}
+
+
+# A small finished job for export and report tests: done items (one with n=2, one with a hostile
+# prompt), two content-policy failures from the simulator's policy word, and one pending item
+# (added to the job after the run; its manifest is rebuilt as a run that stopped early writes it).
+FIXTURE_PROMPTS = [
+    "A calm lake at dawn",
+    {"id": "pair", "prompt": "Two foxes in the snow", "n": 2, "quality": "high"},
+    {"id": "xss", "prompt": "<script>alert(1)</script><img src=x onerror=alert(2)> \"q\" & 'q'"},
+    {"id": "multi.line", "prompt": "line one\nline two ]} </script> \u2028 end"},
+    "something forbidden here",
+    {"id": "bad2", "prompt": "another forbidden prompt"},
+]
+
+
+def finished_job(tmp: Path) -> Path:
+    """Run FIXTURE_PROMPTS against the simulator on 127.0.0.1; return the output folder."""
+    from batcher import RunOptions, load_job, run_sync
+    from batcher._simulator import SimulatorConfig, start_in_thread
+
+    job_file = write_job(tmp / "job.yaml", FIXTURE_PROMPTS, defaults={"size": "32x24"})
+    out = tmp / "out"
+    with start_in_thread(SimulatorConfig(policy_word="forbidden")) as sim:
+        result = run_sync(load_job(job_file), RunOptions(out=str(out), base_url=sim.base_url,
+                                                         api_key="simulated-key", timeout=10))
+    assert result.summary == {"total": 6, "done": 4, "failed": 2, "pending": 0}, result.summary
+    from batcher._manifest import Journal, write_manifest
+
+    job = load_job(write_job(job_file, [*FIXTURE_PROMPTS, {"id": "later", "prompt": "not run yet"}],
+                             defaults={"size": "32x24"}))
+    summary = write_manifest(Journal.read(out / "manifest.jsonl"), out / "manifest.json",
+                             {"name": job.name, "file": str(job.path)}, job.items)
+    assert summary == {"total": 7, "done": 4, "failed": 2, "pending": 1}
+    return out
+
+
+def write_manifest_file(out: Path, items: list[dict], job: dict | None = None) -> Path:
+    """A hand-written manifest.json in the exact line layout `write_manifest` produces."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"total": len(items), **{s: sum(i["status"] == s for i in items) for s in ("done", "failed", "pending")}}
+    lines = [json.dumps(i, ensure_ascii=False) for i in items]
+    with open(out / "manifest.json", "w", encoding="utf-8") as fh:
+        fh.write('{"version": 1, "job": %s, "summary": %s, "items": [' % (json.dumps(job or {"name": "h"}),
+                                                                          json.dumps(summary)))
+        fh.write("".join("\n" + line + ("," if k < len(lines) - 1 else "") for k, line in enumerate(lines)))
+        fh.write("\n]}\n")
+    return out / "manifest.json"

@@ -31,3 +31,13 @@ def test_exceptions_module_opens_with_its_tree():
     doc = batcher._exceptions.__doc__
     for name in ("BatcherError", "JobValidationError", "TransientError", "PermanentError", "FatalError"):
         assert name in doc
+
+
+def test_export_and_report_are_public():
+    import inspect
+
+    assert {"export", "report"} <= set(batcher.__all__)
+    params = inspect.signature(batcher.export).parameters
+    assert list(params) == ["out", "fmt", "to", "include_failed", "shard_size"]
+    assert params["include_failed"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(inspect.signature(batcher.report).parameters) == ["out"]

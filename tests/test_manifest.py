@@ -94,3 +94,80 @@ def test_journal_is_synced_only_when_dirty(tmp_path, monkeypatch):
     j.sync()
     assert len(calls) == 1
     j.close()
+
+
+# -- iter_manifest: streaming the rebuilt manifest back ---------------------------------------
+
+from batcher._manifest import iter_manifest  # noqa: E402
+
+TRICKY = ["line one\nline two", "ends with ]}", "]}", "</script><script>alert(1)</script>",
+          "sep\u2028par\u2029", 'quote " and \\ backslash', "\r\n]}\r\n"]
+
+
+def _written(tmp_path, prompts):
+    j = Journal.open(tmp_path / "manifest.jsonl")
+    items = [SimpleNamespace(id=f"i{k}", rhash="h", body={"prompt": p}) for k, p in enumerate(prompts)]
+    for it in items[::2]:  # every other item done, the rest pending
+        j.append({"t": "item", "id": it.id, "rhash": "h", "status": "done", "request": it.body,
+                  "created": 1, "images": [], "attempts": 1, "error": None})
+    write_manifest(j, tmp_path / "manifest.json", {"name": "x]}\n"}, lambda: items)
+    j.close()
+    return tmp_path / "manifest.json"
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, len(TRICKY)])
+def test_iter_manifest_reads_what_write_manifest_wrote(tmp_path, count):
+    path = _written(tmp_path, TRICKY[:count])
+    header, items = iter_manifest(path)
+    whole = json.loads(path.read_text())
+    assert header == {k: v for k, v in whole.items() if k != "items"}
+    assert header["job"] == {"name": "x]}\n"}
+    assert list(items) == whole["items"]
+    assert [i["request"]["prompt"] for i in whole["items"]] == TRICKY[:count]
+
+
+def test_iter_manifest_hand_written_zero_and_one_item(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text('{"version": 1, "job": {}, "summary": {"total": 0}, "items": [\n]}\n')
+    header, items = iter_manifest(path)
+    assert header["summary"] == {"total": 0} and list(items) == []
+    path.write_text('{"version": 1, "job": {}, "summary": {"total": 1}, "items": [\n'
+                    '{"id": "a", "status": "failed", "vars": {"subject": "cat"}, "cost": 0.04}\n]}\n')
+    header, items = iter_manifest(path)
+    assert list(items) == [{"id": "a", "status": "failed", "vars": {"subject": "cat"}, "cost": 0.04}]
+
+
+@pytest.mark.parametrize("text, where, what", [
+    ("", ":1:", "not a batcher manifest"),
+    ('{"version": 1, "items": []}\n', ":1:", "not a batcher manifest"),
+    ('{"version": 9, "job": {}, "items": [\n]}\n', ":1:", "version"),
+    ('{"version": 1, "job": {}, "items": [\n{"id": "a", "status": "done"},\n', ":2:", "truncated"),
+    ('{"version": 1, "job": {}, "items": [\n{"id": "a", "status": "done"},\n{"id": "b", "stat\n]}\n', ":3:",
+     "corrupt item line"),
+    ('{"version": 1, "job": {}, "items": [\n{"id": "a", "status": "odd"}\n]}\n', ":2:", "corrupt item line"),
+    ('{"version": 1, "job": {}, "items": [\n{"id": "a", "status": "done"}\n{"id": "b", "status": "done"}\n]}\n',
+     ":2:", "without a trailing comma"),
+    ('{"version": 1, "job": {}, "items": [\n]}\n{"more": 1}\n', ":3:", "after the end"),
+])
+def test_iter_manifest_names_file_and_line_of_a_corrupt_manifest(tmp_path, text, where, what):
+    path = tmp_path / "manifest.json"
+    path.write_text(text)
+    with pytest.raises(ManifestError) as info:
+        header, items = iter_manifest(path)
+        list(items)
+    assert f"{path}{where}" in str(info.value) and what in str(info.value)
+
+
+def test_iter_manifest_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest here"):
+        iter_manifest(tmp_path / "manifest.json")
+
+
+def test_iter_manifest_close_releases_the_file_unread(tmp_path):
+    path = _written(tmp_path, ["a", "b"])
+    _, items = iter_manifest(path)
+    fh = items._fh
+    items.close()
+    assert fh.closed
+    _, items = iter_manifest(path)
+    assert [i["id"] for i in items] == ["i0", "i1"] and items._fh.closed  # exhausted: closed too

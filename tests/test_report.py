@@ -1,0 +1,212 @@
+"""`batcher report OUT`: the static gallery page, checked as text and in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+import batcher
+from batcher import ManifestError
+from batcher._cli import main
+from batcher._gallery import script_json
+
+from helpers import ROOT, finished_job, write_manifest_file
+
+XSS_PROMPT = "<script>alert(1)</script><img src=x onerror=alert(2)> \"q\" & 'q'"
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    out = finished_job(tmp_path_factory.mktemp("job"))
+    batcher.report(out)
+    return out
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def embedded(page: str, element_id: str):
+    match = re.search(rf'<script type="application/json" id="{element_id}">(.*?)</script>', page, re.S)
+    assert match, element_id
+    return json.loads(match.group(1))
+
+
+# -- the page as text -------------------------------------------------------------------------------
+
+
+@given(st.text())
+def test_script_json_is_inert_inside_a_script_element_and_round_trips(text):
+    encoded = script_json({"p": text})
+    assert not set(encoded) & {"<", ">", "&", "\u2028", "\u2029"}
+    assert json.loads(encoded) == {"p": text}
+
+
+def test_report_embeds_every_item_escaped(out):
+    page = (out / "report.html").read_text()
+    doc = manifest(out)
+    cards = embedded(page, "items")
+    assert [c["id"] for c in cards] == [i["id"] for i in doc["items"]]
+    assert [c["p"] for c in cards] == [i["request"]["prompt"] for i in doc["items"]]
+    assert "<script>alert(1)" not in page and "<img src=x" not in page and "</script> \u2028" not in page
+    assert page.count("</script>") == page.count("<script") == 3  # no prompt closes or opens a script
+    summary = embedded(page, "summary-data")
+    assert {k: summary[k] for k in doc["summary"]} == doc["summary"]
+    assert summary["images"] == 5 and summary["cost"] is None
+    assert summary["codes"] == {"content_policy_violation": 2}
+    assert not [p for p in out.iterdir() if p.name.startswith(".report")]  # temporary renamed into place
+
+
+def test_report_sums_optional_cost_and_carries_vars(tmp_path):
+    items = [
+        {"id": "a", "status": "done", "request": {"prompt": "a cat"}, "images": [{"file": "images/a.png"}],
+         "vars": {"subject": "cat", "steps": 30}, "cost": 0.04, "endpoint": "https://one.example/v1"},
+        {"id": "b", "status": "failed", "request": {"prompt": "b"}, "images": [], "cost": 0.01,
+         "error": {"kind": "transient", "status": None, "code": None, "message": "timed out"}},
+        {"id": "c", "status": "done", "request": {"prompt": "c"},
+         "images": [{"file": "images/c.png"}, {"file": "../../etc/passwd"}, {"file": "/etc/passwd"}]},
+    ]
+    write_manifest_file(tmp_path, items, job={"name": "</title><script>alert(3)</script>"})
+    page = batcher.report(tmp_path).read_text()
+    summary = embedded(page, "summary-data")
+    assert summary["cost"] == pytest.approx(0.05) and summary["images"] == 2  # paths leaving OUT are dropped
+    assert summary["codes"] == {"transient": 1}
+    cards = {c["id"]: c for c in embedded(page, "items")}
+    assert cards["a"]["v"] == {"subject": "cat", "steps": "30"} and cards["a"]["c"] == 0.04
+    assert cards["a"]["e"] == "https://one.example/v1" and "v" not in cards["c"] and "c" not in cards["c"]
+    assert [i[0] for i in cards["c"]["i"]] == ["images/c.png"]
+    assert "<title>batcher report: &lt;/title&gt;&lt;script&gt;alert(3)&lt;/script&gt;</title>" in page
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest here"):
+        batcher.report(tmp_path)
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_cli_report(tmp_path, capsys):
+    write_manifest_file(tmp_path, [{"id": "a", "status": "pending", "request": {"prompt": "p"}, "images": []}])
+    assert main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+# -- in a real headless Chromium -----------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install -y chromium; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=30_000)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A page of the report with every console error, page error and dialog recorded."""
+
+    def __init__(self, browser, path: Path) -> None:
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        self.page.set_default_timeout(15_000)
+        self.problems: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: m.type in ("error", "warning") and self.problems.append(m.text))
+        self.page.on("pageerror", lambda e: self.problems.append(str(e)))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.goto(path.as_uri())
+        self.page.wait_for_selector("html[data-ready]")
+
+    def ids(self) -> list[str]:
+        return self.page.eval_on_selector_all("article.card", "els => els.map(e => e.dataset.id)")
+
+    def show(self, status: str = "all", query: str = "") -> list[str]:
+        self.page.select_option("#filter", status)
+        self.page.fill("#q", query)
+        self.page.wait_for_selector(f'html[data-view="{status}|{query}"]', state="attached")
+        return self.ids()
+
+
+@pytest.fixture
+def page(out, browser):
+    # `out` before `browser`: its job runs an event loop, which Playwright's sync API forbids once started
+    p = Page(browser, out / "report.html")
+    yield p
+    p.page.close()
+
+
+def test_page_shows_the_manifest_counts_and_every_thumbnail(page, out):
+    doc = manifest(out)
+    shown = {k: page.page.inner_text(f"#n-{k}") for k in ("total", "done", "failed", "pending", "images")}
+    assert shown == {**{k: str(v) for k, v in doc["summary"].items()}, "images": "5"}
+    assert page.ids() == [i["id"] for i in doc["items"]]
+    loaded = page.page.eval_on_selector_all(
+        "img", "els => Promise.all(els.map(e => e.decode().then(() => e.naturalWidth, () => 0)))")
+    assert loaded == [32] * 5
+    hrefs = page.page.eval_on_selector_all(".thumbs a", "els => els.map(e => e.getAttribute('href'))")
+    assert hrefs[1:3] == ["images/pair_1.png", "images/pair_2.png"]
+    assert "content_policy_violation" in page.page.inner_text(f'article[data-id="bad2"] .error')
+    (ROOT / "output").mkdir(exist_ok=True)
+    page.page.screenshot(path=str(ROOT / "output" / "report-screenshot.png"), full_page=True)
+    assert page.problems == [] and page.dialogs == []
+
+
+def test_status_filter_shows_exactly_the_items_of_that_status(page, out):
+    items = manifest(out)["items"]
+    for status in ("failed", "done", "pending"):
+        assert page.show(status) == [i["id"] for i in items if i["status"] == status], status
+    assert page.page.inner_text("#shown") == "showing 1 of 7"
+    assert page.show("all") == [i["id"] for i in items]
+    assert page.problems == []
+
+
+def test_search_narrows(page, out):
+    failed = [i["id"] for i in manifest(out)["items"] if i["status"] == "failed"]
+    assert page.show("all", "foxes") == ["pair"]
+    assert page.show("all", "safety system") == failed  # error messages are searched
+    assert page.show("all", "rendering line two") == ["multi.line"]  # every word, in prompt or revised prompt
+    assert page.show("done", "forbidden") == []
+    assert page.page.inner_text("#shown") == "showing 0 of 7"
+    assert page.problems == []
+
+
+def test_hostile_prompt_renders_as_text_and_runs_nothing(page):
+    card = 'article[data-id="xss"]'
+    assert page.page.inner_text(f"{card} .prompt") == XSS_PROMPT
+    assert page.page.query_selector_all('img[src="x"]') == [] and page.page.query_selector_all("main script") == []
+    assert page.page.inner_text('article[data-id="multi.line"] .prompt').startswith("line one\nline two ]} </script>")
+    page.page.wait_for_timeout(200)  # give a stray onerror handler its chance to fire
+    assert page.dialogs == [] and page.problems == []
+
+
+def test_many_items_render_a_page_at_a_time_as_the_reader_scrolls(browser, tmp_path):
+    items = [{"id": f"item-{k:04d}", "status": "failed" if k % 7 == 0 else "done",
+              "request": {"prompt": f"prompt number {k}"}, "images": [], "vars": {"k": str(k)},
+              "error": {"kind": "permanent", "status": 400, "code": "x", "message": "m"} if k % 7 == 0 else None}
+             for k in range(400)]
+    write_manifest_file(tmp_path, items)
+    p = Page(browser, batcher.report(tmp_path))
+    first = len(p.ids())
+    assert 0 < first < 400  # not everything up front
+    for _ in range(40):  # bounded: scroll until everything is rendered
+        if len(p.ids()) == 400:
+            break
+        p.page.mouse.wheel(0, 20_000)
+        p.page.wait_for_timeout(50)
+    assert p.ids() == [i["id"] for i in items]
+    assert p.show("failed") == [i["id"] for i in items if i["status"] == "failed"][:len(p.ids())]
+    assert p.page.inner_text("#shown") == f"showing {sum(i['status'] == 'failed' for i in items)} of 400"
+    assert p.show("all", "k: 123") == ["item-0123"]  # matrix variables are searchable
+    assert p.problems == []
+    p.page.close()
