@@ -316,7 +316,7 @@ def _shard_for(args: argparse.Namespace) -> Any:
         if is_remote(args.out) or os.path.isfile(os.path.join(args.out, "plan.json")):
             plan = read_store_plan(open_store(args.out))
             count = plan.count if plan is not None else None
-    return shard_from_env(os.environ, count) if count is not None else None
+    return shard_from_env(os.environ, count)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
