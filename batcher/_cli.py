@@ -331,7 +331,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if info.get("cost") is not None:
         print(f"  {info['images']} image(s) made, estimated cost {info['cost']:.2f}")
     for name, counts in info.get("endpoints", {}).items():
-        print(f"  endpoint {name}: {counts['done']} done, {counts['failed']} failed")
+        spent = f", estimated cost {counts['cost']:.2f}" if counts.get("cost") is not None else ""
+        print(f"  endpoint {name}: {counts['done']} done, {counts['failed']} failed{spent}")
     if info.get("shards"):
         sh = info["shards"]
         print(f"  shards: {len(sh['committed'])} of {sh['planned']} committed")

@@ -74,8 +74,10 @@ def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
     by_endpoint: dict[str, dict[str, int]] = {}
     for info in latest.values():
         if info["endpoint"] and info["status"] in ("done", "failed"):
-            counts = by_endpoint.setdefault(info["endpoint"], {"done": 0, "failed": 0})
+            counts = by_endpoint.setdefault(info["endpoint"], {"done": 0, "failed": 0, "cost": None})
             counts[info["status"]] += 1
+            if info["status"] == "done" and info["cost"] is not None:
+                counts["cost"] = round((counts["cost"] or 0.0) + info["cost"], 6)
         if info["status"] == "done":
             made += len(info["images"])
             if info["cost"] is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def generations(*sims) -> dict[str, int]:
     return total
 
 
-def test_two_endpoints_share_the_work_each_under_its_own_limit(tmp_path, sims):
+def test_two_endpoints_share_the_work_each_under_its_own_limit(tmp_path, sims, capsys):
     slow, fast = sims(SimulatorConfig(rpm=300)), sims(SimulatorConfig(rpm=900))
     job = write_job(tmp_path / "job.yaml", prompts(40), defaults={"size": "16x16"}, endpoints=[
         endpoint("slow", slow, rate_limit={"rpm": 300}), endpoint("fast", fast, rate_limit={"rpm": 900})])
@@ -66,6 +67,10 @@ def test_two_endpoints_share_the_work_each_under_its_own_limit(tmp_path, sims):
         assert sim.stats()["rate_limited"] <= 4
         assert sim.stats()["max_window_requests"] <= per_second
     assert set(generations(slow, fast).values()) == {1}
+    assert main(["status", str(out), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: v["done"] for k, v in status["endpoints"].items()} == {"slow": made_by.count("slow"),
+                                                                    "fast": made_by.count("fast")}
 
 
 def test_quota_on_one_endpoint_retires_it_and_the_other_finishes(tmp_path, sims, capsys):
