@@ -161,9 +161,14 @@ class Dispatcher:
         if self._later:
             timeout = min(timeout, max(0.0, self._later[0][0] - self._clock()))
         event = anyio.Event()
-        self._waiters[name].events.append(event)
-        with anyio.move_on_after(timeout):
-            await event.wait()
+        waiters = self._waiters[name].events
+        waiters.append(event)
+        try:
+            with anyio.move_on_after(timeout):
+                await event.wait()
+        finally:
+            if not event.is_set():
+                waiters.remove(event)  # a timed-out waiter must not swallow the next wake-up
 
     @property
     def done(self) -> bool:

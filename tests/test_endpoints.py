@@ -310,3 +310,22 @@ def test_declared_dialect_and_missing_options_are_checked(tmp_path):
     text = "\n".join(map(str, exc.value.problems))
     assert "dialects.mine.drop" in text
     assert "endpoint 'z' (dialect azure-openai) needs options: api_version" in text
+
+
+@pytest.mark.anyio
+@pytestmark_async
+async def test_a_timed_out_waiter_does_not_swallow_a_wake_up(anyio_backend):
+    d = Dispatcher(["a"])
+    await d.wait("a", timeout=0.01)  # times out: must leave no stale registration behind
+    woken = []
+
+    async def waiter():
+        await d.wait("a", timeout=5.0)
+        woken.append(anyio.current_time())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.sleep(0.05)
+        started = anyio.current_time()
+        await d.put_new(make_task(0, ("a",)))
+    assert woken and woken[0] - started < 1.0
