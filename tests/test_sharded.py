@@ -323,6 +323,30 @@ def check_images_folder(images: Path, by_id: dict[str, dict]) -> None:
         assert (images / name).stat().st_size == size
 
 
+def test_a_shards_rerun_resumes_from_what_a_killed_run_left_only_in_its_buffer(tmp_path):
+    """The killed run's last records never went up as a segment (they go every few seconds);
+    rebuilding the work journal from the store must ship them first, or resume forgets them."""
+    from batcher._sharded import ShardedOutput
+    from batcher._store import SegmentWriter
+
+    out = tmp_path / "out"
+    item_id = next(f"x{n}" for n in range(100) if ShardSpec(1, 3).contains(f"x{n}"))
+    killed = ShardedOutput(out, ShardSpec(1, 3))
+    writer = SegmentWriter.open(killed.store, 1, 3)
+    done = {"t": "item", "id": item_id, "rhash": "h", "status": "done", "request": {"prompt": "p"}, "images": [],
+            "attempts": 1, "error": None, "finished": "2026-11-25T10:00:00.000Z"}
+    writer.append({"t": "attempt", "id": item_id, "rhash": "h", "attempt": 1, "at": "2026-11-25T10:00:00.000Z"})
+    writer.append(done)
+    os.close(writer._fd)  # as kill -9 does: the buffer stays, unshipped and unlocked
+    assert killed.store.list_segments() == []
+
+    rerun = ShardedOutput(out, ShardSpec(1, 3), work_dir=tmp_path / "another-machine")
+    journal = tmp_path / "journal.jsonl"
+    assert rerun.rebuild_journal(journal) == 2
+    assert [json.loads(line)["t"] for line in journal.read_text().splitlines()] == ["attempt", "item"]
+    assert len(rerun.store.list_segments()) == 1  # shipped once, for every later reader too
+
+
 # -- 4. the same on S3 ----------------------------------------------------------------------
 
 
