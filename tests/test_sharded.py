@@ -5,12 +5,14 @@ through a real redis-server. Every process is bounded by a timeout and killed by
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -353,7 +355,7 @@ def test_a_shards_rerun_resumes_from_what_a_killed_run_left_only_in_its_buffer(t
 def test_two_shards_on_s3_with_a_kill_9_and_rerun(tmp_path, shards, s3_endpoint):  # noqa: F811
     from batcher._store import ObjectStore
 
-    bucket = f"batcher-sharded-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    bucket = f"batcher-sharded-{uuid.uuid4().hex[:12]}"
     out = f"s3://{bucket}/run"
     store = ObjectStore(out, storage_options={"client_kwargs": {"endpoint_url": s3_endpoint},
                                               "skip_instance_cache": True})
@@ -365,8 +367,6 @@ def test_two_shards_on_s3_with_a_kill_9_and_rerun(tmp_path, shards, s3_endpoint)
                        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull})
     job, prompts = make_job(tmp_path, 24)
     ids = job_ids(job)
-    import hashlib
-
     work_root = tmp_path / "cache" / "batcher" / "work" / hashlib.sha256(out.encode()).hexdigest()[:16]
     with start_in_thread(SimulatorConfig(latency_ms=200, latency_jitter_ms=50, seed=4)) as sim:
         ok(shards.run("plan", str(job), "--out", out, "--shards", "2"))
