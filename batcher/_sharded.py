@@ -28,7 +28,17 @@ from typing import Any
 from ._exceptions import ShardError
 from ._manifest import Journal
 from ._shard import PLAN_FILE, Plan, ShardSpec, check_plan, parse_plan
-from ._store import FlushPolicy, SegmentWriter, Store, current_markers, iter_merged_records, merge, open_store
+from ._store import (
+    FlushPolicy,
+    SegmentWriter,
+    Store,
+    buffer_dir_for,
+    current_markers,
+    iter_merged_records,
+    merge,
+    open_store,
+    recover_buffers,
+)
 
 __all__ = ["ShardedOutput", "is_remote", "read_store_plan", "write_store_plan"]
 
@@ -81,6 +91,10 @@ class ShardedOutput:
 
     def rebuild_journal(self, path: Path) -> int:
         """Write this shard's merged records (every machine's) into the local work journal."""
+        # a killed run's last records may sit only in its local buffer (segments go up every few
+        # seconds): ship them first, or this journal would forget items that run finished, and
+        # the rerun would pay for them again
+        recover_buffers(self.store, buffer_dir_for(self.store))
         count = 0
         tmp = path.with_name(f".{path.name}.rebuild-{os.getpid()}")
         with open(tmp, "wb") as fh:

@@ -52,6 +52,8 @@ __all__ = [
     "SegmentKey",
     "FlushPolicy",
     "SegmentWriter",
+    "buffer_dir_for",
+    "recover_buffers",
     "open_store",
     "iter_merged_records",
     "merged_journal",
@@ -450,10 +452,7 @@ class SegmentWriter:
         """Recover leftovers, then start a new generation for shard `shard_index` of `shard_count`."""
         if not (shard_count >= 1 and 0 <= shard_index < shard_count):
             raise ValueError(f"shard {shard_index}/{shard_count}: need 0 <= index < count")
-        root = Path(buffer_root) if buffer_root is not None else store.default_buffer_root()
-        # one folder per store, so a leftover buffer is only ever shipped to its own output
-        buffer_dir = root / hashlib.sha256(store.url.encode()).hexdigest()[:16]
-        buffer_dir.mkdir(parents=True, exist_ok=True)
+        buffer_dir = buffer_dir_for(store, buffer_root)
         writer = cls(store, shard_index, shard_count, policy=policy, buffer_dir=buffer_dir, clock=clock)
         writer.recovered = recover_buffers(store, buffer_dir)
         writer._start()
@@ -574,6 +573,15 @@ class SegmentWriter:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(commit=exc_type is None)
+
+
+def buffer_dir_for(store: Store, buffer_root: str | os.PathLike[str] | None = None) -> Path:
+    """The local folder holding `store`'s shard buffers (created if missing)."""
+    root = Path(buffer_root) if buffer_root is not None else store.default_buffer_root()
+    # one folder per store, so a leftover buffer is only ever shipped to its own output
+    buffer_dir = root / hashlib.sha256(store.url.encode()).hexdigest()[:16]
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    return buffer_dir
 
 
 def recover_buffers(store: Store, buffer_dir: Path) -> int:
