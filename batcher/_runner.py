@@ -179,6 +179,7 @@ class _Runner:
         self.sharded = sharded
         self.claims: Any = None
         self._claimed: set[str] = set()
+        self.claim_skipped = 0  # items another worker held when we came to them
         self.options = options
         self.out = out
         self.reporter = reporter
@@ -435,6 +436,7 @@ class _Runner:
                     if task.tries:
                         self.reporter.retry(-1)
                     if not await self._claim(task):
+                        self.claim_skipped += 1
                         self.dispatch.finished(task)  # another worker has it; pending here
                         continue
                     await self._attempt(ep, task)
@@ -718,6 +720,12 @@ class _Runner:
                 except OSError:
                     pass
             merged = None
+            if self.sharded is not None and self.claim_skipped and summary["pending"]:
+                try:  # a twin worker on this index may have finished what we skipped
+                    summary = await anyio.to_thread.run_sync(
+                        self.sharded.recount, self.out.root, job_meta, self.job.items)
+                except (OSError, BatcherError) as exc:
+                    self.reporter.log(f"can't recount shard {self.sharded.shard}: {exc}", level="warning")
             if self.sharded is not None:
                 try:
                     # a shard that left nothing pending commits; the last one to commit merges
@@ -746,6 +754,10 @@ class _Runner:
             outcome, code = "aborted", EXIT_ABORTED
         elif summary["failed"]:
             outcome, code = "finished with failures", EXIT_FAILED
+        elif summary["pending"] and self.claim_skipped:
+            # another worker on this index holds them: not done here, so not exit 0 (the launcher may
+            # rerun the index, which then finds them done, or claims what that worker left)
+            outcome, code = f"finished; {summary['pending']} item(s) held by another worker", EXIT_FAILED
         else:
             outcome, code = "completed", EXIT_OK
         result = RunResult(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import ShardError
-from ._manifest import Journal
+from ._manifest import Journal, write_manifest
 from ._shard import PLAN_FILE, Plan, ShardSpec, check_plan, parse_plan
 from ._store import (
     FlushPolicy,
@@ -143,6 +143,19 @@ class ShardedOutput:
             self.writer.sync()
 
     # -- after the run ----------------------------------------------------------------------
+
+    def recount(self, work_root: Path, job_meta: dict[str, Any], items: Callable[[], Iterable[Any]]) -> dict[str, int]:
+        """This shard's summary from the store as it is now (our records shipped first): items
+        another worker held may have been finished there meanwhile."""
+        if self.writer is not None:
+            self.writer.flush()
+        path = work_root / "manifest.recount.jsonl"
+        self.rebuild_journal(path)
+        journal = Journal.read(path)
+        try:
+            return write_manifest(journal, work_root / "manifest.json", job_meta, items)
+        finally:
+            path.unlink(missing_ok=True)
 
     def finish(self, summary: dict[str, int], job_meta: dict[str, Any],
                all_items: Callable[[], Iterable[Any]], *, commit: bool) -> dict[str, int] | None:
