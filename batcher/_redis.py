@@ -128,6 +128,12 @@ RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# KEYS: 1 claim key; ARGV: 1 token, 2 ttl ms. Mark our claim as a finished item's.
+DONE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], 'done', 'PX', ARGV[2]) and 1 end
+return 0
+"""
+DONE = "done"
 # KEYS: 1 claim key; ARGV: 1 token. Release only a claim that is still ours.
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -462,6 +468,7 @@ class ClaimStore:
         self._prefix = f"batcher:{{{output_key(output)}}}:claim:"
         self._renew = self._redis.register_script(RENEW_LUA)
         self._release = self._redis.register_script(RELEASE_LUA)
+        self._done = self._redis.register_script(DONE_LUA)
         self._ttl_ms: dict[str, int] = {}
         self._down = _down_errors()
 
@@ -484,12 +491,17 @@ class ClaimStore:
         return bool(await self._renew(keys=[self.key(item_id)], args=[self.token, ttl_ms]))
 
     async def keep(self, item_id: str, seconds: float) -> bool:
-        """Hold a finished item's claim for `seconds` more, so no worker whose view of the output is
-        older than its journal segment sends it again; False if it was no longer ours."""
+        """Mark a finished item's claim `done` for `seconds`, so no worker whose view of the output
+        is older than its journal segment sends it again; False if it was no longer ours."""
         if item_id not in self._ttl_ms:
             return False
         self._ttl_ms.pop(item_id)
-        return bool(await self._renew(keys=[self.key(item_id)], args=[self.token, max(1, round(seconds * 1000))]))
+        return bool(await self._done(keys=[self.key(item_id)], args=[self.token, max(1, round(seconds * 1000))]))
+
+    async def holder(self, item_id: str) -> str | None:
+        """Who holds the item: `DONE` (finished elsewhere), another worker's token, or None."""
+        value = await self._redis.get(self.key(item_id))
+        return value.decode() if isinstance(value, bytes) else value
 
     async def release(self, item_id: str) -> bool:
         """Give the item up; False if it was no longer ours (expired, or taken since)."""

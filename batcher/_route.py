@@ -41,6 +41,7 @@ class Task:
     error: Any = None  # the last RequestError
     prefer: str | None = None  # the endpoint a retry should go back to
     seq: int = 0
+    claim_waits: int = 0  # times another worker held its claim
 
 
 @dataclass

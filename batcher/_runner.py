@@ -50,6 +50,8 @@ __all__ = [
 
 DEFAULT_BASE_URL = "https://open.dieyuyun.com/v1"
 DEFAULT_CONCURRENCY = 16
+CLAIM_TTL = 30.0  # seconds; renewed every 10 s while a worker holds the item
+CLAIM_WAITS = 6  # times an item held by another worker is asked for again (every TTL/2) before giving up
 KEY_ENVS = ("BATCHER_API_KEY", "OPENAI_API_KEY")
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -334,20 +336,22 @@ class _Runner:
                                            workers=workers)
         out = self.sharded.out if self.sharded is not None else str(self.out.root.resolve())
         self.claims = ClaimStore(url, out)
-        self.claim_ttl = max(60.0, 2 * (self.options.timeout + self.options.connect_timeout))
+        # short, renewed every third of it while held: a dead worker's claims free up within it
+        self.claim_ttl = CLAIM_TTL
 
-    async def _claim(self, task: Task) -> bool:
-        """Take the item for this worker; False if another worker (a replaced pod) holds it."""
+    async def _claim(self, task: Task) -> str:
+        """Take the item for this worker: "ok", "done" (finished by another worker), or "held"."""
         if self.claims is None or task.item.id in self._claimed:
-            return True
+            return "ok"
         try:
-            won = await self.claims.claim(task.item.id, self.claim_ttl)
+            if await self.claims.claim(task.item.id, self.claim_ttl):
+                self._claimed.add(task.item.id)
+                return "ok"
+            holder = await self.claims.holder(task.item.id)
         except Exception as exc:  # Redis away: the shard split still keeps workers apart
             self.reporter.log(f"claims unavailable ({type(exc).__name__}); going on without", level="warning")
-            return True
-        if won:
-            self._claimed.add(task.item.id)
-        return won
+            return "ok"
+        return "done" if holder == "done" else "held" if holder is not None else "retry"
 
     async def _unclaim(self, item_id: str, done: bool) -> None:
         if self.claims is None or item_id not in self._claimed:
@@ -435,9 +439,16 @@ class _Runner:
                 if task is not None:
                     if task.tries:
                         self.reporter.retry(-1)
-                    if not await self._claim(task):
+                    verdict = await self._claim(task)
+                    if verdict in ("held", "retry") and task.claim_waits < CLAIM_WAITS and not self.stopping:
+                        # a live worker renews its claim; a dead one's lapses: ask again later
+                        task.claim_waits += 1
+                        delay = 0.0 if verdict == "retry" else self.claim_ttl / 2
+                        self.dispatch.retry_later(task, delay)
+                        continue
+                    if verdict != "ok":
                         self.claim_skipped += 1
-                        self.dispatch.finished(task)  # another worker has it; pending here
+                        self.dispatch.finished(task)  # another worker did it or has it; pending here
                         continue
                     await self._attempt(ep, task)
             finally:

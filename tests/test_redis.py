@@ -277,6 +277,21 @@ def test_claim_renew_release_are_per_token():
     anyio.run(main)
 
 
+def test_a_finished_items_claim_says_done_and_stays_taken():
+    async def main():
+        r = fake()
+        a, b = ClaimStore(r, "out"), ClaimStore(r, "out")
+        assert await a.claim("x", 10)
+        assert await b.holder("x") == a.token
+        assert not await b.keep("x", 3600)  # only the holder marks it done
+        assert await a.keep("x", 3600)
+        assert await b.holder("x") == "done" and not await b.claim("x", 10)
+        assert await r.pttl(a.key("x")) > 10_000  # kept far longer than a claim
+        assert await b.holder("never-claimed") is None
+
+    anyio.run(main)
+
+
 def test_one_of_many_concurrent_claimers_wins():
     async def main():
         r = fake()
