@@ -17,7 +17,7 @@ import anyio
 
 from ._policy import parse_duration
 
-__all__ = ["Window", "RateLimiter", "Permit", "ConcurrencyController", "window_shape"]
+__all__ = ["Window", "RateLimiter", "Permit", "ConcurrencyController", "window_shape", "advertised"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -30,6 +30,27 @@ def window_shape(per_minute: float) -> tuple[int, float]:
     """
     capacity = max(1, round(per_minute / 60.0))
     return capacity, 60.0 * capacity / per_minute
+
+
+def advertised(headers: Mapping[str, str], kind: str) -> tuple[float | None, float | None]:
+    """What a server's `x-ratelimit-*` headers say of `kind` (requests or images): the per-minute
+    limit (None when absent or not a positive number), and, when none remain, the seconds (≤ 60)
+    until its window resets (else None)."""
+    limit: float | None = None
+    raw = headers.get(f"x-ratelimit-limit-{kind}")
+    if raw is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = 0.0
+        limit = value if value > 0 and math.isfinite(value) else None
+    remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+    reset = headers.get(f"x-ratelimit-reset-{kind}")
+    if remaining is not None and reset is not None and remaining.strip() == "0":
+        seconds = parse_duration(reset)
+        if seconds is not None:
+            return limit, min(seconds, 60.0)
+    return limit, None
 
 
 class Window:
@@ -226,14 +247,8 @@ class RateLimiter:
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Adopt limits the server advertises (`x-ratelimit-limit-requests`, `-images`)."""
         for kind, window in self._windows().items():
-            raw = headers.get(f"x-ratelimit-limit-{kind}")
-            if raw is None:
-                continue
-            try:
-                limit = float(raw)
-            except ValueError:
-                continue
-            if limit <= 0 or not math.isfinite(limit):
+            limit, exhausted_for = advertised(headers, kind)
+            if limit is None:
                 continue
             capacity, period = window_shape(limit)
             if self.source[kind] in (None, "learned", "advertised") or (
@@ -242,12 +257,8 @@ class RateLimiter:
                 if self.source[kind] != "advertised" or (capacity, period) != (window.capacity, window.period):
                     window.capacity, window.period = capacity, period
                     self.source[kind] = "advertised"
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-            reset = headers.get(f"x-ratelimit-reset-{kind}")
-            if remaining is not None and reset is not None and remaining.strip() == "0":
-                seconds = parse_duration(reset)
-                if seconds is not None:
-                    self.pause(min(seconds, 60.0))
+            if exhausted_for is not None:
+                self.pause(exhausted_for)
 
     def on_rate_limited(self, retry_after: float | None, kind: str = "requests", images: int = 1) -> None:
         """A 429 `rate_limit_exceeded`: pause everyone, and learn or tighten the limit.

@@ -47,8 +47,7 @@ from typing import Any
 import anyio
 
 from ._exceptions import BatcherError
-from ._limiter import Permit, RateLimiter, window_shape
-from ._policy import parse_duration
+from ._limiter import Permit, RateLimiter, advertised, window_shape
 
 __all__ = [
     "connect",
@@ -320,24 +319,16 @@ class SharedRateLimiter:
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Adopt and publish limits the server advertises (`x-ratelimit-limit-requests`, `-images`)."""
         for kind in KINDS:
-            raw = headers.get(f"x-ratelimit-limit-{kind}")
-            try:
-                limit = float(raw) if raw is not None else 0.0
-            except ValueError:
-                limit = 0.0
-            if limit > 0 and math.isfinite(limit):
+            limit, exhausted_for = advertised(headers, kind)
+            if limit is not None:
                 shape = _shape(limit)
                 current = self.shapes[kind]
                 stricter = current[0] == 0 or shape[0] / shape[1] < current[0] / current[1]
                 if shape != current and (self.source[kind] != "configured" or stricter):
                     self.set_limit(kind, limit)
                     self.source[kind] = "advertised"
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-            reset = headers.get(f"x-ratelimit-reset-{kind}")
-            if remaining is not None and reset is not None and remaining.strip() == "0":
-                seconds = parse_duration(reset)
-                if seconds is not None:
-                    self.pause(min(seconds, 60.0))
+            if exhausted_for is not None:
+                self.pause(exhausted_for)
 
     def on_rate_limited(self, retry_after: float | None, kind: str = "requests", images: int = 1) -> None:
         """A 429: pause every worker; with no known limit, what all workers sent in the last
