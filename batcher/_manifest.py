@@ -28,7 +28,7 @@ from typing import Any
 
 from ._exceptions import ManifestError
 
-__all__ = ["Journal", "Entry", "needs_run", "write_manifest", "iter_manifest", "utc_now", "MANIFEST_VERSION"]
+__all__ = ["Journal", "Entry", "RecordLines", "needs_run", "write_manifest", "iter_manifest", "utc_now", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 1
 
@@ -46,6 +46,42 @@ class Entry:
     attempts: int
     offset: int  # byte offset of the latest `item` line, or -1
     error_kind: str | None = None
+
+
+class RecordLines:
+    """The records of journal lines, with the byte span of each: `for start, end, rec in ...`.
+
+    With `torn_ok`, an incomplete or unreadable *last* line (a kill mid-write) ends the records and
+    its number is kept in `torn_line`; an unreadable line anywhere else is a ManifestError naming
+    `where:LINE`.
+    """
+
+    def __init__(self, lines: Iterable[bytes], where: str, *, torn_ok: bool = True, advice: str = "") -> None:
+        self.lines = lines
+        self.where = where
+        self.torn_ok = torn_ok
+        self.advice = advice
+        self.torn_line: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        lines = iter(self.lines)
+        offset = 0
+        for lineno, raw in enumerate(lines, 1):
+            start, offset = offset, offset + len(raw)
+            complete = raw.endswith(b"\n")
+            try:
+                rec = json.loads(raw)
+                if not isinstance(rec, dict) or "t" not in rec:
+                    raise ValueError("not a journal record")
+            except ValueError:
+                if self.torn_ok and (not complete or next(lines, None) is None):
+                    self.torn_line = lineno
+                    return
+                raise ManifestError(f"{self.where}:{lineno}: corrupt journal line{self.advice}") from None
+            if not complete and self.torn_ok:
+                self.torn_line = lineno
+                return
+            yield start, offset, rec
 
 
 def needs_run(entry: Entry | None, rhash: str, retry_failed: bool = False) -> bool:
@@ -97,32 +133,14 @@ class Journal:
             return
         except OSError as exc:
             raise ManifestError(f"{self.path}: can't read the journal: {exc.strerror}") from None
-        offset = 0
         good_end = 0
         with fh:
-            lines = iter(fh)
-            lineno = 0
-            for raw in lines:
-                lineno += 1
-                start, offset = offset, offset + len(raw)
-                complete = raw.endswith(b"\n")
-                try:
-                    rec = json.loads(raw)
-                    if not isinstance(rec, dict) or "t" not in rec:
-                        raise ValueError("not a journal record")
-                except ValueError:
-                    if not complete or next(lines, None) is None:
-                        self.torn_line = lineno  # a kill mid-write: tolerated, reported, cut off
-                        break
-                    raise ManifestError(
-                        f"{self.path}:{lineno}: corrupt journal line; the file was not written by "
-                        f"batcher or was edited. Move it away to start over (images stay in place)."
-                    ) from None
-                if not complete:
-                    self.torn_line = lineno
-                    break
-                good_end = offset
+            records = RecordLines(fh, str(self.path), advice="; the file was not written by batcher or was "
+                                  "edited. Move it away to start over (images stay in place).")
+            for start, end, rec in records:
+                good_end = end
                 self._apply(rec, start)
+        self.torn_line = records.torn_line  # a kill mid-write: tolerated, reported, cut off
         if self.torn_line is not None and repair:
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)

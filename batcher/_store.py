@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import ManifestError, OutputError
-from ._manifest import Journal, utc_now, write_manifest
+from ._manifest import Journal, RecordLines, utc_now, write_manifest
 
 __all__ = [
     "Store",
@@ -664,21 +664,8 @@ def iter_merged_records(store: Store) -> Iterator[dict[str, Any]]:
 
 
 def _parse_lines(store: Store, rel: str, *, torn_ok: bool) -> Iterator[dict[str, Any]]:
-    lines = store.iter_lines(rel)
-    lineno = 0
-    for raw in lines:
-        lineno += 1
-        complete = raw.endswith(b"\n")
-        try:
-            rec = json.loads(raw)
-            if not isinstance(rec, dict) or "t" not in rec:
-                raise ValueError("not a journal record")
-        except ValueError:
-            if torn_ok and (not complete or next(lines, None) is None):
-                return  # a kill mid-write: cut off, as Journal does
-            raise ManifestError(f"{store.url_of(rel)}:{lineno}: corrupt journal line") from None
-        if not complete and torn_ok:
-            return
+    # a torn last line of the local journal is cut off, as Journal does
+    for _start, _end, rec in RecordLines(store.iter_lines(rel), store.url_of(rel), torn_ok=torn_ok):
         yield rec
 
 
