@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 REDIS_SERVER = shutil.which("redis-server")
 START_TIMEOUT = 10.0
 
@@ -91,3 +93,16 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed "
+                                 "(apt-get install -y redis-server; .ci/run does it)")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -25,7 +25,7 @@ from batcher._redis import (  # noqa: E402
     endpoint_key,
     output_key,
 )
-from redis_helpers import REDIS_SERVER, RedisServer  # noqa: E402
+from redis_helpers import REDIS_SERVER, RedisServer, needs_redis, redis_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-never-stored-0123456789"
@@ -377,17 +377,7 @@ def test_importing_the_redis_module_does_not_import_redis(tmp_path):
 
 # -- a real redis-server ---------------------------------------------------------------------------------------
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed "
-                                 "(apt-get install -y redis-server; .ci/run does it)")
 
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 WORKER = r"""

@@ -24,7 +24,7 @@ from batcher._shard import ShardSpec
 from batcher._simulator import SimulatorConfig, start_in_thread
 
 from helpers import KEY, ROOT, write_job
-from redis_helpers import REDIS_SERVER, RedisServer
+from redis_helpers import REDIS_SERVER, RedisServer, needs_redis, redis_server
 from test_store import s3_endpoint  # noqa: F401 — the moto S3 server fixture
 
 PROC_TIMEOUT = 60.0
@@ -33,8 +33,6 @@ _INHERITED = ("BATCHER_API_KEY", "OPENAI_API_KEY", "BATCHER_BASE_URL", "JOB_COMP
               "AWS_BATCH_JOB_ARRAY_INDEX", "CLOUD_RUN_TASK_INDEX", "CLOUD_RUN_TASK_COUNT", "SLURM_ARRAY_TASK_ID",
               "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP", "XDG_CACHE_HOME")
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed "
-                                 "(apt-get install -y redis-server; .ci/run does it)")
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -394,14 +392,6 @@ def test_two_shards_on_s3_with_a_kill_9_and_rerun(tmp_path, shards, s3_endpoint)
 
 # -- 5. a real redis-server: claims and the shared limit ------------------------------------
 
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @needs_redis
