@@ -516,8 +516,6 @@ def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], si
             problems.append(Problem(fname, line, f"{where}.name", "every endpoint needs a name"))
         if "base_url" not in val:
             problems.append(Problem(fname, line, f"{where}.base_url", "missing"))
-    elif any(k in out for k in ENDPOINT_KEYS if k not in ("base_url", "api_key_env")):
-        pass  # the single-endpoint form only knows base_url and api_key_env (reported above)
     return Endpoint(**out)
 
 

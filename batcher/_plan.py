@@ -16,7 +16,7 @@ from typing import Any
 from ._job import Item, Job
 from ._manifest import Journal, needs_run
 
-__all__ = ["PriceTable", "BudgetLimits", "Budget", "plan", "item_price", "PRICE_KEYS"]
+__all__ = ["PriceTable", "BudgetLimits", "Budget", "plan", "endpoint_prices", "item_price", "PRICE_KEYS"]
 
 PRICE_KEYS = ("model", "size", "quality")
 
@@ -46,12 +46,16 @@ class PriceTable:
         return None if price is None else price * images
 
 
-def item_price(job: Job, item: Item, default: PriceTable | None = None) -> float | None:
+def endpoint_prices(job: Job) -> dict[str, PriceTable]:
+    """Each endpoint's price table, built once: its own `price`, else the job's `pricing`."""
+    default = PriceTable(job.pricing)
+    return {e.name: PriceTable(e.price) if e.price is not None else default for e in job.endpoints}
+
+
+def item_price(job: Job, item: Item, tables: dict[str, PriceTable]) -> float | None:
     """Per-image price of an item as planned: the dearest endpoint that may send it (an upper
-    bound, since routing decides at run time); an endpoint without `price` uses the job's `pricing`."""
-    default = default if default is not None else PriceTable(job.pricing)
-    prices = [(PriceTable(e.price) if e.price is not None else default).per_image(item.body)
-              for e in job.live_endpoints() if job.can_send(e, item.body)]
+    bound, since routing decides at run time); `tables` from `endpoint_prices`."""
+    prices = [tables[e.name].per_image(item.body) for e in job.live_endpoints() if job.can_send(e, item.body)]
     if not prices or any(p is None for p in prices):
         return None
     return max(p for p in prices if p is not None)
@@ -118,7 +122,7 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
     unless `retry_failed`) are counted apart.
     """
     job.validate()
-    prices = PriceTable(job.pricing)
+    tables = endpoint_prices(job)
     journal = None
     if out is not None and (Path(out) / "manifest.jsonl").is_file():
         journal = Journal.read(Path(out) / "manifest.jsonl")
@@ -132,7 +136,7 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
             have += 1
             continue
         key = tuple(str(item.body.get(k, "")) for k in PRICE_KEYS)
-        price = item_price(job, item, prices)
+        price = item_price(job, item, tables)
         group = groups.setdefault(key, {**dict(zip(PRICE_KEYS, key)), "requests": 0, "images": 0,
                                         "per_image": price, "cost": 0.0})
         cost = None if price is None else price * item.images

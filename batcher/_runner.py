@@ -35,7 +35,7 @@ from ._ids import safe_stem
 from ._job import Endpoint, Item, Job
 from ._limiter import ConcurrencyController, RateLimiter
 from ._manifest import Journal, needs_run, utc_now, write_manifest
-from ._plan import Budget, BudgetLimits, PriceTable, item_price
+from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
 from ._policy import POLICY_CODES, RetryPolicy
 from ._report import Reporter
 from ._shard import ShardSpec, fingerprint_line
@@ -195,7 +195,7 @@ class _Runner:
         self.requests = 0
         self.images = 0
         self.cost = 0.0
-        self.prices = PriceTable(job.pricing)
+        self.prices = endpoint_prices(job)  # per endpoint name
         self.budget = Budget(BudgetLimits(options.max_images, options.max_cost))
         self._wait_scopes: set[anyio.CancelScope] = set()
         self._missing: set[str] = set()
@@ -296,9 +296,6 @@ class _Runner:
         finally:
             self.journal.close()
 
-    def _prices_for(self, ep: Endpoint) -> PriceTable:
-        return PriceTable(ep.price) if ep.price is not None else self.prices
-
     def _endpoints_for(self, models: set[Any]) -> list[_EndpointRun]:
         """The endpoints this run uses, each with its key; a missing key is an error only where needed."""
         opts = self.options
@@ -321,7 +318,7 @@ class _Runner:
             ipm = opts.ipm or ep.rate_limit.ipm or (self.job.rate_limit.ipm if len(self.job.endpoints) == 1 else None)
             concurrency = opts.concurrency or ep.concurrency or self.job.concurrency or DEFAULT_CONCURRENCY
             base_url = (opts.base_url or ep.base_url or os.environ.get("BATCHER_BASE_URL") or DEFAULT_BASE_URL)
-            runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self._prices_for(ep)))
+            runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self.prices[ep.name]))
         return runs
 
     def _use_shared_limits(self) -> None:
@@ -561,7 +558,7 @@ class _Runner:
         ep.stats["requests"] += 1
         ep.breaker.starting()
         permit.sent()
-        body = ep.body_for(item.body)
+        body = ep.ep.body_for(item.body)
         try:
             with anyio.fail_after(self.deadline):
                 gen = await ep.client.generate(body)
@@ -617,10 +614,10 @@ class _Runner:
                                   f"{ep.breaker.open_until - anyio.current_time():.0f}s, then one probe",
                                   level="warning")
                 dispatch.unpin(ep.name)
-        if task.tries >= self.policy.max_attempts or self.stopping:
-            if self.stopping:
-                dispatch.finished(task)  # stays pending
-                return
+        if self.stopping:
+            dispatch.finished(task)  # stays pending
+            return
+        if task.tries >= self.policy.max_attempts:
             return await self._record_failure(ep, task, exc)
         # a request that got no clear answer may have been generated (and billed) there: go back
         ambiguous = exc.status is None or exc.status == 200
@@ -776,7 +773,7 @@ class _Runner:
             requests=self.requests, rate_limited=sum(e.limiter.rejections for e in getattr(self, "endpoints", [])),
             elapsed=time.monotonic() - started,
             error=self.fatal.as_record() if self.fatal is not None else None,
-            cost=round(self.cost, 6) if self.prices else None,
+            cost=round(self.cost, 6) if any(self.prices.values()) else None,
             endpoints=self._endpoint_stats(),
             merged=merged,
             budget={"images": self.budget.images, "cost": round(self.budget.cost, 6), **asdict(self.budget.limits)}
@@ -812,9 +809,6 @@ class _EndpointRun:
         self.retired: str | None = None
         self.stats: dict[str, Any] = {"requests": 0, "done": 0, "failed": 0, "images": 0, "cost": 0.0,
                                       "rate_limited": 0}
-
-    def body_for(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.ep.body_for(body)
 
     def gate(self) -> float:
         """Seconds until this endpoint could send a request (0: take an item now)."""
