@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
@@ -373,7 +374,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job, _overrides(args))
-    reporter = Reporter(quiet=args.quiet or args.json and not sys.stderr.isatty(), log_file=args.log_file)
+    reporter = Reporter(quiet=args.quiet or (args.json and not sys.stderr.isatty()), log_file=args.log_file)
     options = RunOptions(
         out=args.out, base_url=args.base_url, api_key_env=args.api_key_env, concurrency=args.concurrency,
         rpm=args.rpm, ipm=args.ipm, timeout=args.timeout, connect_timeout=args.connect_timeout,

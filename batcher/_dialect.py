@@ -21,9 +21,10 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import quote
 
 from ._exceptions import PermanentError
@@ -343,9 +344,10 @@ def parse_dialects(spec: Mapping[str, Any]) -> dict[str, Dialect]:
         if base_name in DIALECTS:
             base = DIALECTS[base_name]
         elif base_name in entries:
-            base = build(base_name, (*chain, name))
-            if base is None:
+            parent = build(base_name, (*chain, name))
+            if parent is None:
                 return None  # its own problem is reported where it is
+            base = parent
         else:
             known = ", ".join(sorted({*DIALECTS, *entries}))
             problems.append((f"{where}.base", f"unknown dialect {base_name!r} (known: {known})"))

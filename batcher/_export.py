@@ -183,7 +183,7 @@ def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: in
             open(tmp / "failed.jsonl", "w", encoding="utf-8") as failed:
         for lineno, item in src.items():
             base = _common(item)
-            variables = item.get("vars") if isinstance(item.get("vars"), dict) else {}
+            variables: dict[str, Any] = item["vars"] if isinstance(item.get("vars"), dict) else {}
             extra = {_var_column(str(k)): _var_value(v) for k, v in variables.items()}
             if item["status"] == "failed":
                 error = item.get("error") or {}
@@ -265,7 +265,7 @@ def _webdataset(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int
                     shard.add(path, arcname=f"{key}.{ext}", recursive=False, filter=plain)
                     counts["images"] += 1
                 add_bytes(f"{key}.json", json.dumps(record, ensure_ascii=False).encode())
-                shard.members.clear()  # TarFile keeps every TarInfo it wrote; a writer never reads them back
+                shard.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every TarInfo it wrote; a writer never reads them back
                 seq += 1
                 in_shard += 1
     finally:

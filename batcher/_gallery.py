@@ -45,7 +45,7 @@ def report(out: str | Path) -> Path:
     """Write `OUT/report.html` from `OUT/manifest.json`; return its path."""
     root = Path(out)
     header, items = iter_manifest(root / "manifest.json")
-    job = header.get("job") if isinstance(header.get("job"), dict) else {}
+    job: dict[str, Any] = header["job"] if isinstance(header.get("job"), dict) else {}
     title = f"batcher report: {job.get('name') or root.name}"
     summary: dict[str, Any] = {"total": 0, "done": 0, "failed": 0, "pending": 0, "images": 0, "cost": None,
                                "codes": {}}
@@ -75,7 +75,7 @@ def _card(item: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     status = item["status"]
     summary["total"] += 1
     summary[status] += 1
-    request = item.get("request") if isinstance(item.get("request"), dict) else {}
+    request: dict[str, Any] = item["request"] if isinstance(item.get("request"), dict) else {}
     card: dict[str, Any] = {"id": item["id"], "s": status, "p": request.get("prompt"), "m": request.get("model"),
                             "z": request.get("size"), "a": item.get("attempts"), "f": item.get("finished")}
     images = []

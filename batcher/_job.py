@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from ._exceptions import JobError, JobValidationError, Problem
 from ._dialect import DIALECTS, Dialect, DialectSpecError, get_dialect, parse_dialects
+from ._exceptions import JobError, JobValidationError, Problem
 from ._ids import IdAssigner, request_hash
 
 __all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS"]
@@ -373,10 +373,10 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
             try:
                 job.dialects = parse_dialects(val)
             except DialectSpecError as exc:
-                names = {str(k.value): _line(k) for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+                key_lines = {str(k.value): _line(k) for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
                 for path, msg in exc.problems:
                     parts = path.split(".")
-                    at = names.get(parts[1], vline) if len(parts) > 1 else vline
+                    at = key_lines.get(parts[1], vline) if len(parts) > 1 else vline
                     problems.append(Problem(fname, at, path, msg))
                 job.dialects = {name: get_dialect("openai-compatible") for name in val if isinstance(name, str)}
         elif key == "output":
@@ -426,7 +426,7 @@ def _field_lines(node: yaml.MappingNode, only: str | None = None) -> dict[str, i
             continue
         lines[str(k.value)] = _line(v)
         if k.value == "matrix" and isinstance(v, yaml.MappingNode):
-            for mk, mv in v.value:
+            for mk, _ in v.value:
                 if isinstance(mk, yaml.ScalarNode):
                     lines[f"matrix.{mk.value}"] = _line(mk)
     return lines
@@ -607,7 +607,7 @@ def _make_item(
         (template, matrix, repeat), = spec
         if template is not None:
             names = list(matrix)
-            combos = (dict(zip(names, values)) for values in itertools.product(*matrix.values()))
+            combos = (dict(zip(names, values, strict=True)) for values in itertools.product(*matrix.values()))
     if (not expansion or template is None) and "prompt" not in {**base, **fields, **overrides}:
         yield Problem(fname, line, f"{prefix}prompt", "missing; every item needs a prompt")
         bad = True

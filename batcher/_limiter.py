@@ -102,7 +102,7 @@ class Window:
 
 
 class _Waiter:
-    __slots__ = ("images", "event", "permit")
+    __slots__ = ("event", "images", "permit")
 
     def __init__(self, images: int) -> None:
         self.images = images

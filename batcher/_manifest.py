@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ MANIFEST_VERSION = 1
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(slots=True)
@@ -142,8 +142,8 @@ class Journal:
                 self._apply(rec, start)
         self.torn_line = records.torn_line  # a kill mid-write: tolerated, reported, cut off
         if self.torn_line is not None and repair:
-            with open(self.path, "r+b") as fh:
-                fh.truncate(good_end)
+            with open(self.path, "r+b") as wfh:
+                wfh.truncate(good_end)
 
     def _apply(self, rec: dict[str, Any], offset: int) -> None:
         kind = rec["t"]
@@ -223,8 +223,8 @@ def write_manifest(
         summary[_status(journal, item)] += 1
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(journal.path, "rb") if journal.path.exists() else _NullFile() as jfh, open(tmp, "w") as out:
-        out.write('{"version": %d, "job": %s, "summary": %s, "items": [' % (
-            MANIFEST_VERSION, json.dumps(job, ensure_ascii=False), json.dumps(summary)))
+        out.write(f'{{"version": {MANIFEST_VERSION}, "job": {json.dumps(job, ensure_ascii=False)}, '
+                  f'"summary": {json.dumps(summary)}, "items": [')
         sep = "\n"
         for item in items():
             out.write(sep + json.dumps(_item_record(journal, jfh, item), ensure_ascii=False))
@@ -276,7 +276,7 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
                     continue
 
 
-def iter_manifest(path: Path) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+def iter_manifest(path: Path) -> tuple[dict[str, Any], _Items]:
     """Read `manifest.json` with constant memory: its header, and its items one at a time.
 
         >>> header, items = iter_manifest(out / "manifest.json")

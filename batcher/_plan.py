@@ -126,7 +126,7 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
     journal = None
     if out is not None and (Path(out) / "manifest.jsonl").is_file():
         journal = Journal.read(Path(out) / "manifest.jsonl")
-    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}
     total = have = 0
     send = {"requests": 0, "images": 0, "cost": 0.0, "unpriced_requests": 0}
     first_unpriced: Item | None = None
@@ -137,7 +137,7 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
             continue
         key = tuple(str(item.body.get(k, "")) for k in PRICE_KEYS)
         price = item_price(job, item, tables)
-        group = groups.setdefault(key, {**dict(zip(PRICE_KEYS, key)), "requests": 0, "images": 0,
+        group = groups.setdefault(key, {**dict(zip(PRICE_KEYS, key, strict=True)), "requests": 0, "images": 0,
                                         "per_image": price, "cost": 0.0})
         cost = None if price is None else price * item.images
         group["requests"] += 1

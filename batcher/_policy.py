@@ -10,9 +10,10 @@ import json
 import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Mapping
+from typing import Any
 
 from ._exceptions import FatalError, PermanentError, RequestError, TransientError
 
@@ -153,7 +154,7 @@ def classify(status: int, headers: Mapping[str, str], raw: bytes) -> RequestErro
         symbolic = etype
     if status == 200 and code and code.isdigit():
         status = int(code)  # a 200 carrying an error object: believe the error
-    kw = dict(status=status, code=symbolic or code, headers=dict(headers), type=etype)
+    kw: dict[str, Any] = dict(status=status, code=symbolic or code, headers=dict(headers), type=etype)
     if symbolic in FATAL_CODES or status in (401, 402, 403):
         return FatalError(message, **kw)
     if status == 429 or status == 408 or status == 425 or status >= 500 or status == 200:

@@ -192,7 +192,7 @@ class SharedPermit:
     and the send follows at once; the margin covers the gap. `refund()` removes its members on
     the next round trip."""
 
-    __slots__ = ("_limiter", "member", "images")
+    __slots__ = ("_limiter", "images", "member")
 
     def __init__(self, limiter: SharedRateLimiter, member: str, images: int) -> None:
         self._limiter = limiter

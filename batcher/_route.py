@@ -14,8 +14,8 @@ answering 5xx or timing out, then lets one probe through.
 from __future__ import annotations
 
 import heapq
-import time
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field

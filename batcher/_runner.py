@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream
 
 from ._client import Generation, ImagesClient, Timeouts
 from ._exceptions import (
     BatcherError,
     FatalError,
     JobValidationError,
-    Problem,
-    ShardError,
     ManifestError,
+    Problem,
     RequestError,
+    ShardError,
     TransientError,
 )
 from ._ids import safe_stem
@@ -38,9 +37,9 @@ from ._manifest import Journal, needs_run, utc_now, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
 from ._policy import POLICY_CODES, RetryPolicy
 from ._report import Reporter
+from ._route import CircuitBreaker, Dispatcher, Task
 from ._shard import ShardSpec, fingerprint_line
 from ._sharded import is_remote
-from ._route import CircuitBreaker, Dispatcher, Task
 from ._writer import DISK_ERRNOS, OutputDir, SavedImage
 
 __all__ = [
@@ -209,7 +208,7 @@ class _Runner:
         if journal.torn_line is not None:
             self.reporter.log(f"{self.out.journal}:{journal.torn_line}: torn last line from an interrupted "
                               f"run ignored", level="warning")
-        names = {r.get("job") for r in journal.runs if r.get("t") == "run"}
+        names = {str(r.get("job")) for r in journal.runs if r.get("t") == "run"}
         if names and self.job.name not in names and not self.options.force:
             journal.close()
             raise ManifestError(
@@ -670,9 +669,9 @@ class _Runner:
         images = [
             {"file": s.file, "revised_prompt": g.revised_prompt, "sha256": s.sha256, "bytes": s.bytes,
              "width": s.width, "height": s.height, "endpoint": ep.name, "model": model}
-            for s, g in zip(saved, gen.images)
+            for s, g in zip(saved, gen.images, strict=True)
         ]
-        rec = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "done", "request": item.body,
+        rec: dict[str, Any] = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "done", "request": item.body,
                "created": gen.created, "images": images, "attempts": task.attempt, "error": None,
                "request_id": gen.request_id, "endpoint": ep.name, "finished": utc_now()}
         if item.vars:
@@ -694,7 +693,7 @@ class _Runner:
 
     async def _record_failure(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:
         item = task.item
-        rec = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "failed", "request": item.body,
+        rec: dict[str, Any] = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "failed", "request": item.body,
                "created": None, "images": [], "attempts": task.attempt, "error": exc.as_record(),
                "endpoint": ep.name, "finished": utc_now()}
         if item.vars:

@@ -164,7 +164,7 @@ def _plain_error(message: str, code: str | None = None) -> dict[str, Any]:
 
 
 class _Request:
-    __slots__ = ("method", "path", "query", "headers", "body", "close")
+    __slots__ = ("body", "close", "headers", "method", "path", "query")
 
     def __init__(self, method: str, path: str, query: dict[str, list[str]], headers: dict[str, str], body: bytes,
                  close: bool) -> None:
@@ -312,7 +312,7 @@ class Simulator:
                 await self._connection(stream)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass  # the client went away
-        except Exception:  # noqa: BLE001 — one bad connection must not take the listener down
+        except Exception:
             traceback.print_exc(file=sys.stderr)
 
     async def _connection(self, stream: SocketStream) -> None:
@@ -715,7 +715,7 @@ def start_in_thread(config: SimulatorConfig = SimulatorConfig(), host: str = "12
     def target() -> None:
         try:
             anyio.run(main)
-        except BaseException as exc:  # noqa: BLE001 — reported to the starting thread
+        except BaseException as exc:
             failure.append(exc)
         finally:
             ready.set()

@@ -71,7 +71,7 @@ def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
     failures: dict[str, dict[str, Any]] = {}
     images = nbytes = made = 0
     cost: float | None = None
-    by_endpoint: dict[str, dict[str, int]] = {}
+    by_endpoint: dict[str, dict[str, Any]] = {}
     for info in latest.values():
         if info["endpoint"] and info["status"] in ("done", "failed"):
             counts = by_endpoint.setdefault(info["endpoint"], {"done": 0, "failed": 0, "cost": None})

@@ -22,6 +22,7 @@ fsspec (and s3fs/gcsfs) are imported only when an object-storage URL is opened.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -199,7 +200,7 @@ class Store:
             return False
         raise ObjectExistsError(self.url_of(rel), existing)
 
-    def list_segments(self) -> list[SegmentKey]:
+    def list_segments(self) -> builtins.list[SegmentKey]:
         """Every segment of every shard, in merge order."""
         keys = (SegmentKey.parse(name) for name, _ in self.list(SEGMENTS))
         return sorted(k for k in keys if k is not None)
@@ -713,7 +714,7 @@ def merge(store: Store, job: dict[str, Any] | None = None,
     """
     with merged_journal(store) as journal:
         if job is None:
-            run = next((r for r in reversed(journal.runs) if r.get("t") == "run"), {})
+            run: dict[str, Any] = next((r for r in reversed(journal.runs) if r.get("t") == "run"), {})
             job = {"name": run.get("job"), "file": run.get("job_file")}
         if items is None:
             items = lambda: _items_from_journal(journal)  # noqa: E731
