@@ -17,7 +17,8 @@ from typing import Any
 
 from ._exceptions import FatalError, PermanentError, RequestError, TransientError
 
-__all__ = ["RetryPolicy", "classify", "retry_after_seconds", "parse_duration", "error_message"]
+__all__ = ["RetryPolicy", "classify", "retry_after_seconds", "parse_duration", "error_message",
+           "decide", "Decision", "FailureState", "Retry", "Fail", "Retire", "Hold"]
 
 FATAL_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "invalid_api_key", "account_deactivated"})
 POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
@@ -160,3 +161,70 @@ def classify(status: int, headers: Mapping[str, str], raw: bytes) -> RequestErro
     if status == 429 or status == 408 or status == 425 or status >= 500 or status == 200:
         return TransientError(message, retry_after=retry_after_seconds(headers), **kw)
     return PermanentError(message, **kw)
+
+
+# -- what to do after a failed attempt ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Retry:
+    """Send the item again after `delay` seconds; `pin` keeps it on the same endpoint."""
+
+    delay: float
+    pin: bool = False
+
+
+@dataclass(frozen=True)
+class Fail:
+    """The item fails now; `stop` (a note) when this failure also ends the run."""
+
+    stop: str | None = None
+
+
+@dataclass(frozen=True)
+class Retire:
+    """The endpoint can't serve this run (fatal): it retires, the item goes elsewhere, not counted."""
+
+
+@dataclass(frozen=True)
+class Hold:
+    """The run is stopping: the item stays pending for the next run."""
+
+
+Decision = Retry | Fail | Retire | Hold
+
+
+@dataclass(frozen=True)
+class FailureState:
+    """What the decision depends on besides the error itself."""
+
+    tries: int                      # attempts of this item in this run, this one included
+    stopping: bool = False          # the run is stopping (signal, budget, fatal elsewhere)
+    policy_violations: int = 0      # content-policy rejections so far, this one included
+    max_policy_violations: int = 0  # 0: no limit
+    endpoint_healthy: bool = True   # the endpoint's circuit is closed
+
+
+def decide(exc: RequestError, state: FailureState, policy: RetryPolicy,
+           rng: random.Random | None = None) -> Decision:
+    """The failure policy as a pure function: an error and the run's state in, a decision out.
+
+    >>> decide(TransientError("busy", status=503), FailureState(tries=1), RetryPolicy())
+    Retry(delay=..., pin=False)
+    """
+    if exc.kind == "fatal":
+        return Retire()
+    if exc.kind == "permanent":
+        limit = state.max_policy_violations
+        if exc.code in POLICY_CODES and limit and state.policy_violations >= limit:
+            return Fail(stop=(f"stopping: {state.policy_violations} content-policy rejections "
+                              f"(--max-policy-violations {limit}); providers suspend accounts for this. "
+                              f"Review the prompts, then rerun"))
+        return Fail()
+    if state.stopping:
+        return Hold()
+    if state.tries >= policy.max_attempts:
+        return Fail()
+    # no clear answer (timeout, drop, malformed 200): it may have been generated, and billed,
+    # there — retry on the same endpoint while that endpoint is healthy
+    ambiguous = exc.status is None or exc.status == 200
+    return Retry(policy.delay(state.tries, rng, exc.retry_after), pin=ambiguous and state.endpoint_healthy)

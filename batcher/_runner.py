@@ -35,7 +35,7 @@ from ._job import Endpoint, Item, Job
 from ._limiter import ConcurrencyController, RateLimiter
 from ._manifest import Journal, needs_run, utc_now, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
-from ._policy import POLICY_CODES, RetryPolicy
+from ._policy import POLICY_CODES, Fail, FailureState, Hold, Retire, RetryPolicy, decide
 from ._report import Reporter
 from ._route import CircuitBreaker, Dispatcher, Task
 from ._shard import ShardSpec, fingerprint_line
@@ -576,33 +576,20 @@ class _Runner:
         return gen
 
     async def _after_failure(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:
-        """A failed attempt: retire the endpoint, fail the item, or give it back for a retry."""
+        """A failed attempt: note what it says about the endpoint, then apply `decide`'s verdict."""
         item, dispatch = task.item, self.dispatch
         task.error = exc
+        # what the answer says about the endpoint, whatever becomes of the item
         if exc.status is not None:
             ep.pool.on_answer()
             ep.limiter.observe_headers(exc.headers)
         if exc.kind == "fatal":
             ep.breaker.on_abandoned()
-            self._retire(ep, exc)
-            task.prefer = None
-            task.tries -= 1  # not the item's fault: it goes to another endpoint, or stays pending
-            dispatch.retry_later(task, 0.0)
-            if not dispatch.live:
-                self._stop(exc, f"fatal: no endpoint left (last: {ep.name!r}, HTTP {exc.status} "
-                                f"{exc.code or ''}); unstarted items stay pending")
-            return
-        if exc.kind == "permanent":
+        elif exc.kind == "permanent":
             ep.breaker.on_success()  # the endpoint answered about the request: it works
             if exc.code in POLICY_CODES:
                 self.policy_violations += 1
-                limit = self.options.max_policy_violations
-                if limit and self.policy_violations >= limit:
-                    self._stop(exc, f"stopping: {self.policy_violations} content-policy rejections "
-                                    f"(--max-policy-violations {limit}); providers suspend accounts for this. "
-                                    f"Review the prompts, then rerun")
-            return await self._record_failure(ep, task, exc)
-        if exc.status == 429:
+        elif exc.status == 429:
             ep.limiter.on_rate_limited(exc.retry_after, exc.type or "requests", item.images)
             ep.stats["rate_limited"] += 1
         elif exc.status is None or exc.status >= 500 or exc.code in ("timeout", "connection_error"):
@@ -613,16 +600,28 @@ class _Runner:
                                   f"{ep.breaker.open_until - anyio.current_time():.0f}s, then one probe",
                                   level="warning")
                 dispatch.unpin(ep.name)
-        if self.stopping:
+        state = FailureState(tries=task.tries, stopping=self.stopping, policy_violations=self.policy_violations,
+                             max_policy_violations=self.options.max_policy_violations,
+                             endpoint_healthy=ep.breaker.state == "closed")
+        decision = decide(exc, state, self.policy, self.rng)
+        if isinstance(decision, Retire):
+            self._retire(ep, exc)
+            task.prefer = None
+            task.tries -= 1  # not the item's fault: it goes to another endpoint, or stays pending
+            dispatch.retry_later(task, 0.0)
+            if not dispatch.live:
+                self._stop(exc, f"fatal: no endpoint left (last: {ep.name!r}, HTTP {exc.status} "
+                                f"{exc.code or ''}); unstarted items stay pending")
+        elif isinstance(decision, Fail):
+            if decision.stop is not None:
+                self._stop(exc, decision.stop)
+            await self._record_failure(ep, task, exc)
+        elif isinstance(decision, Hold):
             dispatch.finished(task)  # stays pending
-            return
-        if task.tries >= self.policy.max_attempts:
-            return await self._record_failure(ep, task, exc)
-        # a request that got no clear answer may have been generated (and billed) there: go back
-        ambiguous = exc.status is None or exc.status == 200
-        task.prefer = ep.name if ambiguous and ep.breaker.state == "closed" else None
-        self.reporter.retry(1)
-        dispatch.retry_later(task, self.policy.delay(task.tries, self.rng, exc.retry_after))
+        else:
+            task.prefer = ep.name if decision.pin else None
+            self.reporter.retry(1)
+            dispatch.retry_later(task, decision.delay)
 
     def _retire(self, ep: _EndpointRun, exc: RequestError) -> None:
         if ep.retired is not None:
