@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import os
@@ -142,6 +143,7 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
     0
     Raises JobValidationError (nothing sent), OutputError / ManifestError / LockedError.
     """
+    job = copy.copy(job)  # this run's filters (endpoints, shard) never reach the caller's Job
     if options.endpoints:
         job.use_endpoints(options.endpoints)
     job.validate()

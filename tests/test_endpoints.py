@@ -329,3 +329,17 @@ async def test_a_timed_out_waiter_does_not_swallow_a_wake_up(anyio_backend):
         started = anyio.current_time()
         await d.put_new(make_task(0, ("a",)))
     assert woken and woken[0] - started < 1.0
+
+
+def test_a_run_never_changes_the_callers_job(tmp_path, sims):
+    """`run()` restricts endpoints on its own copy: a library user who reuses the Job gets every item."""
+    import batcher
+
+    a, b = sims(SimulatorConfig()), sims(SimulatorConfig())
+    path = write_job(tmp_path / "job.yaml", prompts(3), defaults={"size": "16x16"},
+                     endpoints=[endpoint("a", a), endpoint("b", b)])
+    job = load_job(path)
+    result = batcher.run_sync(job, batcher.RunOptions(out=str(tmp_path / "out"), endpoints=("b",)))
+    assert result.exit_code == 0 and a.stats()["requests"] == 0
+    assert job.active is None and job.shard is None
+    assert [e.name for e in job.live_endpoints()] == ["a", "b"]
