@@ -17,8 +17,10 @@ byte offset: memory and time grow linearly with the journal.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,9 +30,14 @@ from typing import Any
 
 from ._exceptions import ManifestError
 
-__all__ = ["Journal", "Entry", "RecordLines", "needs_run", "write_manifest", "iter_manifest", "utc_now", "MANIFEST_VERSION"]
+__all__ = ["Journal", "Entry", "RecordLines", "needs_run", "write_manifest", "count_items", "iter_manifest", "utc_now", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 1
+# how every record line starts (json.dumps of a dict whose first key is "t"), cut anywhere
+_TORN_START = re.compile(rb'\{\s*(?:"(?:t(?:"\s*(?::|$))?)?)?$|\{\s*"t"\s*:')
+
+
+_write = os.write  # tests swap it to play a disk that fills up
 
 
 def utc_now() -> str:
@@ -73,8 +80,10 @@ class RecordLines:
                 rec = json.loads(raw)
                 if not isinstance(rec, dict) or "t" not in rec:
                     raise ValueError("not a journal record")
-            except ValueError:
-                if self.torn_ok and (not complete or next(lines, None) is None):
+            except (ValueError, RecursionError):  # RecursionError: a line nested thousands deep
+                # only an unfinished line that starts like a record is a kill mid-write; a whole
+                # line that is not a record (a foreign file) is never cut off
+                if self.torn_ok and not complete and _TORN_START.match(raw):
                     self.torn_line = lineno
                     return
                 raise ManifestError(f"{self.where}:{lineno}: corrupt journal line{self.advice}") from None
@@ -82,6 +91,20 @@ class RecordLines:
                 self.torn_line = lineno
                 return
             yield start, offset, rec
+
+
+def _check_fields(rec: dict[str, Any]) -> None:
+    """Raise ValueError when an item or attempt record does not have the types batcher writes."""
+    if not isinstance(rec.get("id"), str) or not isinstance(rec.get("rhash", ""), str):
+        raise ValueError("id and rhash must be strings")
+    count = rec.get("attempt" if rec["t"] == "attempt" else "attempts", 0)
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise ValueError("attempts must be an integer")
+    if rec["t"] == "item":
+        if rec.get("status") not in ("done", "failed"):
+            raise ValueError("status must be done or failed")
+        if not isinstance(rec.get("error") or {}, dict) or not isinstance(rec.get("images") or [], list):
+            raise ValueError("error must be an object, images a list")
 
 
 def needs_run(entry: Entry | None, rhash: str, retry_failed: bool = False) -> bool:
@@ -110,13 +133,14 @@ class Journal:
         self._fd: int | None = None
         self._lock = threading.Lock()
         self._dirty = False
+        self._torn_at: int | None = None  # a failed append left bytes past this offset
         self.mirror: Callable[[dict[str, Any]], None] | None = None  # e.g. a shard's segment writer
 
     @classmethod
     def open(cls, path: Path) -> Journal:
         journal = cls(path)
         journal._load()
-        journal._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        journal._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         return journal
 
     @classmethod
@@ -128,18 +152,26 @@ class Journal:
 
     def _load(self, repair: bool = True) -> None:
         try:
-            fh = open(self.path, "rb")
+            # a run never follows a link planted as its journal out of OUT
+            fh = open(os.open(self.path, os.O_RDONLY | (os.O_NOFOLLOW if repair else 0)), "rb")
         except FileNotFoundError:
             return
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ManifestError(f"{self.path}: is a symbolic link; batcher only writes its own journal "
+                                    f"file (remove the link)") from None
             raise ManifestError(f"{self.path}: can't read the journal: {exc.strerror}") from None
         good_end = 0
         with fh:
             records = RecordLines(fh, str(self.path), advice="; the file was not written by batcher or was "
                                   "edited. Move it away to start over (images stay in place).")
-            for start, end, rec in records:
+            for lineno, (start, end, rec) in enumerate(records, 1):
                 good_end = end
-                self._apply(rec, start)
+                try:
+                    self._apply(rec, start)
+                except (KeyError, TypeError, ValueError):
+                    raise ManifestError(f"{self.path}:{lineno}: a {rec.get('t')!r} record with missing or "
+                                        f"wrongly typed fields (edited by hand?); fix or remove that line") from None
         self.torn_line = records.torn_line  # a kill mid-write: tolerated, reported, cut off
         if self.torn_line is not None and repair:
             with open(self.path, "r+b") as wfh:
@@ -147,6 +179,8 @@ class Journal:
 
     def _apply(self, rec: dict[str, Any], offset: int) -> None:
         kind = rec["t"]
+        if kind in ("attempt", "item"):
+            _check_fields(rec)
         if kind == "attempt":
             item_id = rec["id"]
             prev = self.entries.get(item_id)
@@ -167,19 +201,40 @@ class Journal:
     # -- writing ------------------------------------------------------------------------
 
     def append(self, rec: dict[str, Any]) -> None:
-        """Append one record with a single write(2). Thread-safe."""
+        """Append one record with a single write(2). Thread-safe.
+
+        A failed write (disk full) may leave part of the line behind: it is cut off before this
+        returns, or, if even that fails, before the next append writes anything (which raises
+        until the cut succeeds). So a record is never glued to a torn one.
+        """
         line = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         assert self._fd is not None, "journal not open for writing"
         with self._lock:
+            self._repair()
             offset = os.lseek(self._fd, 0, os.SEEK_END)
             view = memoryview(line)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            try:
+                while view:
+                    written = _write(self._fd, view)
+                    view = view[written:]
+            except OSError:
+                self._torn_at = offset
+                try:
+                    self._repair()
+                except OSError:
+                    pass  # the next append (or close) tries again
+                raise
             self._dirty = True
             self._apply(rec, offset)
             if self.mirror is not None:
                 self.mirror(rec)
+
+    def _repair(self) -> None:
+        """Cut a torn tail left by a failed append (the caller holds the lock)."""
+        if self._torn_at is None or self._fd is None:
+            return
+        os.ftruncate(self._fd, self._torn_at)
+        self._torn_at = None
 
     def sync(self) -> None:
         """fsync if anything was written since the last one."""
@@ -192,7 +247,15 @@ class Journal:
 
     def close(self) -> None:
         if self._fd is not None:
-            self.sync()
+            with self._lock:
+                try:
+                    self._repair()
+                except OSError:
+                    pass  # the torn last line is cut by the next run that opens the journal
+            try:
+                self.sync()
+            except OSError:
+                pass  # every record was written; only their durability across a power cut is lost
             os.close(self._fd)
             self._fd = None
 
@@ -217,22 +280,38 @@ def write_manifest(
     `items()` streams the job's items; it is called twice (counts first, then records) so
     that the summary can lead the file without holding the items in memory.
     """
+    summary = count_items(journal, items)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        # O_NOFOLLOW: a link planted under the temp name is never written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with open(journal.path, "rb") if journal.path.exists() else _NullFile() as jfh, \
+                open(fd, "w", encoding="utf-8") as out:
+            out.write(f'{{"version": {MANIFEST_VERSION}, "job": {json.dumps(job, ensure_ascii=False)}, '
+                      f'"summary": {json.dumps(summary)}, "items": [')
+            sep = "\n"
+            for item in items():
+                out.write(sep + json.dumps(_item_record(journal, jfh, item), ensure_ascii=False))
+                sep = ",\n"
+            out.write("\n]}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)  # a half-written temp file (disk full) is never left behind
+        except OSError:
+            pass
+        raise
+    return summary
+
+
+def count_items(journal: Journal, items: Callable[[], Iterable[Any]]) -> dict[str, int]:
+    """The summary `write_manifest` puts in the manifest, without writing anything (it needs no disk)."""
     summary = {"total": 0, "done": 0, "failed": 0, "pending": 0}
     for item in items():
         summary["total"] += 1
         summary[_status(journal, item)] += 1
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(journal.path, "rb") if journal.path.exists() else _NullFile() as jfh, open(tmp, "w") as out:
-        out.write(f'{{"version": {MANIFEST_VERSION}, "job": {json.dumps(job, ensure_ascii=False)}, '
-                  f'"summary": {json.dumps(summary)}, "items": [')
-        sep = "\n"
-        for item in items():
-            out.write(sep + json.dumps(_item_record(journal, jfh, item), ensure_ascii=False))
-            sep = ",\n"
-        out.write("\n]}\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
     return summary
 
 

@@ -34,7 +34,7 @@ from ._exceptions import (
 from ._ids import safe_stem
 from ._job import Endpoint, Item, Job
 from ._limiter import ConcurrencyController, RateLimiter
-from ._manifest import Journal, needs_run, utc_now, write_manifest
+from ._manifest import Journal, count_items, needs_run, utc_now, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
 from ._policy import POLICY_CODES, Fail, FailureState, Hold, Retire, RetryPolicy, decide
 from ._report import Reporter
@@ -456,7 +456,10 @@ class _Runner:
         while True:
             await anyio.sleep(1.0)
             self.reporter.tick()
-            await anyio.to_thread.run_sync(self.journal.sync)
+            try:
+                await anyio.to_thread.run_sync(self.journal.sync)
+            except OSError as exc:
+                self._disk_trouble(exc)
             if self.sharded is not None:
                 await anyio.to_thread.run_sync(self.sharded.sync)
 
@@ -658,11 +661,14 @@ class _Runner:
             note = f"can't write to {self.out.root}: {exc}; stopping"
         self._stop(FatalError(note, code="disk_error"), note)
 
-    async def _journal(self, rec: dict[str, Any]) -> None:
+    async def _journal(self, rec: dict[str, Any]) -> bool:
+        """Append a record; False (and the run stops) when the disk refused it."""
         try:
             await anyio.to_thread.run_sync(self.journal.append, rec)
         except OSError as exc:
             self._disk_trouble(exc)
+            return False
+        return True
 
     async def _record_done(self, ep: _EndpointRun, task: Task, gen: Generation, saved: list[SavedImage]) -> None:
         item = task.item
@@ -684,7 +690,10 @@ class _Runner:
             ep.stats["cost"] += cost
         if gen.usage is not None:
             rec["usage"] = gen.usage
-        await self._journal(rec)
+        if not await self._journal(rec):
+            self.dispatch.finished(task)  # not recorded: pending, sent again by the next run
+            await self._unclaim(item.id, done=False)
+            return
         self.dispatch.finished(task)
         await self._unclaim(item.id, done=True)
         self.images += len(saved)
@@ -699,9 +708,11 @@ class _Runner:
                "endpoint": ep.name, "finished": utc_now()}
         if item.vars:
             rec["vars"] = item.vars
-        await self._journal(rec)
+        recorded = await self._journal(rec)
         self.dispatch.finished(task)
         await self._unclaim(item.id, done=False)
+        if not recorded:
+            return  # pending: the next run decides again
         ep.stats["failed"] += 1
         self.reporter.item_finished(False)
         if exc.kind == "permanent":
@@ -718,7 +729,8 @@ class _Runner:
             except OSError as exc:
                 self.reporter.log(f"can't write {self.out.manifest}: {exc.strerror}; the journal is intact "
                                   f"and the next run rebuilds it", level="error")
-                summary = {"total": 0, "done": 0, "failed": 0, "pending": 0}
+                # the journal in memory still knows every result: count from it, not zeros
+                summary = await anyio.to_thread.run_sync(count_items, self.journal, self.job.items)
                 if self.fatal is None:
                     self.fatal = FatalError(str(exc), code="disk_error")
             if self.requests:

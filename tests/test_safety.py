@@ -1,0 +1,132 @@
+"""Data-safety cases of issue 15: a disk that fills up, clashing file names, the lock, foreign
+folders, alias bombs, a job edited during a run, CLI input checks, a sharded work folder."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+
+from batcher import RunOptions, load_job, run_sync
+from batcher._manifest import Journal
+from batcher._simulator import SimulatorConfig, start_in_thread
+
+from helpers import write_job
+
+
+def rec(i: int, status: str = "done") -> dict:
+    return {"t": "item", "id": f"i{i}", "rhash": "h", "status": status, "request": {"prompt": f"p{i}"},
+            "created": 1, "images": [], "attempts": 1, "error": None}
+
+
+class FillingDisk:
+    """os.write for the journal: `full` makes the next write store half its bytes, then ENOSPC."""
+
+    def __init__(self) -> None:
+        self.full = False
+        self.failures = 0
+
+    def __call__(self, fd: int, data: memoryview) -> int:
+        if self.full:
+            self.failures += 1
+            if len(data) > 1:
+                return os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+
+def journal_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+# -- #2: a failed append is cut off before anything else is written ---------------------------
+
+
+def test_failed_append_is_cut_off_and_the_next_record_starts_a_clean_line(tmp_path, monkeypatch):
+    disk = FillingDisk()
+    monkeypatch.setattr("batcher._manifest._write", disk)
+    path = tmp_path / "manifest.jsonl"
+    journal = Journal.open(path)
+    journal.append(rec(1))
+    disk.full = True
+    with pytest.raises(OSError):
+        journal.append(rec(2))
+    disk.full = False  # space comes back while requests finish
+    journal.append(rec(3))
+    journal.close()
+    assert [r["id"] for r in journal_lines(path)] == ["i1", "i3"]
+    again = Journal.open(path)
+    assert again.torn_line is None and set(again.entries) == {"i1", "i3"}
+    again.close()
+
+
+def test_a_failed_cut_is_retried_before_the_next_write(tmp_path, monkeypatch):
+    disk = FillingDisk()
+    monkeypatch.setattr("batcher._manifest._write", disk)
+    real_truncate = os.ftruncate
+    calls = []
+
+    def truncate_once_failing(fd: int, size: int) -> None:
+        calls.append(size)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "I/O error")
+        real_truncate(fd, size)
+
+    monkeypatch.setattr("batcher._manifest.os.ftruncate", truncate_once_failing)
+    path = tmp_path / "manifest.jsonl"
+    journal = Journal.open(path)
+    journal.append(rec(1))
+    disk.full = True
+    with pytest.raises(OSError):
+        journal.append(rec(2))
+    disk.full = False
+    journal.append(rec(3))
+    journal.close()
+    assert len(calls) == 2
+    assert [r["id"] for r in journal_lines(path)] == ["i1", "i3"]
+
+
+def test_disk_full_mid_run_stops_with_a_true_summary_and_a_clean_folder(tmp_path, monkeypatch):
+    """The journal fills up after some items; the manifest can't be written either. The stop's
+    summary counts what the journal holds, no temp manifest is left, the rerun pays only the rest."""
+    disk = FillingDisk()
+    monkeypatch.setattr("batcher._manifest._write", disk)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if disk.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr("batcher._manifest.os.fsync", fsync)
+    job = load_job(write_job(tmp_path / "job.yaml", [f"prompt {i}" for i in range(12)], defaults={"size": "8x8"}))
+    out = tmp_path / "out"
+    done_records = []
+
+    import batcher._manifest as manifest_module
+
+    real_apply = manifest_module.Journal._apply
+
+    def apply(self, r, offset):  # the disk fills up once 5 items are done
+        real_apply(self, r, offset)
+        if r.get("t") == "item" and r["status"] == "done":
+            done_records.append(r["id"])
+            if len(done_records) == 5:
+                disk.full = True
+
+    monkeypatch.setattr(manifest_module.Journal, "_apply", apply)
+    with start_in_thread(SimulatorConfig(latency_ms=20)) as sim:
+        opts = RunOptions(out=str(out), base_url=sim.base_url, api_key="k", concurrency=2, timeout=10)
+        result = run_sync(job, opts)
+        assert result.exit_code == 4 and result.error["code"] == "disk_error"
+        assert result.summary["total"] == 12 and result.summary["done"] == 5, result.summary
+        assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+        lines = journal_lines(out / "manifest.jsonl")  # every line whole: nothing glued to a torn one
+        assert sum(r["t"] == "item" for r in lines) == 5
+        disk.full = False
+        monkeypatch.setattr(manifest_module.Journal, "_apply", real_apply)
+        again = run_sync(load_job(job.path), opts)
+    assert again.exit_code == 0 and again.summary["done"] == 12
+    assert again.requests == 7
