@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["canonical_json", "request_hash", "IdAssigner", "safe_stem"]
+__all__ = ["canonical_json", "request_hash", "IdAssigner", "FileNames", "image_stems", "safe_stem"]
 
 # Fields that change how an image is delivered, not which image is asked for.
 _TRANSPORT_FIELDS = frozenset({"response_format"})
@@ -79,3 +80,36 @@ def safe_stem(item_id: str) -> str:
         digest = hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
         stem = f"{stem}~{digest}"
     return stem
+
+
+def image_stems(item_id: str, images: int) -> list[str]:
+    """The file-name stems (no extension) an item's images get: `<stem>`, or `<stem>_<k>` for n > 1."""
+    stem = safe_stem(item_id)
+    return [stem] if images <= 1 else [f"{stem}_{k}" for k in range(1, images + 1)]
+
+
+class FileNames:
+    """The image file names handed out so far, to refuse two items writing one file.
+
+    `{"id": "x", "n": 2}` writes x_1.png and x_2.png, so `{"id": "x_1"}` would overwrite one:
+    `claim` returns where the earlier owner of a clashing name was read. Memory: one 64-bit
+    digest and one int per name.
+    """
+
+    def __init__(self) -> None:
+        self._owners: dict[int, int] = {}  # digest of a stem -> line * 8 + index into _files
+        self._files: list[str] = []
+
+    def claim(self, stems: Iterable[str], file: str, line: int) -> tuple[str, str, int] | None:
+        """Take these stems for the item at file:line, or return (stem, file, line) of a clash."""
+        keys = [(stem, IdAssigner._key(stem)) for stem in stems]
+        for stem, key in keys:
+            owner = self._owners.get(key)
+            if owner is not None:
+                return stem, self._files[owner % 8], owner // 8
+        if file not in self._files:
+            self._files.append(file)  # a job's items come from at most two files
+        code = line * 8 + self._files.index(file)
+        for _stem, key in keys:
+            self._owners[key] = code
+        return None

@@ -22,7 +22,7 @@ import yaml
 
 from ._dialect import DIALECTS, Dialect, DialectSpecError, get_dialect, parse_dialects
 from ._exceptions import JobError, JobValidationError, Problem
-from ._ids import IdAssigner, request_hash
+from ._ids import FileNames, IdAssigner, image_stems, request_hash
 
 __all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS"]
 
@@ -39,6 +39,7 @@ TOP_LEVEL_KEYS = (
 # Keys of an item (or of the job's top level) that make several items out of one entry.
 EXPANSION_KEYS = ("template", "matrix", "repeat")
 MAX_REPEAT = 1_000_000
+MAX_N = 10_000  # images per request: bounds the file names reserved per item (no API allows more)
 MAX_PROBLEMS = 100
 _SIZE = re.compile(r"^[1-9][0-9]{0,5}x[1-9][0-9]{0,5}$")
 _BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
@@ -155,10 +156,20 @@ class Job:
         base = {**BUILTIN_DEFAULTS, **self.defaults}
         fname = str(self.path)
         live = self.live_endpoints()
+        names = FileNames()
         for entry in self._raw_entries(fname, base, ids):
             if isinstance(entry, Item) and not any(self.can_send(e, entry.body) for e in live):
                 yield self._unsendable(entry, live)
                 continue
+            if isinstance(entry, Item):
+                clash = names.claim(image_stems(entry.id, entry.images), entry.file, entry.line)
+                if clash is not None:
+                    stem, other_file, other_line = clash
+                    yield Problem(entry.file, entry.line, "id",
+                                  f"item {entry.id!r} would write images/{stem}.*, which the item at "
+                                  f"{other_file}:{other_line} writes too (the same id, or an id plus the "
+                                  f"_K suffix of an item with n > 1); give one of them another id")
+                    continue
             yield entry
 
     def _unsendable(self, item: Item, live: list[Endpoint]) -> Problem:
@@ -774,8 +785,8 @@ def _field_problems(fields: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
         v = fields["size"]
         if not isinstance(v, str) or not (v == "auto" or _SIZE.match(v)):
             yield "size", f"must be WIDTHxHEIGHT (e.g. 1024x1024) or 'auto', got {v!r}"
-    if "n" in fields and (not _is_int(fields["n"]) or fields["n"] < 1):
-        yield "n", f"must be an integer ≥ 1, got {fields['n']!r}"
+    if "n" in fields and (not _is_int(fields["n"]) or not 1 <= fields["n"] <= MAX_N):
+        yield "n", f"must be an integer from 1 to {MAX_N:,}, got {fields['n']!r}"
     if "quality" in fields and not isinstance(fields["quality"], str):
         yield "quality", "must be a string"
     if "response_format" in fields and fields["response_format"] not in ("url", "b64_json"):

@@ -522,7 +522,7 @@ class _Runner:
             await self._after_failure(ep, task, exc)
             return
         try:
-            saved = await self._save(ep, safe_stem(item.id), gen)
+            saved = await self._save(ep, safe_stem(item.id), gen, item.images)
         except RequestError as exc:
             await self._record_failure(ep, task, exc)
         except OSError as exc:
@@ -637,8 +637,9 @@ class _Runner:
         self.reporter.log(f"endpoint {ep.name!r} retired for this run: HTTP {exc.status} {exc.code or ''}: "
                           f"{exc.message}; its items go to the others (left: {left})", level="error")
 
-    async def _save(self, ep: _EndpointRun, stem: str, gen: Generation) -> list[SavedImage]:
-        count = len(gen.images)
+    async def _save(self, ep: _EndpointRun, stem: str, gen: Generation, asked: int = 1) -> list[SavedImage]:
+        # named by the n asked for (validation keeps those names unique), whatever number came
+        count = max(len(gen.images), asked)
         saved: list[SavedImage] = []
         for index, image in enumerate(gen.images):
             if image.data is not None:

@@ -130,3 +130,43 @@ def test_disk_full_mid_run_stops_with_a_true_summary_and_a_clean_folder(tmp_path
         again = run_sync(load_job(job.path), opts)
     assert again.exit_code == 0 and again.summary["done"] == 12
     assert again.requests == 7
+
+
+# -- #3: two items never write one file -----------------------------------------------------
+
+
+def _problems(path) -> list[str]:
+    return [str(p) for p in load_job(path).problems()]
+
+
+def test_an_id_equal_to_another_items_numbered_file_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "job.jsonl"
+    path.write_text('{"id": "x", "prompt": "a", "n": 2}\n{"id": "y", "prompt": "b"}\n{"id": "x_1", "prompt": "c"}\n')
+    problems = _problems(path)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{path}:3: id:") and f"{path}:1" in problems[0] and "x_1" in problems[0]
+
+
+def test_the_numbered_item_after_the_plain_id_is_refused_too(tmp_path):
+    path = tmp_path / "job.jsonl"
+    path.write_text('{"id": "x_2", "prompt": "c"}\n{"id": "x", "prompt": "a", "n": 3}\n')
+    problems = _problems(path)
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:2: id:") and f"{path}:1" in problems[0]
+
+
+def test_an_explicit_id_equal_to_a_derived_id_is_refused(tmp_path):
+    path = tmp_path / "job.jsonl"
+    path.write_text('{"prompt": "a cat"}\n')
+    derived = next(load_job(path).items()).id
+    path.write_text(f'{{"prompt": "a cat"}}\n{{"id": "{derived}", "prompt": "a dog"}}\n')
+    problems = _problems(path)
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:2: id:") and f"{path}:1" in problems[0]
+
+
+def test_distinct_ids_pass_and_n_is_bounded(tmp_path):
+    path = tmp_path / "job.jsonl"
+    path.write_text('{"id": "x", "prompt": "a", "n": 2}\n{"id": "x_3", "prompt": "b"}\n{"id": "x_1_1", "prompt": "c"}\n')
+    assert load_job(path).validate() == 3
+    path.write_text('{"id": "x", "prompt": "a", "n": 1000000000}\n')
+    assert any("n:" in p for p in _problems(path))
+
