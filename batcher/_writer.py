@@ -5,7 +5,7 @@ Layout of `OUT`:
     OUT/images/.tmp-*              in-progress writes; removed by the next run
     OUT/manifest.jsonl             the journal (see _manifest)
     OUT/manifest.json              the manifest, rebuilt from the journal
-    OUT/.lock                      held with flock(2) while a run is going
+    OUT/.lock                      the holder's PID; OUT itself and .lock are flock(2)ed while a run is going
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class OutputDir:
         self.journal = self.root / "manifest.jsonl"
         self.manifest = self.root / "manifest.json"
         self._lock_fd: int | None = None
+        self._dir_fd: int | None = None
 
     def prepare(self) -> None:
         """Create the folders (raises OutputError when OUT is a file or unwritable)."""
@@ -106,27 +107,53 @@ class OutputDir:
     def lock(self) -> None:
         """Take the folder's lock, or raise LockedError naming the holder's PID.
 
-        flock(2) dies with its process, so a run killed with -9 never leaves a stale lock.
+        The lock is flock(2) on the folder itself, which `rm OUT/.lock` cannot take away (the
+        `.lock` file, also flocked, tells older batchers and users the holder's PID). flock dies
+        with its process, so a run killed with -9 never leaves a stale lock.
         """
-        path = self.root / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise OutputError(f"{self.root}: can't open the output folder: {exc.strerror}") from None
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                pid = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
-            except ValueError:
-                pid = None
+            os.close(dir_fd)
+            raise LockedError(str(self.root), self._holder()) from None
+        try:
+            # O_NOFOLLOW: a `.lock` planted as a link out of OUT is never opened or written
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            os.close(dir_fd)
+            raise OutputError(f"{self.root / '.lock'}: can't open the lock file: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an older batcher locks only this file
+        except BlockingIOError:
             os.close(fd)
-            raise LockedError(str(self.root), pid) from None
+            os.close(dir_fd)
+            raise LockedError(str(self.root), self._holder()) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd, self._dir_fd = fd, dir_fd
+
+    def _holder(self) -> int | None:
+        """The PID the holder wrote into `.lock`, if it is still there."""
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        finally:
+            os.close(fd)
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing releases the flock
-            self._lock_fd = None
+        for fd in (self._lock_fd, self._dir_fd):
+            if fd is not None:
+                os.close(fd)  # closing releases the flock
+        self._lock_fd = self._dir_fd = None
 
     def clean_temporaries(self) -> int:
         """Remove leftovers of interrupted writes; return how many."""

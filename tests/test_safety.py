@@ -170,3 +170,38 @@ def test_distinct_ids_pass_and_n_is_bounded(tmp_path):
     path.write_text('{"id": "x", "prompt": "a", "n": 1000000000}\n')
     assert any("n:" in p for p in _problems(path))
 
+
+
+# -- #4: the lock survives `rm OUT/.lock` ----------------------------------------------------
+
+
+def test_the_lock_holds_after_its_file_is_removed(tmp_path):
+    from batcher._exceptions import LockedError
+    from batcher._writer import OutputDir
+
+    holder = OutputDir(tmp_path / "out")
+    holder.prepare()
+    holder.lock()
+    try:
+        (tmp_path / "out" / ".lock").unlink()  # a user tidying up during the run
+        second = OutputDir(tmp_path / "out")
+        with pytest.raises(LockedError):
+            second.lock()
+    finally:
+        holder.unlock()
+    second.lock()  # free once the holder is done
+    second.unlock()
+
+
+def test_a_lock_file_linked_out_of_the_folder_is_never_followed(tmp_path):
+    from batcher._exceptions import OutputError
+    from batcher._writer import OutputDir
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out = OutputDir(tmp_path / "out")
+    out.prepare()
+    (tmp_path / "out" / ".lock").symlink_to(target)
+    with pytest.raises(OutputError, match="lock"):
+        out.lock()
+    assert target.read_text() == "keep me\n"
