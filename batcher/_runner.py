@@ -160,6 +160,7 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
     else:
         out = OutputDir(resolve_out(job, options))
         _refuse_planned(out.root)
+        out.refuse_foreign()
     out.prepare()
     out.lock()
     try:

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -95,10 +96,51 @@ class OutputDir:
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None
 
+    def refuse_foreign(self) -> None:
+        """Raise OutputError unless OUT is absent, empty, or a batcher output (as `export` does).
+
+        A batcher output holds its journal or manifest, or only what a first run leaves before
+        its first record (`images/` with temp files, `.lock`). Anything else (a user's folder,
+        `/`, `/etc`) is never written into, `--force` or not.
+        """
+        try:
+            entries = {e.name: e for e in os.scandir(self.root)}
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            raise OutputError(f"{self.root}: output path exists and is not a folder") from None
+        except OSError as exc:
+            raise OutputError(f"{self.root}: can't read the output folder: {exc.strerror}") from None
+        if not entries:
+            return
+        journal = entries.get(self.journal.name)
+        if journal is not None and journal.is_file(follow_symlinks=False):
+            with open(journal.path, "rb") as fh:
+                head = fh.read(64)
+            if not head or re.match(rb'\{\s*"t"\s*:', head):
+                return  # its records are checked line by line when the run reads them
+            raise OutputError(f"{journal.path}: not a batcher journal (its first line is no journal record); "
+                              f"batcher won't touch this folder. Choose another --out")
+        manifest = entries.get(self.manifest.name)
+        if manifest is not None and manifest.is_file(follow_symlinks=False):
+            with open(manifest.path, "rb") as fh:
+                if fh.read(12) == b'{"version": ':  # how write_manifest starts every manifest
+                    return
+        images = entries.get(self.images.name)
+        skeleton = set(entries) <= {self.images.name, ".lock"} and (
+            images is None or images.is_dir(follow_symlinks=False)
+            and all(e.name.startswith(".tmp-") for e in os.scandir(images.path)))
+        if not skeleton:
+            raise OutputError(f"{self.root}: not empty and not a batcher output (no {self.journal.name}); "
+                              f"batcher writes only into an empty folder or its own output. Choose "
+                              f"another --out")
+
     def prepare(self) -> None:
         """Create the folders (raises OutputError when OUT is a file or unwritable)."""
         if self.root.exists() and not self.root.is_dir():
             raise OutputError(f"{self.root}: output path exists and is not a folder")
+        if self.images.is_symlink():
+            raise OutputError(f"{self.images}: is a symbolic link; batcher writes images only inside OUT")
         try:
             self.images.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

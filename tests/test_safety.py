@@ -13,7 +13,28 @@ from batcher import RunOptions, load_job, run_sync
 from batcher._manifest import Journal
 from batcher._simulator import SimulatorConfig, start_in_thread
 
-from helpers import write_job
+from batcher._cli import main
+from helpers import KEY, write_job
+
+
+@pytest.fixture
+def sim():
+    with start_in_thread(SimulatorConfig()) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def key(monkeypatch):
+    monkeypatch.setenv("BATCHER_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def run(job, out, sim, *extra) -> int:
+    return cli("run", job, "--out", out, "--base-url", sim.base_url, "--quiet", "--timeout", "10", *extra)
 
 
 def rec(i: int, status: str = "done") -> dict:
@@ -205,3 +226,66 @@ def test_a_lock_file_linked_out_of_the_folder_is_never_followed(tmp_path):
     with pytest.raises(OutputError, match="lock"):
         out.lock()
     assert target.read_text() == "keep me\n"
+
+
+# -- #5: never into a foreign folder, never through a link out of OUT ----------------------------
+
+
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("plant", ["file", "image", "foreign_journal", "foreign_journal_no_newline", "foreign_manifest"])
+def test_a_folder_batcher_did_not_create_is_refused_untouched(tmp_path, sim, plant, capsys):
+    out = tmp_path / "theirs"
+    if plant == "file":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif plant == "image":
+        (out / "images").mkdir(parents=True)
+        (out / "images" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nmine")
+    elif plant == "foreign_manifest":
+        out.mkdir()
+        (out / "manifest.json").write_text('{"mine": true}')
+    else:
+        out.mkdir()
+        (out / "manifest.jsonl").write_bytes(b'{"foo": 1}\n' if plant == "foreign_journal" else b'{"foo": 1}')
+    before = _tree(out)
+    job = write_job(tmp_path / "job.yaml", ["x"], defaults={"size": "8x8"})
+    assert run(job, out, sim) == 2
+    assert run(job, out, sim, "--force") == 2  # --force is about other jobs' manifests, not this
+    assert _tree(out) == before
+    assert sim.stats()["requests"] == 0
+    assert str(out) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["manifest.jsonl", "images"])
+def test_a_journal_or_images_folder_linked_out_of_out_is_never_followed(tmp_path, sim, name):
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", ["x"], defaults={"size": "8x8"})
+    assert run(job, out, sim) == 0
+    outside = tmp_path / "outside"
+    if name == "images":
+        outside.mkdir()
+        (out / "images" / next(os.scandir(out / "images")).name).unlink()
+        (out / "images").rmdir()
+    else:
+        outside.write_bytes((out / name).read_bytes())
+        (out / name).unlink()
+    (out / name).symlink_to(outside)
+    before = _tree(outside) if outside.is_dir() else outside.read_bytes()
+    assert run(job, out, sim) == 2
+    assert (_tree(outside) if outside.is_dir() else outside.read_bytes()) == before
+
+
+def test_an_empty_folder_and_a_first_runs_skeleton_are_accepted(tmp_path, sim):
+    job = write_job(tmp_path / "job.yaml", ["x"], defaults={"size": "8x8"})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(job, empty, sim) == 0
+    skeleton = tmp_path / "skeleton"
+    (skeleton / "images").mkdir(parents=True)
+    (skeleton / "images" / ".tmp-x-1234").write_bytes(b"half")
+    (skeleton / ".lock").write_text("1\n")
+    assert run(job, skeleton, sim) == 0
