@@ -39,6 +39,8 @@ TOP_LEVEL_KEYS = (
 # Keys of an item (or of the job's top level) that make several items out of one entry.
 EXPANSION_KEYS = ("template", "matrix", "repeat")
 MAX_REPEAT = 1_000_000
+MAX_VALUE_NODES = 1_000_000  # values in one job value once YAML aliases are expanded
+MAX_VALUE_CHARS = 64 * 2**20  # characters of text in one job value once expanded
 MAX_N = 10_000  # images per request: bounds the file names reserved per item (no API allows more)
 MAX_PROBLEMS = 100
 _SIZE = re.compile(r"^[1-9][0-9]{0,5}x[1-9][0-9]{0,5}$")
@@ -311,6 +313,16 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
     def value(node: yaml.Node) -> Any:
         return loader.construct_object(node, deep=True)
 
+    def too_big(node: yaml.Node, where: str) -> bool:
+        """Report a value whose aliases expand past the bounds (a YAML alias bomb), unbuilt."""
+        nodes, chars = _expanded_size(node, {})
+        if nodes <= MAX_VALUE_NODES and chars <= MAX_VALUE_CHARS:
+            return False
+        problems.append(Problem(fname, _line(node), where,
+                                f"expands to {nodes:,} values / {chars:,} characters through YAML aliases "
+                                f"(at most {MAX_VALUE_NODES:,} / {MAX_VALUE_CHARS:,} per value)"))
+        return True
+
     for key_node, node in root.value:
         key = value(key_node)
         line = _line(key_node)
@@ -332,8 +344,12 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
                 problems.append(Problem(fname, vline, key, "must be a list of prompts or items"))
                 continue
             for index, el in enumerate(node.value):
+                if too_big(el, f"prompts[{index}]"):
+                    continue
                 lines = _field_lines(el) if isinstance(el, yaml.MappingNode) else {}
                 job._inline.append((_line(el), value(el), lines, f"prompts[{index}]."))
+            continue
+        if too_big(node, key):
             continue
         val = value(node)
         if key in EXPANSION_KEYS:
@@ -427,6 +443,26 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
         problems.append(Problem(fname, _line(root), "prompts",
                                 "the job needs 'prompts', 'prompts_file' or 'template' with 'matrix'"))
     return job
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(values, scalar characters) of a node once its aliases are expanded, in time linear in the
+    file: an alias is the same node object, counted once and multiplied, never built."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    if isinstance(node, yaml.ScalarNode):
+        size = (1, len(node.value))
+    else:
+        nodes = chars = 0
+        children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+        memo[id(node)] = (0, 0)  # a recursive alias counts as empty here (the constructor refuses it)
+        for child in children:
+            n, c = _expanded_size(child, memo)
+            nodes, chars = nodes + n, chars + c
+        size = (nodes + 1, chars)
+    memo[id(node)] = size
+    return size
 
 
 def _field_lines(node: yaml.MappingNode, only: str | None = None) -> dict[str, int]:
@@ -555,6 +591,9 @@ def _stream_jsonl(
                 continue
             except json.JSONDecodeError as exc:
                 yield Problem(fname, lineno, "line", f"invalid JSON: {exc.msg} (column {exc.colno})")
+                continue
+            except RecursionError:
+                yield Problem(fname, lineno, "line", "nested too deep")
                 continue
             yield from _make_item(obj, fname, lineno, "", {}, base, overrides, ids)
     if not any_line:

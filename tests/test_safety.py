@@ -289,3 +289,42 @@ def test_an_empty_folder_and_a_first_runs_skeleton_are_accepted(tmp_path, sim):
     (skeleton / "images" / ".tmp-x-1234").write_bytes(b"half")
     (skeleton / ".lock").write_text("1\n")
     assert run(job, skeleton, sim) == 0
+
+
+# -- #6: a YAML alias bomb is a FILE:LINE problem, never built --------------------------------
+
+BOMB = """name: bomb
+prompts:
+  - prompt: a cat
+    extra: &a9 [&a8 [&a7 [&a6 [&a5 [&a4 [&a3 [&a2 [&a1 [&a0 [x, x, x, x, x, x, x, x, x, x]]]]]]]]]]
+  - prompt: a dog
+    style: &b0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+    s1: &b1 [*b0, *b0, *b0, *b0, *b0, *b0, *b0, *b0, *b0, *b0]
+    s2: &b2 [*b1, *b1, *b1, *b1, *b1, *b1, *b1, *b1, *b1, *b1]
+    s3: &b3 [*b2, *b2, *b2, *b2, *b2, *b2, *b2, *b2, *b2, *b2]
+    s4: &b4 [*b3, *b3, *b3, *b3, *b3, *b3, *b3, *b3, *b3, *b3]
+    s5: &b5 [*b4, *b4, *b4, *b4, *b4, *b4, *b4, *b4, *b4, *b4]
+    s6: &b6 [*b5, *b5, *b5, *b5, *b5, *b5, *b5, *b5, *b5, *b5]
+    s7: &b7 [*b6, *b6, *b6, *b6, *b6, *b6, *b6, *b6, *b6, *b6]
+    s8: &b8 [*b7, *b7, *b7, *b7, *b7, *b7, *b7, *b7, *b7, *b7]
+defaults: {size: 8x8, extra: *b8}
+"""
+
+
+def test_a_yaml_alias_bomb_is_reported_at_its_line_and_exits_2(tmp_path, capsys):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    assert cli("validate", path) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:5: prompts[1]:" in err and f"{path}:15: defaults:" in err
+    assert f"{path}:3" not in err  # an ordinary nested value (no aliases) passes
+
+
+def test_expanded_size_counts_aliases_without_building_them():
+    import yaml
+
+    from batcher._job import _expanded_size
+
+    node = yaml.compose("a: &x [1, 2, 3]\nb: [*x, *x]\n")
+    # root, keys a and b, the list b, and three copies of x (itself and 3 values)
+    assert _expanded_size(node, {}) == (1 + 2 + 1 + 3 * 4, 2 + 3 * 3)
