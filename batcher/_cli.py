@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,7 +16,7 @@ import anyio
 from . import __version__
 from ._dialect import DIALECTS
 from ._exceptions import BatcherError, JobError, JobValidationError, LockedError, ManifestError, OutputError
-from ._job import load_job
+from ._job import MAX_CONCURRENCY, load_job
 from ._report import Reporter
 from ._runner import (
     EXIT_ABORTED,
@@ -42,10 +44,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _concurrency(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CONCURRENCY} requests in flight per endpoint")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be ≥ 0")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError("must be a finite number > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError("must be a finite number ≥ 0")
     return value
 
 
@@ -53,6 +76,8 @@ def _field(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError("expected FIELD=VALUE")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise argparse.ArgumentTypeError("expected FIELD=VALUE with a field name")
     try:
         value = json.loads(raw)
     except ValueError:
@@ -127,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--base-url", help="API base URL (default: the job's, $BATCHER_BASE_URL, then the seed gateway)")
     r.add_argument("--api-key-env", metavar="NAME",
                    help="environment variable holding the key (default: BATCHER_API_KEY, then OPENAI_API_KEY)")
-    r.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (default: job's, else 16)")
+    r.add_argument("--concurrency", type=_concurrency,
+                   help=f"requests in flight per endpoint, 1-{MAX_CONCURRENCY} (default: job's, else 16)")
     r.add_argument("--rpm", type=_positive_float, help="requests per minute to stay under (default: learn it)")
     r.add_argument("--ipm", type=_positive_float, help="images per minute to stay under (n images cost n)")
     r.add_argument("--timeout", type=_positive_float, default=300.0,
@@ -136,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-attempts", type=_positive_int, default=6,
                    help="attempts per item for transient failures, per run (default 6)")
     r.add_argument("--retry-failed", action="store_true", help="also retry items that failed permanently")
-    r.add_argument("--max-policy-violations", type=int, default=50, metavar="N",
+    r.add_argument("--max-policy-violations", type=_non_negative_int, default=50, metavar="N",
                    help="stop the run after N content-policy rejections (0: never; default 50)")
     r.add_argument("--endpoint", action="append", default=[], metavar="NAME",
                    help="use only this of the job's endpoints; repeatable (default: all)")
@@ -152,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-cost", type=_positive_float, metavar="X",
                    help="start no work beyond an estimated cost X in this run (needs the job's `pricing`)")
     r.add_argument("--force", action="store_true", help="use an OUT that holds another job's manifest")
-    r.add_argument("--grace", type=float, default=30.0,
+    r.add_argument("--grace", type=_non_negative_float, default=30.0,
                    help="seconds in-flight requests may finish after SIGINT/SIGTERM (default 30)")
     r.add_argument("--model", help="request field override for every item")
     r.add_argument("--size", help="request field override, e.g. 1024x1024")
@@ -372,9 +398,33 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_log_file(path: str, job: Any, out: str | None) -> None:
+    """--log-file must be a file batcher may append to: its folder exists, and it is not the
+    job, its prompts file, or an output's journal or manifest (appending would corrupt them)."""
+    log = Path(path)
+    if not log.parent.is_dir():
+        raise BatcherError(f"--log-file {path}: the folder {log.parent} does not exist")
+    if log.is_dir():
+        raise BatcherError(f"--log-file {path}: is a folder")
+    own = [job.path, getattr(job, "_prompts_file", None)]
+    if out is not None and "://" not in out:
+        own += [Path(out) / "manifest.jsonl", Path(out) / "manifest.json"]
+    target = log.resolve()
+    for other in own:
+        if other is not None and (target == Path(other).resolve()
+                                  or log.exists() and Path(other).exists() and os.path.samefile(log, other)):
+            raise BatcherError(f"--log-file {path}: is {other}; log lines would be appended to it. "
+                               f"Choose another file")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job, _overrides(args))
-    reporter = Reporter(quiet=args.quiet or (args.json and not sys.stderr.isatty()), log_file=args.log_file)
+    if args.log_file:
+        _check_log_file(args.log_file, job, args.out or job.output or str(Path("output") / job.name))
+    try:
+        reporter = Reporter(quiet=args.quiet or (args.json and not sys.stderr.isatty()), log_file=args.log_file)
+    except OSError as exc:
+        raise BatcherError(f"--log-file {args.log_file}: can't open it: {exc.strerror}") from None
     options = RunOptions(
         out=args.out, base_url=args.base_url, api_key_env=args.api_key_env, concurrency=args.concurrency,
         rpm=args.rpm, ipm=args.ipm, timeout=args.timeout, connect_timeout=args.connect_timeout,

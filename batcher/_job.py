@@ -24,7 +24,7 @@ from ._dialect import DIALECTS, Dialect, DialectSpecError, get_dialect, parse_di
 from ._exceptions import JobError, JobValidationError, Problem
 from ._ids import FileNames, IdAssigner, image_stems, request_hash
 
-__all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS"]
+__all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS", "MAX_CONCURRENCY"]
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "model": "grok-imagine",
@@ -41,6 +41,9 @@ EXPANSION_KEYS = ("template", "matrix", "repeat")
 MAX_REPEAT = 1_000_000
 MAX_VALUE_NODES = 1_000_000  # values in one job value once YAML aliases are expanded
 MAX_VALUE_CHARS = 64 * 2**20  # characters of text in one job value once expanded
+# requests in flight per endpoint: each holds a connection, a worker and up to one answer in
+# memory; 256 is far above what any image API serves one key at once
+MAX_CONCURRENCY = 256
 MAX_N = 10_000  # images per request: bounds the file names reserved per item (no API allows more)
 MAX_PROBLEMS = 100
 _SIZE = re.compile(r"^[1-9][0-9]{0,5}x[1-9][0-9]{0,5}$")
@@ -373,8 +376,8 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
                 problems.append(Problem(fname, field_lines.get(fld, vline), f"defaults.{fld}", msg))
             job.defaults = val
         elif key == "concurrency":
-            if not _is_int(val) or val < 1:
-                problems.append(Problem(fname, vline, key, "must be an integer ≥ 1"))
+            if not _is_int(val) or not 1 <= val <= MAX_CONCURRENCY:
+                problems.append(Problem(fname, vline, key, f"must be an integer from 1 to {MAX_CONCURRENCY}"))
             else:
                 job.concurrency = val
         elif key == "rate_limit":
@@ -537,8 +540,8 @@ def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], si
                            "is sent (e.g. {grok-imagine: grok-imagine-image})")
                 continue
         elif k == "concurrency":
-            if not _is_int(v) or v < 1:
-                problem(k, "must be an integer ≥ 1")
+            if not _is_int(v) or not 1 <= v <= MAX_CONCURRENCY:
+                problem(k, f"must be an integer from 1 to {MAX_CONCURRENCY}")
                 continue
         elif k == "rate_limit":
             v = _rate_limit(v, fname, lines.get(k, line), problems, f"{where}.rate_limit")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import errno
 import hashlib
+import math
 import os
 import random
 import signal
@@ -32,7 +33,7 @@ from ._exceptions import (
     TransientError,
 )
 from ._ids import safe_stem
-from ._job import Endpoint, Item, Job
+from ._job import MAX_CONCURRENCY, Endpoint, Item, Job
 from ._limiter import ConcurrencyController, RateLimiter
 from ._manifest import Journal, count_items, needs_run, utc_now, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
@@ -84,6 +85,12 @@ class RunOptions:
     work_dir: str | None = None  # a sharded or object-storage run's local work folder
     max_images: int | None = None  # this run starts no work beyond these (exit 4, rest pending)
     max_cost: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency is not None and not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {self.concurrency}")
+        if not (math.isfinite(self.grace_period) and self.grace_period >= 0):
+            raise ValueError(f"grace_period must be a finite number ≥ 0, got {self.grace_period}")
 
 
 @dataclass

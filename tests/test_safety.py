@@ -328,3 +328,77 @@ def test_expanded_size_counts_aliases_without_building_them():
     node = yaml.compose("a: &x [1, 2, 3]\nb: [*x, *x]\n")
     # root, keys a and b, the list b, and three copies of x (itself and 3 values)
     assert _expanded_size(node, {}) == (1 + 2 + 1 + 3 * 4, 2 + 3 * 3)
+
+
+# -- #20: hostile lines are FILE:LINE and exit 2, never a traceback ---------------------------
+
+
+def test_a_jsonl_job_line_nested_100k_deep_is_a_problem_at_its_line(tmp_path, capsys):
+    path = tmp_path / "job.jsonl"
+    path.write_text('{"prompt": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert cli("validate", path) == 2
+    assert f"{path}:2: line:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line", [
+    '{"t":"item","id":5,"rhash":"h","status":"done","attempts":1}',
+    '{"t":"item","id":"a","rhash":"h","status":"done","attempts":"one"}',
+    '{"t":"item","id":"a","rhash":"h","status":"great","attempts":1}',
+    '{"t":"item","rhash":"h","status":"done"}',
+    '{"t":"attempt","id":"a","rhash":"h","attempt":null}',
+    '{"t":"item","id":"a","rhash":"h","status":"failed","attempts":1,"error":"boom"}',
+    "[" * 100_000 + "]" * 100_000,
+])
+def test_a_hand_edited_journal_record_is_named_by_file_and_line(tmp_path, sim, line, capsys):
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", ["x"], defaults={"size": "8x8"})
+    assert run(job, out, sim) == 0
+    with open(out / "manifest.jsonl", "a") as fh:
+        fh.write(line + "\n")
+    lines = len((out / "manifest.jsonl").read_bytes().splitlines())
+    capsys.readouterr()
+    assert run(job, out, sim) == 2
+    assert cli("status", out) == 2
+    err = capsys.readouterr().err
+    assert f"manifest.jsonl:{lines}:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [
+    ["--set", "=x"], ["--set", " =x"], ["--grace", "nan"], ["--grace", "-1"], ["--grace", "inf"],
+    ["--concurrency", "100000"], ["--concurrency", "0"], ["--timeout", "inf"], ["--rpm", "nan"],
+    ["--max-policy-violations", "-1"],
+])
+def test_bad_run_options_exit_2_before_anything_is_sent(tmp_path, sim, args, capsys):
+    job = write_job(tmp_path / "job.yaml", ["x"], defaults={"size": "8x8"})
+    with pytest.raises(SystemExit) as exc:
+        run(job, tmp_path / "out", sim, *args)
+    assert exc.value.code == 2 and sim.stats()["requests"] == 0
+    assert args[0] in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_largest_concurrency_is_accepted_and_a_larger_one_in_the_job_is_a_problem(tmp_path, sim):
+    from batcher._job import MAX_CONCURRENCY
+
+    job = write_job(tmp_path / "job.yaml", ["x"], defaults={"size": "8x8"})
+    assert run(job, tmp_path / "out", sim, "--concurrency", MAX_CONCURRENCY) == 0
+    big = write_job(tmp_path / "big.yaml", ["x"], concurrency=MAX_CONCURRENCY + 1)
+    assert [p.field for p in load_job(big).problems()] == ["concurrency"]
+    with pytest.raises(ValueError):
+        RunOptions(concurrency=MAX_CONCURRENCY + 1)
+
+
+def test_log_file_in_a_missing_folder_or_on_the_job_or_journal_exits_2(tmp_path, sim, capsys):
+    job = write_job(tmp_path / "job.yaml", ["x"], defaults={"size": "8x8"})
+    before = job.read_bytes()
+    out = tmp_path / "out"
+    assert run(job, out, sim, "--log-file", tmp_path / "nowhere" / "log.txt") == 2
+    assert run(job, out, sim, "--log-file", job) == 2
+    assert run(job, out, sim, "--log-file", tmp_path / "." / "job.yaml") == 2
+    assert job.read_bytes() == before and sim.stats()["requests"] == 0
+    assert run(job, out, sim) == 0
+    journal = (out / "manifest.jsonl").read_bytes()
+    assert run(job, out, sim, "--log-file", out / "manifest.jsonl") == 2
+    assert (out / "manifest.jsonl").read_bytes() == journal
+    assert "--log-file" in capsys.readouterr().err
+    assert run(job, out, sim, "--log-file", tmp_path / "log.txt") == 0 and (tmp_path / "log.txt").exists()
