@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from ._exceptions import ManifestError
-from ._manifest import Journal, iter_records
+from ._ids import request_hash
+from ._manifest import Journal, iter_manifest, iter_records
 
 __all__ = ["status"]
 
@@ -45,6 +47,21 @@ def _shard_markers(store: Any) -> dict[str, Any]:
     return {"planned": plan, "committed": sorted(markers)}
 
 
+_PENDING: dict[str, Any] = {"status": "pending", "code": None, "message": None, "images": [], "cost": None,
+                            "endpoint": None, "rhash": None}
+
+
+def _current_items(manifest: Path) -> dict[str, str | None] | None:
+    """Each item id of `manifest.json` with its request hash; None when it can't be read."""
+    try:
+        _header, items = iter_manifest(manifest)
+        with closing(items):
+            return {item["id"]: request_hash(item["request"]) if isinstance(item.get("request"), dict) else None
+                    for item in items}
+    except (ManifestError, OSError, TypeError, ValueError):
+        return None
+
+
 def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
     latest: dict[str, dict[str, Any]] = {}
     runs: list[str] = []
@@ -59,14 +76,21 @@ def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
                 "images": rec.get("images") or [],
                 "cost": rec.get("cost"),
                 "endpoint": rec.get("endpoint"),
+                "rhash": rec.get("rhash"),
             }
         elif kind == "attempt":
             prev = latest.get(rec["id"])
-            if prev is None or prev["status"] != "done":
-                latest[rec["id"]] = {"status": "pending", "code": None, "message": None, "images": [], "cost": None,
-                                    "endpoint": None}
+            if prev is None or prev["status"] != "done" or prev["rhash"] != rec.get("rhash"):
+                latest[rec["id"]] = {**_PENDING, "rhash": rec.get("rhash")}
         elif kind == "run":
             runs.append(rec.get("at", ""))
+    manifest = root / "manifest.json" if root is not None else None
+    current = _current_items(manifest) if manifest is not None and manifest.is_file() else None
+    if current is not None:
+        # the items of the job as the last run saw it: records of ids or requests it no longer has
+        # (a changed --size makes new derived ids) are history, not items
+        latest = {item_id: info if info is not None and rhash in (None, info["rhash"]) else dict(_PENDING)
+                  for item_id, rhash in current.items() for info in (latest.get(item_id),)}
     totals = {"done": 0, "failed": 0, "pending": 0}
     failures: dict[str, dict[str, Any]] = {}
     images = nbytes = made = 0
@@ -91,9 +115,8 @@ def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
             if path.is_file():
                 images += 1
                 nbytes += path.stat().st_size
-    total = None
-    manifest = root / "manifest.json" if root is not None else None
-    if manifest is not None and manifest.is_file():
+    total = len(current) if current is not None else None
+    if current is None and manifest is not None and manifest.is_file():
         try:
             with open(manifest, "rb") as fh:
                 head = fh.read(65536).decode("utf-8", "replace")

@@ -402,3 +402,16 @@ def test_log_file_in_a_missing_folder_or_on_the_job_or_journal_exits_2(tmp_path,
     assert (out / "manifest.jsonl").read_bytes() == journal
     assert "--log-file" in capsys.readouterr().err
     assert run(job, out, sim, "--log-file", tmp_path / "log.txt") == 0 and (tmp_path / "log.txt").exists()
+
+
+def test_status_after_a_size_change_counts_the_jobs_items_not_the_journals_history(tmp_path, sim, capsys):
+    import json as _json
+
+    job = write_job(tmp_path / "job.yaml", [f"p{i}" for i in range(7)], defaults={"size": "8x8"})
+    out = tmp_path / "out"
+    assert run(job, out, sim) == 0
+    assert run(job, out, sim, "--size", "16x16", "--max-images", "4", "--concurrency", "1") == 4
+    capsys.readouterr()
+    assert cli("status", out, "--json") == 0
+    info = _json.loads(capsys.readouterr().out)
+    assert (info["total"], info["done"], info["failed"], info["pending"]) == (7, 4, 0, 3)
