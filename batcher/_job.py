@@ -24,7 +24,7 @@ from ._dialect import DIALECTS, Dialect, DialectSpecError, get_dialect, parse_di
 from ._exceptions import JobError, JobValidationError, Problem
 from ._ids import FileNames, IdAssigner, image_stems, request_hash
 
-__all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS", "MAX_CONCURRENCY"]
+__all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS", "MAX_CONCURRENCY", "JobChangedError"]
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "model": "grok-imagine",
@@ -126,6 +126,8 @@ class Job:
     shard: Any = None  # a ShardSpec: items() yields only that shard's items
     _inline: list[tuple[int, Any, dict[str, int], str]] = field(default_factory=list, repr=False)
     _prompts_file: Path | None = field(default=None, repr=False)
+    # the prompts file as first read (device, inode, size, mtime): every later pass must find it so
+    _signature: tuple[int, int, int, int] | None = field(default=None, repr=False)
     _header_problems: list[Problem] = field(default_factory=list, repr=False)
 
     @property
@@ -191,7 +193,9 @@ class Job:
         for line, raw, lines, prefix in self._inline:
             yield from _make_item(raw, fname, line, prefix, lines, base, self.overrides, ids)
         if self._prompts_file is not None:
-            yield from _stream_jsonl(self._prompts_file, base, self.overrides, ids)
+            if self._signature is None:
+                self._signature = _signature(self._prompts_file)
+            yield from _stream_jsonl(self._prompts_file, base, self.overrides, ids, self._signature)
 
     def problems(self) -> Iterator[Problem]:
         """Every problem in the job, in file order."""
@@ -227,8 +231,14 @@ class Job:
         """Stream every item of the job, whatever the shard."""
         for entry in self._entries():
             if isinstance(entry, Problem):
+                self._check_unchanged()  # a line edited during this pass is a change, not a problem
                 raise JobValidationError([entry])
             yield entry
+
+    def _check_unchanged(self) -> None:
+        if self._prompts_file is not None and self._signature is not None \
+                and _signature(self._prompts_file) != self._signature:
+            raise JobChangedError(self._prompts_file)
 
 
 def load_job(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Job:
@@ -572,9 +582,28 @@ def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], si
 # -- JSONL --------------------------------------------------------------------------------
 
 
+class JobChangedError(JobError):
+    """The prompts file changed since this run first read it (its items may no longer be the same)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path}: the job file changed while batcher was using it; results so far are "
+                         f"in the journal. Rerun once the file is final")
+
+
+def _signature(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _stream_jsonl(
-    path: Path, base: dict[str, Any], overrides: dict[str, Any], ids: IdAssigner
+    path: Path, base: dict[str, Any], overrides: dict[str, Any], ids: IdAssigner,
+    signature: tuple[int, int, int, int] | None = None,
 ) -> Iterator[Item | Problem]:
+    """The items of a JSONL file; JobChangedError if it is not the file `signature` describes
+    (checked when opened and at the end; `Job.all_items` checks again before raising a problem)."""
     fname = str(path)
     any_line = False
     try:
@@ -582,7 +611,14 @@ def _stream_jsonl(
     except OSError as exc:
         yield Problem(fname, 1, "prompts_file", f"can't read: {exc.strerror}")
         return
+
+    def check() -> None:
+        st = os.fstat(fh.fileno())
+        if signature is not None and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != signature:
+            raise JobChangedError(path)
+
     with fh:
+        check()
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
@@ -599,6 +635,7 @@ def _stream_jsonl(
                 yield Problem(fname, lineno, "line", "nested too deep")
                 continue
             yield from _make_item(obj, fname, lineno, "", {}, base, overrides, ids)
+        check()
     if not any_line:
         yield Problem(fname, 1, "prompts_file", "the file has no items")
 

@@ -25,6 +25,7 @@ from ._client import Generation, ImagesClient, Timeouts
 from ._exceptions import (
     BatcherError,
     FatalError,
+    JobError,
     JobValidationError,
     ManifestError,
     Problem,
@@ -414,6 +415,8 @@ class _Runner:
                 prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
                 if not await self._wait(self.dispatch.put_new, Task(item, eligible, attempt=prior)):
                     break
+        except JobError as exc:  # the job file changed under the run: what was sent is journaled
+            self._stop(FatalError(str(exc), code="job_changed"), f"stopping: {exc}")
         finally:
             self.dispatch.close_feed()
 
@@ -735,11 +738,19 @@ class _Runner:
             try:
                 summary = await anyio.to_thread.run_sync(
                     write_manifest, self.journal, self.out.manifest, job_meta, self.job.items)
+            except JobError as exc:  # changed during the run: its items are unknown, the journal is not
+                self.reporter.log(f"{self.out.manifest} not rewritten: {exc}", level="error")
+                summary = self._journal_summary()
+                if self.fatal is None:
+                    self.fatal = FatalError(str(exc), code="job_changed")
             except OSError as exc:
                 self.reporter.log(f"can't write {self.out.manifest}: {exc.strerror}; the journal is intact "
                                   f"and the next run rebuilds it", level="error")
                 # the journal in memory still knows every result: count from it, not zeros
-                summary = await anyio.to_thread.run_sync(count_items, self.journal, self.job.items)
+                try:
+                    summary = await anyio.to_thread.run_sync(count_items, self.journal, self.job.items)
+                except JobError:
+                    summary = self._journal_summary()
                 if self.fatal is None:
                     self.fatal = FatalError(str(exc), code="disk_error")
             if self.requests:
@@ -803,6 +814,14 @@ class _Runner:
         self.reporter.summary(result)
         return result
 
+
+    def _journal_summary(self) -> dict[str, int]:
+        """What the journal knows of every item it names (when the job's items can't be read)."""
+        summary = {"total": 0, "done": 0, "failed": 0, "pending": 0}
+        for entry in self.journal.entries.values():
+            summary["total"] += 1
+            summary[entry.status if entry.status in ("done", "failed") else "pending"] += 1
+        return summary
 
     def _endpoint_stats(self) -> dict[str, dict[str, Any]]:
         return {e.name: {**e.stats, "cost": round(e.stats["cost"], 6), "retired": e.retired,

@@ -415,3 +415,45 @@ def test_status_after_a_size_change_counts_the_jobs_items_not_the_journals_histo
     assert cli("status", out, "--json") == 0
     info = _json.loads(capsys.readouterr().out)
     assert (info["total"], info["done"], info["failed"], info["pending"]) == (7, 4, 0, 3)
+
+
+# -- #7: a job edited during a run -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit", ["append", "rewrite_in_place", "replace_by_rename"])
+def test_a_job_edited_during_the_run_stops_it_without_claiming_nothing_was_sent(tmp_path, sim, monkeypatch,
+                                                                                  capsys, edit):
+    import batcher._manifest as manifest_module
+
+    job = tmp_path / "job.jsonl"
+    job.write_text("".join(f'{{"id": "i{i}", "prompt": "p{i}", "size": "8x8"}}\n' for i in range(40)))
+    real_apply = manifest_module.Journal._apply
+    edited = []
+
+    def apply(self, r, offset):  # the user saves the job once the first item is done
+        real_apply(self, r, offset)
+        if r.get("t") == "item" and not edited:
+            edited.append(r["id"])
+            if edit == "append":
+                with open(job, "a") as fh:
+                    fh.write('{"id": "late", "prompt": "late", "size": "8x8"}\n')
+            elif edit == "rewrite_in_place":
+                with open(job, "r+b") as fh:
+                    fh.write(b'{"id": "i0", "prompt": "P0", "size": "8x8"}\n')
+            else:
+                new = tmp_path / "job.new"
+                new.write_text('{"id": "only", "prompt": "x", "size": "8x8"}\n')
+                os.replace(new, job)
+
+    monkeypatch.setattr(manifest_module.Journal, "_apply", apply)
+    out = tmp_path / "out"
+    code = run(job, out, sim, "--concurrency", "1")
+    err = capsys.readouterr().err
+    assert code == 4 and "nothing was sent" not in err and "changed" in err
+    done = [json.loads(line)["id"] for line in (out / "manifest.jsonl").read_text().splitlines()
+            if json.loads(line)["t"] == "item"]
+    assert edited[0] in done and sim.stats()["requests"] >= 1
+    monkeypatch.setattr(manifest_module.Journal, "_apply", real_apply)
+    requests = sim.stats()["requests"]
+    assert run(job, out, sim) == 0  # the rerun reads the file as it is now
+    assert sim.stats()["requests"] - requests <= 40 + 1 - len(done)
