@@ -172,9 +172,14 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
     out.prepare()
     out.lock()
     try:
+        if sharded is not None:
+            sharded.reset_work()  # a cache of the store, which may have started over since
+            out.prepare()
         runner = _Runner(job, options, out, reporter, sharded)
         return await runner.run()
     finally:
+        if sharded is not None and sharded.committed:
+            sharded.remove_work()  # the shard is in the store; removed while still locked
         out.unlock()
 
 

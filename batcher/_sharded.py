@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,35 @@ class ShardedOutput:
         self.work = root / f"shard-{shard.index:05d}-of-{shard.count:05d}"
         self.flush_seconds = flush_seconds
         self.writer: SegmentWriter | None = None
+        self.committed = False
+
+    # -- the local work folder ----------------------------------------------------------------
+
+    def reset_work(self) -> int:
+        """Empty the work folder but its lock (held by the caller); return how many entries went.
+
+        The store is the truth: the journal is rebuilt from it, and anything else here (a
+        manifest, staged images) is a leftover of an earlier run, perhaps against a store that has
+        since started over, so it is dropped rather than reconciled.
+        """
+        removed = 0
+        for entry in os.scandir(self.work):
+            if entry.name == ".lock":
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def remove_work(self) -> None:
+        """Remove the work folder of a committed shard (and its parent, once empty)."""
+        shutil.rmtree(self.work, ignore_errors=True)
+        try:
+            self.work.parent.rmdir()  # only when no other shard works there
+        except OSError:
+            pass
 
     # -- before the run ---------------------------------------------------------------------
 
@@ -165,6 +195,7 @@ class ShardedOutput:
             return None
         self.writer.close(summary, commit=commit)
         self.writer = None
+        self.committed = commit
         if commit and len(current_markers(self.store)) >= self.shard.count:
             return merge(self.store, job_meta, all_items)
         return None

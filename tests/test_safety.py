@@ -457,3 +457,49 @@ def test_a_job_edited_during_the_run_stops_it_without_claiming_nothing_was_sent(
     requests = sim.stats()["requests"]
     assert run(job, out, sim) == 0  # the rerun reads the file as it is now
     assert sim.stats()["requests"] - requests <= 40 + 1 - len(done)
+
+
+# -- #21: a sharded run's work folder is a cache of the store -----------------------------------
+
+
+def test_a_store_that_started_over_is_the_truth_and_the_work_folder_goes_once_committed(tmp_path, sim,
+                                                                                       monkeypatch):
+    import hashlib
+    import uuid
+
+    import fsspec
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bucket = f"safety-{uuid.uuid4().hex[:12]}"
+    out = f"memory://{bucket}/out"
+    work = tmp_path / "cache" / "batcher" / "work" / hashlib.sha256(out.encode()).hexdigest()[:16]
+    job = write_job(tmp_path / "job.yaml", ["a", "b", "c"], defaults={"size": "8x8"})
+    assert run(job, out, sim) == 0
+    assert not work.exists()  # committed: nothing left on this machine
+    first = sim.stats()["requests"]
+
+    # an older batcher left its work folder behind; then the store starts over (prefix emptied)
+    shard = work / "shard-00000-of-00001"
+    (shard / "images").mkdir(parents=True)
+    (shard / "manifest.json").write_text('{"version": 1, "job": {}, "summary": {}, "items": [\n]}\n')
+    (shard / "images" / "stale.png").write_bytes(b"old")
+    fsspec.filesystem("memory").rm(f"/{bucket}", recursive=True)
+
+    assert run(job, out, sim) == 0
+    assert sim.stats()["requests"] - first == 3  # the store had nothing: everything again
+    assert not work.exists()
+    merged = json.loads(fsspec.filesystem("memory").cat(f"/{bucket}/out/manifest.json"))
+    assert merged["summary"] == {"total": 3, "done": 3, "failed": 0, "pending": 0}
+
+
+def test_an_unfinished_shard_keeps_its_work_folder_for_the_next_run(tmp_path, sim, monkeypatch):
+    import hashlib
+    import uuid
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = f"memory://safety-{uuid.uuid4().hex[:12]}/out"
+    work = tmp_path / "cache" / "batcher" / "work" / hashlib.sha256(out.encode()).hexdigest()[:16]
+    job = write_job(tmp_path / "job.yaml", ["a", "b", "c"], defaults={"size": "8x8"})
+    assert run(job, out, sim, "--max-images", "1", "--concurrency", "1") == 4
+    assert (work / "shard-00000-of-00001" / "manifest.jsonl").is_file()
+    assert run(job, out, sim) == 0 and not work.exists()

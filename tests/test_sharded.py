@@ -217,8 +217,10 @@ def test_three_shards_as_processes_do_every_item_exactly_once(tmp_path, shards):
         first = sim.stats()
 
         # each process ran its own shard's items, and the shards split the job
-        per_shard = [{r["id"] for r in json.loads((Path(out) / ".work" / f"shard-{i:05d}-of-00003" /
-                                                   "manifest.json").read_text())["items"]} for i in range(3)]
+        # (from each shard's segments: a committed shard's work folder is removed)
+        per_shard = [{json.loads(line)["id"] for seg in (Path(out) / "segments").glob(f"seg-*-s{i:05d}of00003-*")
+                      for line in seg.read_text().splitlines() if json.loads(line).get("t") == "item"}
+                     for i in range(3)]
         assert [r["summary"]["total"] for r in results] == [len(s) for s in per_shard]
         assert all(s and s == {i for i in ids if ShardSpec(k, 3).contains(i)} for k, s in enumerate(per_shard))
         assert set().union(*per_shard) == ids and sum(map(len, per_shard)) == len(ids)
