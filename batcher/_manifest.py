@@ -58,9 +58,10 @@ class Entry:
 class RecordLines:
     """The records of journal lines, with the byte span of each: `for start, end, rec in ...`.
 
-    With `torn_ok`, an incomplete or unreadable *last* line (a kill mid-write) ends the records and
-    its number is kept in `torn_line`; an unreadable line anywhere else is a ManifestError naming
-    `where:LINE`.
+    With `torn_ok`, an incomplete *last* line that starts like a record (a kill mid-write) ends the
+    records and its number is kept in `torn_line`. A line holding a torn record and then a whole
+    one (left by older versions after a full disk) yields the whole one and is listed in
+    `glued_lines`. Any other unreadable line is a ManifestError naming `where:LINE`.
     """
 
     def __init__(self, lines: Iterable[bytes], where: str, *, torn_ok: bool = True, advice: str = "") -> None:
@@ -69,6 +70,7 @@ class RecordLines:
         self.torn_ok = torn_ok
         self.advice = advice
         self.torn_line: int | None = None
+        self.glued_lines: list[int] = []  # lines holding a torn record and then a whole one
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
         lines = iter(self.lines)
@@ -86,11 +88,34 @@ class RecordLines:
                 if self.torn_ok and not complete and _TORN_START.match(raw):
                     self.torn_line = lineno
                     return
-                raise ManifestError(f"{self.where}:{lineno}: corrupt journal line{self.advice}") from None
+                glued = _glued_record(raw) if complete else None
+                if glued is None:
+                    raise ManifestError(f"{self.where}:{lineno}: corrupt journal line{self.advice}") from None
+                # an older batcher appended after a write the disk cut short: a torn record, then a
+                # whole one on the same line; the whole one counts (and is read back from `cut`)
+                cut, rec = glued
+                self.glued_lines.append(lineno)
+                start += cut
             if not complete and self.torn_ok:
                 self.torn_line = lineno
                 return
             yield start, offset, rec
+
+
+def _glued_record(raw: bytes) -> tuple[int, dict[str, Any]] | None:
+    """(offset, record) of a whole record glued after a torn one on one line, else None."""
+    if not _TORN_START.match(raw):
+        return None
+    cut = raw.find(b'{"t":"', 1)
+    while cut > 0:  # the first place where the rest of the line is one whole record
+        try:
+            rec = json.loads(raw[cut:])
+            if isinstance(rec, dict) and "t" in rec:
+                return cut, rec
+        except (ValueError, RecursionError):
+            pass
+        cut = raw.find(b'{"t":"', cut + 1)
+    return None
 
 
 def _check_fields(rec: dict[str, Any]) -> None:
@@ -130,6 +155,7 @@ class Journal:
         self.entries: dict[str, Entry] = {}
         self.runs: list[dict[str, Any]] = []
         self.torn_line: int | None = None
+        self.glued_lines: list[int] = []
         self._fd: int | None = None
         self._lock = threading.Lock()
         self._dirty = False
@@ -173,6 +199,7 @@ class Journal:
                     raise ManifestError(f"{self.path}:{lineno}: a {rec.get('t')!r} record with missing or "
                                         f"wrongly typed fields (edited by hand?); fix or remove that line") from None
         self.torn_line = records.torn_line  # a kill mid-write: tolerated, reported, cut off
+        self.glued_lines = records.glued_lines
         if self.torn_line is not None and repair:
             with open(self.path, "r+b") as wfh:
                 wfh.truncate(good_end)
@@ -351,8 +378,10 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
             if raw.endswith(b"\n"):
                 try:
                     yield json.loads(raw)
-                except ValueError:
-                    continue
+                except (ValueError, RecursionError):
+                    glued = _glued_record(raw)
+                    if glued is not None:
+                        yield glued[1]
 
 
 def iter_manifest(path: Path) -> tuple[dict[str, Any], _Items]:

@@ -221,6 +221,10 @@ class _Runner:
         if self.sharded is not None:
             self.sharded.rebuild_journal(self.out.journal)  # what every machine finished, for this shard
         journal = Journal.open(self.out.journal)
+        if journal.glued_lines:
+            self.reporter.log(f"{self.out.journal}:{journal.glued_lines[0]}: {len(journal.glued_lines)} line(s) hold a "
+                              f"record cut short by a full disk, then a whole one; the whole ones were kept",
+                              level="warning")
         if journal.torn_line is not None:
             self.reporter.log(f"{self.out.journal}:{journal.torn_line}: torn last line from an interrupted "
                               f"run ignored", level="warning")

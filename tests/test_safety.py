@@ -503,3 +503,25 @@ def test_an_unfinished_shard_keeps_its_work_folder_for_the_next_run(tmp_path, si
     assert run(job, out, sim, "--max-images", "1", "--concurrency", "1") == 4
     assert (work / "shard-00000-of-00001" / "manifest.jsonl").is_file()
     assert run(job, out, sim) == 0 and not work.exists()
+
+
+def test_a_journal_glued_by_an_older_version_is_read_without_paying_again(tmp_path, sim, capsys):
+    """Older versions appended after a cut-short write: `torn{"t":...}` on one line. The whole
+    records are kept (status and rerun read them), so the rerun sends nothing."""
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", ["a", "b", "c"], defaults={"size": "8x8"})
+    assert run(job, out, sim) == 0
+    path = out / "manifest.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    item = next(i for i, line in enumerate(lines) if b'"t":"item"' in line)
+    lines[item] = b'{"t":"attempt","id":"zz","rhash":"h","att' + lines[item]
+    path.write_bytes(b"".join(lines))
+    (out / "manifest.json").unlink()
+    requests = sim.stats()["requests"]
+    capsys.readouterr()
+    assert cli("status", out, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["done"] == 3
+    assert run(job, out, sim) == 0
+    assert "cut short" in capsys.readouterr().err
+    assert sim.stats()["requests"] == requests
+    assert json.loads((out / "manifest.json").read_text().splitlines()[0] + "]}")["summary"]["done"] == 3
