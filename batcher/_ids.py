@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["canonical_json", "request_hash", "IdAssigner", "FileNames", "image_stems", "safe_stem"]
@@ -89,27 +88,25 @@ def image_stems(item_id: str, images: int) -> list[str]:
 
 
 class FileNames:
-    """The image file names handed out so far, to refuse two items writing one file.
-
-    `{"id": "x", "n": 2}` writes x_1.png and x_2.png, so `{"id": "x_1"}` would overwrite one:
-    `claim` returns where the earlier owner of a clashing name was read. Memory: one 64-bit
-    digest and one int per name.
+    """The image file names handed out so far in one pass over a job, to refuse two items writing
+    one file: `{"id": "x", "n": 2}` writes x_1.png and x_2.png, so `{"id": "x_1"}` would overwrite
+    one. Memory: one 64-bit hash per name (the pass's own: never stored or compared across runs).
     """
 
     def __init__(self) -> None:
-        self._owners: dict[int, int] = {}  # digest of a stem -> line * 8 + index into _files
-        self._files: list[str] = []
+        self._taken: set[int] = set()
 
-    def claim(self, stems: Iterable[str], file: str, line: int) -> tuple[str, str, int] | None:
-        """Take these stems for the item at file:line, or return (stem, file, line) of a clash."""
-        keys = [(stem, IdAssigner._key(stem)) for stem in stems]
-        for stem, key in keys:
-            owner = self._owners.get(key)
-            if owner is not None:
-                return stem, self._files[owner % 8], owner // 8
-        if file not in self._files:
-            self._files.append(file)  # a job's items come from at most two files
-        code = line * 8 + self._files.index(file)
-        for _stem, key in keys:
-            self._owners[key] = code
+    def claim(self, stems: list[str]) -> str | None:
+        """Take these stems, or return the first one already taken (and take none)."""
+        if len(stems) == 1:  # the common case, kept cheap: validation runs this once per item
+            key = hash(stems[0])
+            if key in self._taken:
+                return stems[0]
+            self._taken.add(key)
+            return None
+        keys = [hash(stem) for stem in stems]
+        for stem, key in zip(stems, keys):
+            if key in self._taken:
+                return stem
+        self._taken.update(keys)
         return None

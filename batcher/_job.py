@@ -169,15 +169,23 @@ class Job:
                 yield self._unsendable(entry, live)
                 continue
             if isinstance(entry, Item):
-                clash = names.claim(image_stems(entry.id, entry.images), entry.file, entry.line)
-                if clash is not None:
-                    stem, other_file, other_line = clash
-                    yield Problem(entry.file, entry.line, "id",
-                                  f"item {entry.id!r} would write images/{stem}.*, which the item at "
-                                  f"{other_file}:{other_line} writes too (the same id, or an id plus the "
-                                  f"_K suffix of an item with n > 1); give one of them another id")
+                stem = names.claim(image_stems(entry.id, entry.images))
+                if stem is not None:
+                    yield self._clash(entry, stem, base)
                     continue
             yield entry
+
+    def _clash(self, item: Item, stem: str, base: dict[str, Any]) -> Problem:
+        """The problem of an item whose file name `stem` an earlier item takes, naming that item's
+        line (found by reading the job again: clashes are rare, a location per name is not free)."""
+        where = "an earlier item"
+        for other in self._raw_entries(str(self.path), base, IdAssigner()):
+            if isinstance(other, Item) and stem in image_stems(other.id, other.images):
+                where = f"the item at {other.file}:{other.line}"
+                break
+        return Problem(item.file, item.line, "id",
+                       f"item {item.id!r} would write images/{stem}.*, which {where} writes too (the same "
+                       f"id, or an id plus the _K suffix of an item with n > 1); give one of them another id")
 
     def _unsendable(self, item: Item, live: list[Endpoint]) -> Problem:
         model = item.body.get("model")
