@@ -412,7 +412,7 @@ def _check_log_file(path: str, job: Any, out: str | None) -> None:
     target = log.resolve()
     for other in own:
         if other is not None and (target == Path(other).resolve()
-                                  or log.exists() and Path(other).exists() and os.path.samefile(log, other)):
+                                  or (log.exists() and Path(other).exists() and os.path.samefile(log, other))):
             raise BatcherError(f"--log-file {path}: is {other}; log lines would be appended to it. "
                                f"Choose another file")
 

@@ -105,7 +105,7 @@ class FileNames:
             self._taken.add(key)
             return None
         keys = [hash(stem) for stem in stems]
-        for stem, key in zip(stems, keys):
+        for stem, key in zip(stems, keys, strict=True):
             if key in self._taken:
                 return stem
         self._taken.update(keys)

@@ -128,8 +128,8 @@ class OutputDir:
                     return
         images = entries.get(self.images.name)
         skeleton = set(entries) <= {self.images.name, ".lock"} and (
-            images is None or images.is_dir(follow_symlinks=False)
-            and all(e.name.startswith(".tmp-") for e in os.scandir(images.path)))
+            images is None or (images.is_dir(follow_symlinks=False)
+            and all(e.name.startswith(".tmp-") for e in os.scandir(images.path))))
         if not skeleton:
             raise OutputError(f"{self.root}: not empty and not a batcher output (no {self.journal.name}); "
                               f"batcher writes only into an empty folder or its own output. Choose "

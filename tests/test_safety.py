@@ -8,13 +8,12 @@ import json
 import os
 
 import pytest
+from helpers import KEY, write_job
 
 from batcher import RunOptions, load_job, run_sync
+from batcher._cli import main
 from batcher._manifest import Journal
 from batcher._simulator import SimulatorConfig, start_in_thread
-
-from batcher._cli import main
-from helpers import KEY, write_job
 
 
 @pytest.fixture
