@@ -255,6 +255,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     count = job.validate()
+    for warning in job.warnings:
+        print(f"{warning.file}:{warning.line}: {warning.field}: warning: {warning.message}", file=sys.stderr)
     print(f"{args.job}: ok, {count} item(s)")
     return EXIT_OK
 

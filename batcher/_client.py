@@ -83,6 +83,7 @@ class ImagesClient:
         max_connections: int = 64,
         max_response_bytes: int = 256 * 1024 * 1024,
         max_download_bytes: int = 64 * 1024 * 1024,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.dialect = dialect
@@ -90,7 +91,9 @@ class ImagesClient:
         missing = dialect.missing_options(self.options)
         if missing:  # the same for every request: say so now, not once per item
             raise DialectError(f"dialect {dialect.name!r} needs the endpoint option(s) {', '.join(missing)}")
-        self._auth = dialect.auth_headers(api_key)
+        # the endpoint's own headers (values read from the environment) ride with the key, in memory only
+        # (Accept only here, not on image downloads: an image host may negotiate on it)
+        self._auth = {"Accept": "application/json", **(headers or {}), **dialect.auth_headers(api_key)}
         self.timeouts = timeouts
         self.max_response_bytes = max_response_bytes
         self.max_download_bytes = max_download_bytes
@@ -126,6 +129,7 @@ class ImagesClient:
         try:
             async with self._http.stream("POST", url, params=prepared.params or None, json=prepared.body,
                                          headers=headers) as resp:
+                _refuse_stream(resp)
                 raw = await self._read_capped(resp)
         except httpx.TimeoutException as exc:
             raise TransientError(f"timed out ({type(exc).__name__})", code="timeout") from None
@@ -262,6 +266,15 @@ class ImagesClient:
                 await fh.write(chunk)
         if sniff(head) is None:
             raise PermanentError("downloaded bytes are not a PNG, JPEG, WebP or GIF image", code="not_an_image")
+
+
+def _refuse_stream(resp: httpx.Response) -> None:
+    """A streamed answer was generated (and billed): fail the item for good, never send it again."""
+    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+    if resp.status_code == 200 and ctype == "text/event-stream":
+        raise PermanentError("the server streamed its answer (text/event-stream), which batcher can't save; "
+                             "remove stream from the request", status=200, code="streamed_answer",
+                             headers=dict(resp.headers))
 
 
 def _unlink(path: Path) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -24,7 +25,8 @@ from ._dialect import DIALECTS, Dialect, DialectSpecError, get_dialect, parse_di
 from ._exceptions import JobError, JobValidationError, Problem
 from ._ids import FileNames, IdAssigner, image_stems, request_hash
 
-__all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS", "MAX_CONCURRENCY", "JobChangedError"]
+__all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS", "MAX_CONCURRENCY",
+           "JobChangedError", "is_openai_host"]
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "model": "grok-imagine",
@@ -58,7 +60,12 @@ class RateLimit:
 
 BUILTIN_DIALECTS = tuple(DIALECTS)
 ENDPOINT_KEYS = ("name", "base_url", "api_key_env", "dialect", "models", "concurrency", "rate_limit", "price",
-                 "options")
+                 "options", "headers")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Headers batcher sets itself: the auth header (per dialect), the body's framing, what it accepts.
+RESERVED_HEADERS = frozenset({"authorization", "api-key", "content-type", "content-length", "host",
+                              "transfer-encoding", "connection", "accept", "accept-encoding", "user-agent"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -75,6 +82,7 @@ class Endpoint:
     rate_limit: RateLimit = field(default_factory=RateLimit)
     price: list[dict[str, Any]] | None = None  # pricing rows; None: the job's `pricing`
     options: dict[str, str] = field(default_factory=dict)  # dialect placeholders, e.g. api_version
+    headers: dict[str, str] = field(default_factory=dict)  # header name -> environment variable with its value
     line: int = 0
 
     def serves(self, model: Any) -> bool:
@@ -129,6 +137,7 @@ class Job:
     # the prompts file as first read (device, inode, size, mtime): every later pass must find it so
     _signature: tuple[int, int, int, int] | None = field(default=None, repr=False)
     _header_problems: list[Problem] = field(default_factory=list, repr=False)
+    warnings: list[Problem] = field(default_factory=list, repr=False)  # set by validate()
 
     @property
     def endpoint(self) -> Endpoint:
@@ -212,9 +221,14 @@ class Job:
                 yield entry
 
     def validate(self) -> int:
-        """Check the whole job; return the item count or raise JobValidationError."""
+        """Check the whole job; return the item count or raise JobValidationError.
+
+        What is allowed but likely to fail is kept in `warnings` (one per endpoint and model).
+        """
         found: list[Problem] = []
         total = count = 0
+        warned: dict[tuple[str, str], Problem] = {}
+        live = self.live_endpoints()
         for entry in self._entries():
             if isinstance(entry, Problem):
                 total += 1
@@ -222,11 +236,41 @@ class Job:
                     found.append(entry)
             else:
                 count += 1
+                for problem in self._dialect_advice(entry, live, warned):
+                    total += 1
+                    if len(found) < MAX_PROBLEMS:
+                        found.append(problem)
+        by_name = {e.name: e for e in live}
+        self.warnings = [p for (name, _), p in warned.items() if not is_openai_host(by_name[name].base_url)]
         if total:
             raise JobValidationError(found, total)
         if count == 0:
             raise JobValidationError([Problem(str(self.path), 1, "prompts", "the job has no items")])
         return count
+
+    def _dialect_advice(self, item: Item, live: list[Endpoint],
+                        warned: dict[tuple[str, str], Problem]) -> Iterator[Problem]:
+        """gpt-image models reject `response_format`: an error on OpenAI's own host, else a warning.
+
+        The model prefix is OpenAI's documented family, not an allow-list: any other model passes.
+        """
+        for ep in live:
+            model = item.body.get("model")
+            if not ep.serves(model) or "response_format" not in item.body:
+                continue
+            sent = ep.model_sent(model) if isinstance(model, str) else ""
+            dialect = self.dialect_of(ep)
+            if not sent.startswith("gpt-image") or "response_format" in dialect.drop | set(dialect.rename):
+                continue
+            key = (ep.name, sent)
+            if key in warned:
+                continue
+            advice = (f"OpenAI's {sent} rejects response_format, which dialect {ep.dialect} sends "
+                      f"(endpoint {ep.name!r}); set `dialect: openai` on the endpoint")
+            problem = Problem(item.file, item.line, "model", advice)
+            warned[key] = problem
+            if is_openai_host(ep.base_url):
+                yield problem  # certain to fail there: an error, once per endpoint and model
 
     def items(self) -> Iterator[Item]:
         """Stream the items (of `shard` only, when set); call `validate()` first (a problem raises)."""
@@ -247,6 +291,13 @@ class Job:
         if self._prompts_file is not None and self._signature is not None \
                 and _signature(self._prompts_file) != self._signature:
             raise JobChangedError(self._prompts_file)
+
+
+def is_openai_host(base_url: str | None) -> bool:
+    """Whether `base_url` is OpenAI's own API (api.openai.com), not a gateway speaking its protocol."""
+    if not base_url:
+        return False
+    return (urlsplit(base_url).hostname or "").lower() == "api.openai.com"
 
 
 def load_job(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Job:
@@ -574,6 +625,10 @@ def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], si
                 problem(k, "must be a mapping of option name to a string (e.g. api_version: 2025-04-01-preview)")
                 continue
             v = {a: str(b) for a, b in v.items()}
+        elif k == "headers":
+            v = _endpoint_headers(v, problem)
+            if v is None:
+                continue
         else:
             known = ("base_url", "api_key_env") if single else ENDPOINT_KEYS
             problem(k, f"unknown key ({', '.join(known)})")
@@ -585,6 +640,27 @@ def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], si
         if "base_url" not in val:
             problems.append(Problem(fname, line, f"{where}.base_url", "missing"))
     return Endpoint(**out)
+
+
+def _endpoint_headers(val: Any, problem: Callable[[str, str], None]) -> dict[str, str] | None:
+    """`headers: {OpenAI-Organization: {env: OPENAI_ORG_ID}}`: each value is read from the environment
+    at run time, so nothing secret is ever written in a job file."""
+    if not isinstance(val, dict):
+        problem("headers", "must map header names to {env: VARIABLE}, e.g. OpenAI-Organization: {env: OPENAI_ORG_ID}")
+        return None
+    out: dict[str, str] = {}
+    for name, spec in val.items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            problem("headers", f"{name!r} is not an HTTP header name")
+        elif name.lower() in RESERVED_HEADERS:
+            problem("headers", f"{name} is set by batcher itself (the key comes from api_key_env)")
+        elif not (isinstance(spec, dict) and set(spec) == {"env"} and isinstance(spec["env"], str)
+                  and _ENV_NAME.match(spec["env"])):
+            problem("headers", f"{name}: the value must be {{env: VARIABLE}}, the environment variable holding "
+                               f"it; values are never written in the job file")
+        else:
+            out[name] = spec["env"]
+    return out if len(out) == len(val) else None
 
 
 # -- JSONL --------------------------------------------------------------------------------
@@ -878,6 +954,12 @@ def _field_problems(fields: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
         yield "quality", "must be a string"
     if "response_format" in fields and fields["response_format"] not in ("url", "b64_json"):
         yield "response_format", f"must be 'url' or 'b64_json', got {fields['response_format']!r}"
+    # A streamed answer (text/event-stream) is neither saved nor safely retried: each try is paid.
+    if fields.get("stream") not in (None, False):
+        yield "stream", ("batcher reads whole JSON answers; streaming is not supported (a streamed answer "
+                         "would be paid and not saved): remove stream")
+    if fields.get("partial_images") not in (None, 0):
+        yield "partial_images", "needs streaming, which batcher does not support: remove partial_images"
     for k, v in fields.items():
         if isinstance(v, float) and not math.isfinite(v):
             yield str(k), "must be a finite number"

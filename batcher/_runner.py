@@ -34,7 +34,7 @@ from ._exceptions import (
     TransientError,
 )
 from ._ids import safe_stem
-from ._job import MAX_CONCURRENCY, Endpoint, Item, Job
+from ._job import MAX_CONCURRENCY, Endpoint, Item, Job, is_openai_host
 from ._limiter import ConcurrencyController, RateLimiter
 from ._manifest import Journal, count_items, needs_run, utc_now, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
@@ -122,19 +122,38 @@ def resolve_out(job: Job, options: RunOptions) -> Path:
     return Path("output") / job.name
 
 
-def _key_names(ep: Endpoint, options: RunOptions) -> list[str]:
-    return [n for n in (options.api_key_env, ep.api_key_env) if n] or list(KEY_ENVS)
+def _key_names(ep: Endpoint, options: RunOptions, base_url: str | None = None) -> list[str]:
+    """Where the key comes from: --api-key-env, the endpoint's api_key_env, else BATCHER_API_KEY, and
+    OPENAI_API_KEY only when the endpoint is OpenAI's own host (never sent to a gateway by accident)."""
+    named = [n for n in (options.api_key_env, ep.api_key_env) if n]
+    if named:
+        return named
+    return [n for n in KEY_ENVS if n != "OPENAI_API_KEY" or is_openai_host(base_url)]
 
 
-def _resolve_key(ep: Endpoint, options: RunOptions) -> str | None:
+def _resolve_key(ep: Endpoint, options: RunOptions, base_url: str | None = None) -> str | None:
     """The endpoint's key, from the environment (never from the job file); None if unset."""
     if options.api_key:
         return options.api_key
-    for name in _key_names(ep, options):
+    for name in _key_names(ep, options, base_url):
         value = os.environ.get(name)
         if value:
             return value
     return None
+
+
+def _endpoint_headers(ep: Endpoint) -> dict[str, str]:
+    """The endpoint's extra headers, each value read from the environment variable the job names."""
+    out: dict[str, str] = {}
+    for name, env in ep.headers.items():
+        value = os.environ.get(env)
+        if not value:
+            raise BatcherError(f"endpoint {ep.name!r}: header {name} needs the environment variable {env}, "
+                               f"which is not set")
+        if any(c in value for c in "\r\n\0"):
+            raise BatcherError(f"endpoint {ep.name!r}: the value of {env} (header {name}) holds a line break")
+        out[name] = value
+    return out
 
 
 def run_sync(job: Job, options: RunOptions = RunOptions(), reporter: Reporter | None = None) -> RunResult:
@@ -156,6 +175,8 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
         job.use_endpoints(options.endpoints)
     job.validate()
     reporter = reporter or Reporter(quiet=True)
+    for warning in job.warnings:
+        reporter.log(f"{warning}", level="warning")
     target = options.out or job.output or str(Path("output") / job.name)
     sharded = None
     if options.shard is not None or is_remote(target):
@@ -321,23 +342,26 @@ class _Runner:
         runs: list[_EndpointRun] = []
         for ep in self.job.live_endpoints():
             needed = any(ep.serves(m) for m in models)  # dialect limits (n) are rare: checked per item
-            key = _resolve_key(ep, opts)
+            base_url = (opts.base_url or ep.base_url or os.environ.get("BATCHER_BASE_URL") or DEFAULT_BASE_URL)
+            key = _resolve_key(ep, opts, base_url)
             if key is None:
-                names = " or ".join(_key_names(ep, opts))
+                names = " or ".join(_key_names(ep, opts, base_url))
                 if needed:
+                    hint = ("" if is_openai_host(base_url) or not os.environ.get("OPENAI_API_KEY") else
+                            f"; OPENAI_API_KEY is used only for api.openai.com, not {base_url}")
                     raise BatcherError(
-                        f"no API key for endpoint {ep.name!r}: set the environment variable {names} (or use "
+                        f"no API key for endpoint {ep.name!r}: set the environment variable {names}{hint} (or use "
                         f"--simulate to try batcher on the built-in simulator)")
                 self.reporter.log(f"endpoint {ep.name!r}: no key in {names}; not used (no item needs it)",
                                   level="warning")
                 continue
             if not needed:
                 continue
+            headers = _endpoint_headers(ep)
             rpm = opts.rpm or ep.rate_limit.rpm or (self.job.rate_limit.rpm if len(self.job.endpoints) == 1 else None)
             ipm = opts.ipm or ep.rate_limit.ipm or (self.job.rate_limit.ipm if len(self.job.endpoints) == 1 else None)
             concurrency = opts.concurrency or ep.concurrency or self.job.concurrency or DEFAULT_CONCURRENCY
-            base_url = (opts.base_url or ep.base_url or os.environ.get("BATCHER_BASE_URL") or DEFAULT_BASE_URL)
-            runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self.prices[ep.name]))
+            runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self.prices[ep.name], headers))
         return runs
 
     def _use_shared_limits(self) -> None:
@@ -844,8 +868,9 @@ class _EndpointRun:
     client: ImagesClient
 
     def __init__(self, ep: Endpoint, key: str, base_url: str, concurrency: int, rpm: float | None,
-                 ipm: float | None, prices: PriceTable) -> None:
+                 ipm: float | None, prices: PriceTable, headers: dict[str, str] | None = None) -> None:
         self.ep = ep
+        self.headers = headers or {}  # values from the environment: kept in memory only
         self.name = ep.name
         self.key = key
         self.base_url = base_url
@@ -869,7 +894,7 @@ class _EndpointRun:
 
 def _make_client(ep: _EndpointRun, timeouts: Timeouts, job: Job) -> ImagesClient:
     return ImagesClient(ep.base_url, ep.key, dialect=job.dialect_of(ep.ep), options=ep.ep.options,
-                        timeouts=timeouts, max_connections=ep.concurrency)
+                        timeouts=timeouts, max_connections=ep.concurrency, headers=ep.headers)
 
 
 class _Stopped(Exception):

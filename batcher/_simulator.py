@@ -40,7 +40,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
-__all__ = ["SimulatorConfig", "Simulator", "RunningSimulator", "start_in_thread", "main_serve"]
+__all__ = ["SimulatorConfig", "Simulator", "ANSWER_FAULTS", "RunningSimulator", "start_in_thread", "main_serve"]
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
@@ -48,6 +48,7 @@ MAX_FILES = 2000
 MAX_FILE_BYTES = 512 * 1024 * 1024
 GENERATION_PATHS = ("/v1/images/generations", "/images/generations")
 DIALECT_NAMES = ("openai-compatible", "openai", "azure-openai", "xai")
+ANSWER_FAULTS = ("short", "policy-200", "echo-key", "prism-422", "fastapi-422")
 _AZURE_PATH = re.compile(r"(?:/v1)?/openai/deployments/([^/]+)/images/generations")
 XAI_ASPECT_RATIOS = ("1:1", "3:4", "4:3", "9:16", "16:9", "2:3", "3:2", "9:19.5", "19.5:9", "9:20", "20:9",
                      "1:2", "2:1", "auto")
@@ -92,8 +93,15 @@ class SimulatorConfig:
     gateway_quirks: bool = False
     dialect: str = "openai-compatible"  # one of DIALECT_NAMES
     fail_all_after_s: float | None = None  # an outage: every generation request after this answers 500
+    # How answers go wrong, as servers batcher did not write were seen to (one of ANSWER_FAULTS):
+    # "short": one image whatever n was asked; "policy-200": the policy word is refused inside a 200
+    # body; "echo-key": every generation is refused 400 quoting the key presented; "prism-422" / "fastapi-422": every
+    # generation is refused 422 with the validation details of a Prism mock / a FastAPI server.
+    answer_fault: str | None = None
 
     def __post_init__(self) -> None:
+        if self.answer_fault is not None and self.answer_fault not in ANSWER_FAULTS:
+            raise ValueError(f"unknown answer fault {self.answer_fault!r} (known: {', '.join(ANSWER_FAULTS)})")
         if self.dialect not in DIALECT_NAMES:
             raise ValueError(f"unknown simulator dialect {self.dialect!r} (known: {', '.join(DIALECT_NAMES)})")
 
@@ -159,6 +167,19 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")  # JSON allows lone surrogates; never crash on them
 
 
+def _validation_body(fault: str) -> dict[str, Any]:
+    """A 422 as a Prism mock (RFC 7807 + `validation`) or FastAPI (`detail` list) answers it."""
+    if fault == "prism-422":
+        return {"type": "https://stoplight.io/prism/errors#UNPROCESSABLE_ENTITY", "title": "Invalid request",
+                "status": 422, "detail": "Your request is not valid and no HTTP validation response was found "
+                                         "in the spec, so Prism is generating this error for you.",
+                "validation": [{"location": ["body", "quality"], "severity": "Error", "code": "enum",
+                                "message": "Request body property quality must be equal to one of the allowed "
+                                           "values: standard, hd"}]}
+    return {"detail": [{"type": "literal_error", "loc": ["body", "quality"],
+                        "msg": "Input should be 'standard' or 'hd'", "input": "ultra"}]}
+
+
 def _plain_error(message: str, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
 
@@ -203,6 +224,7 @@ class Simulator:
         self._generations: dict[str, int] = {}
         self._accepted_log: deque[float] = deque()
         self._started = time.monotonic()  # reset when serving starts: fail_all_after_s counts from there
+        self._last_headers: dict[str, str] = {}  # of the last generation request, auth headers left out
         self.reset()
 
     # -- counters -------------------------------------------------------------------------
@@ -227,6 +249,7 @@ class Simulator:
             out["duplicates"] = sum(c - 1 for c in generations.values() if c > 1)
             out["max_window_requests"] = self._counts["max_window_requests"]
             out["downloads"] = self._counts["downloads"]
+            out["last_headers"] = dict(self._last_headers)
             return out
 
     def _bump(self, key: str, n: int = 1) -> None:
@@ -431,6 +454,8 @@ class Simulator:
                         deployment: str | None = None) -> bool:
         cfg = self.config
         self._bump("requests")
+        with self._lock:
+            self._last_headers = {k: v for k, v in req.headers.items() if k not in ("authorization", "api-key")}
         hdrs = {"x-request-id": f"req_{secrets.token_hex(16)}", **extra}
 
         async def fail(status: int, message: str, etype: str, code: str | None, param: str | None = None,
@@ -472,6 +497,20 @@ class Simulator:
         if not isinstance(body, dict):
             return await fail(400, "The request body must be a JSON object.", "invalid_request_error",
                               "invalid_json")
+        if cfg.answer_fault == "echo-key":  # a gateway quoting the credentials it was sent
+            presented = req.headers.get("authorization") or req.headers.get("api-key") or ""
+            return await fail(400, f"Model not available for key {presented.removeprefix('Bearer ')}",
+                              "invalid_request_error", "model_not_found")
+        if cfg.answer_fault in ("prism-422", "fastapi-422"):
+            return await self._send(stream, 422, hdrs, _validation_body(cfg.answer_fault))
+        if body.get("stream") is True:
+            # as OpenAI does: the answer comes as server-sent events, generated (and billed) all the same
+            self._bump("images", int(body.get("n") or 1))
+            event = {"type": "image_generation.completed", "b64_json": base64.b64encode(
+                self.png(8, 8, str(body.get("prompt")))).decode("ascii")}
+            await self._send(stream, 200, hdrs, f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n"
+                             .encode(), "text/event-stream")
+            return True
         problem = self._validate(body, model_required=deployment is None)
         if problem is not None:
             param, message, code = problem
@@ -504,6 +543,12 @@ class Simulator:
             return True
 
         moderated = bool(cfg.policy_word) and cfg.policy_word.lower() in prompt.lower()
+        if moderated and cfg.answer_fault == "policy-200":  # a gateway wrapping the refusal in a 200
+            self._bump("policy_rejected")
+            await self._send(stream, 200, hdrs, {"created": int(time.time()), "data": [], "error": {
+                "message": "Your request was rejected as a result of our safety system.",
+                "type": "invalid_request_error", "code": "content_policy_violation"}})
+            return True
         if moderated and cfg.dialect != "xai":  # xAI generates, then flags the image on a 200
             self._bump("policy_rejected")
             return await fail(400, "Your request was rejected as a result of our safety system.",
@@ -540,6 +585,8 @@ class Simulator:
         finally:
             self._in_flight_images -= n
         # Generated, and billed, from here on, even if the client has gone away meanwhile.
+        if cfg.answer_fault == "short":
+            n = 1  # asked for n, got one: billed for what came
         images = [self.png(width, height, prompt) for _ in range(n)]
         with self._lock:
             self._counts["images"] += n
