@@ -329,8 +329,10 @@ def test_default_dialect_sends_todays_request_byte_for_byte():
             gen = await client.generate(sent)
             assert gen.images[0].data
             # what the client sent before dialects existed, on the same connection settings
+            # (plus Accept: application/json, issue 15 #18)
             async with client._http.stream("POST", f"{base}/images/generations", json=sent,
-                                           headers={"Authorization": "Bearer sk-test-key"}) as resp:
+                                           headers={"Accept": "application/json",
+                                                    "Authorization": "Bearer sk-test-key"}) as resp:
                 await resp.aread()
 
     try:
