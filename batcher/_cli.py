@@ -368,7 +368,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"  {info['images_on_disk']} image(s), {info['bytes_on_disk']:,} bytes on disk; "
           f"{info['runs']} run(s), first {info['first_run']}, last {info['last_run']}")
     for code, group in info["failures"].items():
-        print(f"  failed {code}: {group['count']} (e.g. {group['example']})")
+        reasons = group.get("reasons") or {}
+        if len(reasons) <= 1:
+            print(f"  failed {code}: {group['count']} (e.g. {group['example']})")
+            continue
+        print(f"  failed {code}: {group['count']}")
+        for reason, count in list(reasons.items())[:5]:
+            print(f"    {count} × {reason}")
+        if len(reasons) > 5:
+            print(f"    … and {len(reasons) - 5} more reason(s)")
     return EXIT_OK
 
 

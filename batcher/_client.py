@@ -25,7 +25,7 @@ import httpx2 as httpx
 from . import __version__
 from ._dialect import DEFAULT_DIALECT, Dialect, DialectError
 from ._exceptions import PermanentError, RequestError, TransientError
-from ._policy import classify
+from ._policy import answer_refusal, classify
 from ._writer import sniff
 
 __all__ = ["ImagesClient", "Generation", "GeneratedImage", "Timeouts"]
@@ -165,6 +165,9 @@ class ImagesClient:
         if doc.get("error") and not doc.get("data"):
             raise classify(200, headers, raw)  # a 200 carrying an error object
         self.dialect.read(doc, headers)  # e.g. xai's moderated images: a 200 that is a refusal
+        refusal = answer_refusal(doc, headers)  # the same, as other providers mark it
+        if refusal is not None:
+            raise refusal
         data = doc.get("data")
         if not isinstance(data, list) or not data:
             raise _malformed("no 'data' list of images", headers)
@@ -211,7 +214,8 @@ class ImagesClient:
                     await self._download_once(url, dest)
                 return
             except TimeoutError:
-                last = TransientError("image download timed out", code="download_timeout")
+                last = TransientError(f"image download from {urlsplit(url).hostname or '?'} timed out",
+                                      code="download_timeout")
             except TransientError as exc:
                 last = exc
             except PermanentError:
@@ -226,6 +230,7 @@ class ImagesClient:
 
     async def _download_once(self, url: str, dest: Path) -> None:
         for _ in range(6):  # follow at most 5 redirects, each checked
+            host = urlsplit(url).hostname or "?"  # named in every failure: which host failed matters
             if urlsplit(url).scheme not in ("http", "https"):
                 raise PermanentError(f"refusing to fetch a non-http(s) image URL ({urlsplit(url).scheme}:)",
                                      code="bad_image_url")
@@ -238,7 +243,7 @@ class ImagesClient:
                     if resp.status_code != 200:
                         err = classify(resp.status_code, dict(resp.headers), b"")
                         kind = TransientError if err.kind == "transient" else PermanentError
-                        raise kind(f"image download answered HTTP {resp.status_code}",
+                        raise kind(f"image download from {host} answered HTTP {resp.status_code}",
                                    status=resp.status_code, code="download_failed")
                     ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                     if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
@@ -246,9 +251,9 @@ class ImagesClient:
                     await self._stream_to(resp, dest)
                     return
             except httpx.TimeoutException:
-                raise TransientError("image download timed out", code="download_timeout") from None
+                raise TransientError(f"image download from {host} timed out", code="download_timeout") from None
             except httpx.TransportError as exc:
-                raise TransientError(f"image download failed ({type(exc).__name__})",
+                raise TransientError(f"image download from {host} failed ({type(exc).__name__})",
                                      code="download_failed") from None
         raise PermanentError("too many redirects fetching the image", code="download_failed")
 

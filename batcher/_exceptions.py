@@ -108,6 +108,11 @@ class RequestError(BatcherError):
         self.retry_after = retry_after
         self.headers = headers or {}
 
+    def describe(self) -> str:
+        """One line for logs: `HTTP 422 invalid_value: reason`, leaving out what is unknown."""
+        head = " ".join(part for part in (f"HTTP {self.status}" if self.status else None, self.code) if part)
+        return f"{head}: {self.message}" if head else self.message
+
     def as_record(self) -> dict:
         """The manifest's `error` object."""
         return {"kind": self.kind, "status": self.status, "code": self.code, "message": self.message}

@@ -17,11 +17,13 @@ from typing import Any
 
 from ._exceptions import FatalError, PermanentError, RequestError, TransientError
 
-__all__ = ["RetryPolicy", "classify", "retry_after_seconds", "parse_duration", "error_message",
-           "decide", "Decision", "FailureState", "Retry", "Fail", "Retire", "Hold"]
+__all__ = ["RetryPolicy", "classify", "retry_after_seconds", "parse_duration", "error_message", "answer_refusal",
+           "POLICY_CODES", "FATAL_CODES", "decide", "Decision", "FailureState", "Retry", "Fail", "Retire", "Hold"]
 
 FATAL_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "invalid_api_key", "account_deactivated"})
-POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
+# Refusals by the provider's safety system, as OpenAI, gateways and Azure name them.
+POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked", "content_filter", "contentFilter",
+                          "ResponsibleAIPolicyViolation"})
 
 
 @dataclass(frozen=True)
@@ -100,18 +102,71 @@ def _error_fields(body: Any) -> tuple[str | None, str | None, str | None]:
         return None, None, None
     err = body.get("error")
     if isinstance(err, dict):
-        return _text(err.get("code")), _text(err.get("type")), _text(err.get("message"))
+        code = _text(err.get("code"))
+        inner = err.get("innererror")
+        if isinstance(inner, dict) and _text(inner.get("code")) in POLICY_CODES:
+            code = _text(inner.get("code"))  # Azure names its content filter one level down
+        return code, _text(err.get("type")), _with_details(_text(err.get("message")), body)
     msg = _text(err) if isinstance(err, str) else _text(body.get("message"))
     if msg is None:
         detail = body.get("detail")
         errors = body.get("errors")
         if isinstance(detail, str):
             msg = detail
-        elif isinstance(detail, list) and detail and isinstance(detail[0], dict):
-            msg = _text(detail[0].get("msg"))
-        elif isinstance(errors, list) and errors and isinstance(errors[0], dict):
-            msg = _text(errors[0].get("message"))
-    return _text(body.get("code")), _text(body.get("type")), msg
+        elif isinstance(detail, list):
+            msg = _details(detail, "loc", "msg")  # FastAPI / pydantic
+        elif isinstance(errors, list):
+            msg = _details(errors, "path", "message")
+    return _text(body.get("code")), _text(body.get("type")), _with_details(msg, body)
+
+
+def _with_details(msg: str | None, body: dict[str, Any]) -> str | None:
+    """A message followed by the field-level reasons a validating server lists (Prism's `validation`)."""
+    validation = body.get("validation")
+    extra = _details(validation, "location", "message") if isinstance(validation, list) else None
+    if extra is None:
+        return msg
+    return f"{extra} ({msg})" if msg else extra  # the field's reason first: it is what differs
+
+
+def _details(entries: list[Any], where_key: str, msg_key: str, shown: int = 3) -> str | None:
+    """`body.quality: Input should be 'standard' or 'hd'; ...` from a list of field errors."""
+    parts = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        msg = _text(entry.get(msg_key))
+        if msg is None:
+            continue
+        where = entry.get(where_key)
+        if isinstance(where, list):
+            where = ".".join(str(p) for p in where if isinstance(p, (str, int)))
+        where = _text(where)
+        parts.append(f"{where}: {msg}" if where else msg)
+    if not parts:
+        return None
+    more = f" (+{len(parts) - shown} more)" if len(parts) > shown else ""
+    return "; ".join(parts[:shown]) + more
+
+
+def answer_refusal(doc: Mapping[str, Any], headers: Mapping[str, str]) -> PermanentError | None:
+    """A 200 whose images were withheld by the provider's safety system, read from the fields
+    providers use for it (never the message): a policy refusal, permanent, not a malformed answer.
+
+    `finish_reason: content_filter`, Azure's `content_filter_results.*.filtered: true`, xAI's
+    `respect_moderation: false`, on any entry of `data`.
+    """
+    data = doc.get("data")
+    for i, entry in enumerate(data if isinstance(data, list) else ()):
+        if not isinstance(entry, dict):
+            continue
+        filters = entry.get("content_filter_results")
+        filtered = isinstance(filters, dict) and any(
+            isinstance(v, dict) and v.get("filtered") is True for v in filters.values())
+        if filtered or entry.get("finish_reason") == "content_filter" or entry.get("respect_moderation") is False:
+            return PermanentError(f"image {i} was withheld by the provider's safety system", status=200,
+                                  code="content_policy_violation", headers=dict(headers))
+    return None
 
 
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
@@ -158,6 +213,9 @@ def classify(status: int, headers: Mapping[str, str], raw: bytes) -> RequestErro
     kw: dict[str, Any] = dict(status=status, code=symbolic or code, headers=dict(headers), type=etype)
     if symbolic in FATAL_CODES or status in (401, 402, 403):
         return FatalError(message, **kw)
+    if symbolic in POLICY_CODES or etype in POLICY_CODES:
+        # a refusal is about the prompt, whatever status carries it (a gateway's 200 included)
+        return PermanentError(message, **{**kw, "code": symbolic if symbolic in POLICY_CODES else etype})
     if status == 429 or status == 408 or status == 425 or status >= 500 or status == 200:
         return TransientError(message, retry_after=retry_after_seconds(headers), **kw)
     return PermanentError(message, **kw)

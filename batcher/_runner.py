@@ -659,8 +659,8 @@ class _Runner:
             task.tries -= 1  # not the item's fault: it goes to another endpoint, or stays pending
             dispatch.retry_later(task, 0.0)
             if not dispatch.live:
-                self._stop(exc, f"fatal: no endpoint left (last: {ep.name!r}, HTTP {exc.status} "
-                                f"{exc.code or ''}); unstarted items stay pending")
+                self._stop(exc, f"fatal: no endpoint left (last: {ep.name!r}, {exc.describe()}); "
+                                f"unstarted items stay pending")
         elif isinstance(decision, Fail):
             if decision.stop is not None:
                 self._stop(exc, decision.stop)
@@ -675,11 +675,11 @@ class _Runner:
     def _retire(self, ep: _EndpointRun, exc: RequestError) -> None:
         if ep.retired is not None:
             return
-        ep.retired = f"HTTP {exc.status} {exc.code or ''}".strip()
+        ep.retired = " ".join(p for p in (f"HTTP {exc.status}" if exc.status else None, exc.code) if p) or "failed"
         self.dispatch.retire(ep.name)
         left = ", ".join(sorted(self.dispatch.live)) or "none"
-        self.reporter.log(f"endpoint {ep.name!r} retired for this run: HTTP {exc.status} {exc.code or ''}: "
-                          f"{exc.message}; its items go to the others (left: {left})", level="error")
+        self.reporter.log(f"endpoint {ep.name!r} retired for this run: {exc.describe()}; its items go to "
+                          f"the others (left: {left})", level="error")
 
     async def _save(self, ep: _EndpointRun, stem: str, gen: Generation, asked: int = 1) -> list[SavedImage]:
         # named by the n asked for (validation keeps those names unique), whatever number came
@@ -761,7 +761,7 @@ class _Runner:
         ep.stats["failed"] += 1
         self.reporter.item_finished(False)
         if exc.kind == "permanent":
-            self.reporter.log(f"{item.id}: failed: HTTP {exc.status} {exc.code}: {exc.message}", level="warning")
+            self.reporter.log(f"{item.id}: failed: {exc.describe()}", level="warning")
 
     # -- the end ----------------------------------------------------------------------------
 

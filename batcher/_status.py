@@ -11,7 +11,7 @@ from ._exceptions import ManifestError
 from ._ids import request_hash
 from ._manifest import Journal, iter_manifest, iter_records
 
-__all__ = ["status"]
+__all__ = ["status", "short_reason"]
 
 
 def status(out: str | Path) -> dict[str, Any]:
@@ -35,6 +35,17 @@ def status(out: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{root}: no batcher manifest here (missing {journal_path.name})")
     Journal.read(journal_path)  # raises a clear ManifestError on a corrupt journal
     return _status(journal_path, root)
+
+
+def short_reason(message: Any, limit: int = 80) -> str:
+    """A failure's reason, short enough to group by: one line, at most `limit` characters.
+
+    Two 422s about different fields are two groups; the same refusal for many prompts is one.
+    """
+    if not isinstance(message, str) or not message.strip():
+        return "(no reason given)"
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _shard_markers(store: Any) -> dict[str, Any]:
@@ -108,8 +119,10 @@ def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
                 cost = (cost or 0.0) + info["cost"]
         totals[info["status"]] = totals.get(info["status"], 0) + 1
         if info["status"] == "failed":
-            group = failures.setdefault(str(info["code"]), {"count": 0, "example": info["message"]})
+            group = failures.setdefault(str(info["code"]), {"count": 0, "example": info["message"], "reasons": {}})
             group["count"] += 1
+            reason = short_reason(info["message"])
+            group["reasons"][reason] = group["reasons"].get(reason, 0) + 1
         for image in info["images"] if root is not None else ():
             path = root / image["file"]
             if path.is_file():
@@ -130,7 +143,8 @@ def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
         "out": str(root) if root is not None else "",
         "total": total if total is not None else sum(totals.values()),
         **totals,
-        "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1]["count"])),
+        "failures": {code: {**g, "reasons": dict(sorted(g["reasons"].items(), key=lambda kv: -kv[1]))}
+                     for code, g in sorted(failures.items(), key=lambda kv: -kv[1]["count"])},
         "images": made,
         "cost": round(cost, 6) if cost is not None else None,
         "endpoints": by_endpoint,

@@ -155,3 +155,99 @@ def test_gpt_image_on_the_openai_dialect_is_fine(tmp_path, capsys):
                     endpoint={"base_url": "https://api.openai.com/v1", "dialect": "openai"})
     assert cli("validate", job) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+# -- #10 a refusal inside a 200 ---------------------------------------------------------------
+
+
+def test_policy_refusal_in_a_200_is_permanent_and_counts_toward_the_limit(tmp_path):
+    prompts = [f"forbidden {i}" for i in range(4)] + ["fine"]
+    job = write_job(tmp_path / "j.yaml", prompts, defaults={"size": "16x16"}, concurrency=1)
+    out = tmp_path / "out"
+    with start_in_thread(SimulatorConfig(answer_fault="policy-200")) as sim:
+        assert run(job, out, sim.base_url, "--max-policy-violations", "2") == 4
+        requests = sim.stats()["requests"]
+    assert requests == 2  # one request per refused item, the run stops at the limit
+    failed = [r for r in by_id(out).values() if r["status"] == "failed"]
+    assert len(failed) == 2
+    assert all(r["error"]["code"] == "content_policy_violation" and r["attempts"] == 1 for r in failed)
+
+
+@pytest.mark.parametrize("entry", [
+    {"b64_json": None, "finish_reason": "content_filter"},
+    {"url": None, "content_filter_results": {"sexual": {"filtered": True, "severity": "high"}}},
+    {"b64_json": "aGk=", "respect_moderation": False},
+])
+def test_refusal_fields_of_a_200_are_read_as_a_policy_refusal(entry):
+    from batcher._policy import answer_refusal
+
+    err = answer_refusal({"data": [entry]}, {})
+    assert err is not None and err.kind == "permanent" and err.code == "content_policy_violation"
+    assert answer_refusal({"data": [{"b64_json": "aGk=", "content_filter_results": {
+        "violence": {"filtered": False}}}]}, {}) is None
+
+
+def test_azure_content_filter_is_a_policy_refusal():
+    from batcher._policy import POLICY_CODES, classify
+
+    body = {"error": {"code": "content_policy_violation", "message": "blocked",
+                      "innererror": {"code": "ResponsibleAIPolicyViolation"}}}
+    assert classify(400, {}, json.dumps(body).encode()).code in POLICY_CODES
+    err = classify(200, {}, json.dumps({"error": {"code": "contentFilter", "message": "x"}}).encode())
+    assert err.kind == "permanent" and err.code in POLICY_CODES
+
+
+# -- #14 error reasons --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("prism-422", "body.quality: Request body property quality must be equal to one of the allowed values"),
+    ("fastapi-422", "body.quality: Input should be 'standard' or 'hd'"),
+])
+def test_validation_details_are_kept_and_logged_without_none(tmp_path, capsys, fault, reason):
+    job = write_job(tmp_path / "j.yaml", ["a", "b"], defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    with start_in_thread(SimulatorConfig(answer_fault=fault)) as sim:
+        assert run(job, out, sim.base_url, "--log-file", tmp_path / "log") == 1
+    for record in by_id(out).values():
+        assert record["status"] == "failed" and reason in record["error"]["message"]
+    log = (tmp_path / "log").read_text() + capsys.readouterr().err
+    assert "HTTP 422: " in log and "None" not in log and reason in log
+    capsys.readouterr()
+    assert cli("status", out, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    group = info["failures"]["http_422"]
+    assert group["count"] == 2 and len(group["reasons"]) == 1
+    assert next(iter(group["reasons"])).startswith(reason[:70])
+
+
+def test_status_groups_one_code_by_its_reasons(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    recs = [{"t": "item", "id": f"i{k}", "rhash": "h", "status": "failed", "images": [],
+             "error": {"kind": "permanent", "status": 422, "code": None, "message": msg}}
+            for k, msg in enumerate(["body.n: too big", "body.n: too big", "body.quality: bad"])]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert cli("status", out) == 0
+    text = capsys.readouterr().out
+    assert "failed http_422: 3" in text and "2 × body.n: too big" in text and "1 × body.quality: bad" in text
+
+
+def test_describe_leaves_out_what_is_unknown():
+    from batcher._exceptions import PermanentError, TransientError
+
+    assert PermanentError("bad", status=422).describe() == "HTTP 422: bad"
+    assert PermanentError("bad", status=400, code="invalid_value").describe() == "HTTP 400 invalid_value: bad"
+    assert TransientError("slow", code="timeout").describe() == "timeout: slow"
+
+
+def test_a_failed_download_names_the_host(tmp_path):
+    from batcher._exceptions import TransientError
+
+    async def go() -> TransientError:
+        async with ImagesClient("http://127.0.0.1:9/v1", KEY) as client:
+            with pytest.raises(TransientError) as info:
+                await client.download("http://127.0.0.1:9/img.png", tmp_path / "x", attempts=1)
+        return info.value
+
+    assert "from 127.0.0.1 failed" in anyio.run(go).message
