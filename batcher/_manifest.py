@@ -161,6 +161,7 @@ class Journal:
         self._dirty = False
         self._torn_at: int | None = None  # a failed append left bytes past this offset
         self.mirror: Callable[[dict[str, Any]], None] | None = None  # e.g. a shard's segment writer
+        self.redact: Callable[[str], str] | None = None  # masks the run's keys in every line written
 
     @classmethod
     def open(cls, path: Path) -> Journal:
@@ -234,7 +235,12 @@ class Journal:
         returns, or, if even that fails, before the next append writes anything (which raises
         until the cut succeeds). So a record is never glued to a torn one.
         """
-        line = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        text = json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
+        if self.redact is not None:
+            masked = self.redact(text)
+            if masked != text:  # a key echoed back by a server: what is written (and mirrored) is masked
+                text, rec = masked, json.loads(masked)
+        line = text.encode()
         assert self._fd is not None, "journal not open for writing"
         with self._lock:
             self._repair()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from tqdm import tqdm
 
@@ -36,12 +36,15 @@ class Reporter:
         self._started = time.monotonic()
         self._last_line = self._started
         self._log = open(log_file, "a", encoding="utf-8") if log_file else None
+        self.redact: Callable[[str], str] | None = None  # masks the run's keys in every line shown or logged
 
     def _stamp(self, message: str) -> str:
         return f"{datetime.now().astimezone().isoformat(timespec='seconds')} batcher: {message}"
 
     def log(self, message: str, *, level: str = "info") -> None:
         """A message for the operator; warnings, errors and the summary show even with --quiet."""
+        if self.redact is not None:
+            message = self.redact(message)
         if self._log:
             self._log.write(self._stamp(message) + "\n")
             self._log.flush()

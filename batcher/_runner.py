@@ -39,6 +39,7 @@ from ._limiter import ConcurrencyController, RateLimiter
 from ._manifest import Journal, count_items, needs_run, utc_now, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
 from ._policy import POLICY_CODES, Fail, FailureState, Hold, Retire, RetryPolicy, decide
+from ._redact import Redactor
 from ._report import Reporter
 from ._route import CircuitBreaker, Dispatcher, Task
 from ._shard import ShardSpec, fingerprint_line
@@ -235,6 +236,7 @@ class _Runner:
         self.budget = Budget(BudgetLimits(options.max_images, options.max_cost))
         self._wait_scopes: set[anyio.CancelScope] = set()
         self._missing: set[str] = set()
+        self.redact = Redactor()
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -326,6 +328,7 @@ class _Runner:
                 self.reporter.start(0, total)
                 return await self._finish(started)
             self.endpoints = self._endpoints_for(models)
+            self._redact_secrets()
             if self.options.limiter:
                 self._use_shared_limits()
             self.journal.append({"t": "run", "job": self.job.name, "job_file": str(self.job.path),
@@ -363,6 +366,14 @@ class _Runner:
             concurrency = opts.concurrency or ep.concurrency or self.job.concurrency or DEFAULT_CONCURRENCY
             runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self.prices[ep.name], headers))
         return runs
+
+    def _redact_secrets(self) -> None:
+        """From here on, no key or header value of this run is written or shown, even if echoed back."""
+        self.redact = Redactor.of([self.options.api_key, *(e.key for e in self.endpoints),
+                                   *(v for e in self.endpoints for v in e.headers.values())])
+        if self.redact:
+            self.journal.redact = self.redact
+            self.reporter.redact = self.redact
 
     def _use_shared_limits(self) -> None:
         """`--limiter redis://`: every worker of every shard shares each endpoint's window and
@@ -627,6 +638,7 @@ class _Runner:
     async def _after_failure(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:
         """A failed attempt: note what it says about the endpoint, then apply `decide`'s verdict."""
         item, dispatch = task.item, self.dispatch
+        exc.message = self.redact(exc.message)
         task.error = exc
         # what the answer says about the endpoint, whatever becomes of the item
         if exc.status is not None:
@@ -748,6 +760,7 @@ class _Runner:
 
     async def _record_failure(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:
         item = task.item
+        exc.message = self.redact(exc.message)
         rec: dict[str, Any] = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "failed", "request": item.body,
                "created": None, "images": [], "attempts": task.attempt, "error": exc.as_record(),
                "endpoint": ep.name, "finished": utc_now()}
@@ -837,7 +850,8 @@ class _Runner:
             outcome=outcome, exit_code=code, out=str(self.out.root), summary=summary, images=self.images,
             requests=self.requests, rate_limited=sum(e.limiter.rejections for e in getattr(self, "endpoints", [])),
             elapsed=time.monotonic() - started,
-            error=self.fatal.as_record() if self.fatal is not None else None,
+            error={**self.fatal.as_record(), "message": self.redact(self.fatal.message)}
+            if self.fatal is not None else None,
             cost=round(self.cost, 6) if any(self.prices.values()) else None,
             endpoints=self._endpoint_stats(),
             merged=merged,

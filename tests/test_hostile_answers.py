@@ -251,3 +251,29 @@ def test_a_failed_download_names_the_host(tmp_path):
         return info.value
 
     assert "from 127.0.0.1 failed" in anyio.run(go).message
+
+
+# -- #12 keys echoed back ------------------------------------------------------------------------
+
+
+def test_a_key_echoed_by_the_server_is_written_nowhere(tmp_path, capsys):
+    job = write_job(tmp_path / "j.yaml", ["a", "b"], defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    with start_in_thread(SimulatorConfig(answer_fault="echo-key")) as sim:
+        assert cli("run", job, "--out", out, "--base-url", sim.base_url, "--timeout", "10", "--json",
+                   "--log-file", tmp_path / "log") == 1
+    shown = capsys.readouterr()
+    written = [(out / "manifest.jsonl").read_text(), (out / "manifest.json").read_text(),
+               (tmp_path / "log").read_text(), shown.out, shown.err]
+    assert not any(KEY in text for text in written)
+    assert all(r["error"]["message"].endswith("for key [redacted]") for r in by_id(out).values())
+    assert "[redacted]" in (tmp_path / "log").read_text()
+
+
+def test_redactor_masks_json_escaped_and_longest_first():
+    from batcher._redact import Redactor
+
+    redact = Redactor.of(["abc/def\"ghi", "sk-123456789", "sk-123456789-long", "short", None])
+    assert redact('{"m":"abc/def\\"ghi"}') == '{"m":"[redacted]"}'
+    assert redact("k=sk-123456789-long and sk-123456789") == "k=[redacted] and [redacted]"
+    assert redact("short stays") == "short stays"
