@@ -219,11 +219,14 @@ class Dispatcher:
 @dataclass(frozen=True)
 class BreakerPolicy:
     """Open after `failures` server-trouble answers in a row; rest `cooldown` seconds (doubling on a
-    failed probe, up to `max_cooldown`), then let one probe request through."""
+    failed probe, up to `max_cooldown`), then let one probe request through. After
+    `max_failed_probes` probes in a row fail, the endpoint is dead for this run (by default about
+    5+10+20+40+60 s of rests, plus the probes' own time, without a single success)."""
 
     failures: int = 5
     cooldown: float = 5.0
     max_cooldown: float = 60.0
+    max_failed_probes: int = 5
 
 
 class CircuitBreaker:
@@ -240,6 +243,8 @@ class CircuitBreaker:
         self._probing = False
         self.openings = 0
         self.first_opened_wall: float | None = None  # time.time() of the first opening, for reports
+        self.failed_probes = 0  # in a row, since the last success
+        self.trouble_since: float | None = None  # clock time of the first failure since the last success
 
     def wait_time(self) -> float:
         """0 if a request may start now; otherwise seconds to wait before asking again."""
@@ -261,6 +266,8 @@ class CircuitBreaker:
     def on_success(self) -> None:
         """Any answer that shows the endpoint works (a 200, a 4xx about the request)."""
         self.streak = 0
+        self.failed_probes = 0
+        self.trouble_since = None
         if self.state != "closed":
             self.state, self._probing, self._cooldown = "closed", False, self.policy.cooldown
 
@@ -268,7 +275,10 @@ class CircuitBreaker:
         """A 5xx, timeout or dropped connection; return True if the circuit just opened."""
         self.streak += 1
         now = self._clock()
+        if self.trouble_since is None:
+            self.trouble_since = now
         if self.state == "half-open":
+            self.failed_probes += 1
             self._probing = False
             self._cooldown = min(self.policy.max_cooldown, self._cooldown * 2)
             self.state, self.open_until = "open", now + self._cooldown
@@ -280,6 +290,15 @@ class CircuitBreaker:
                 self.first_opened_wall = time.time()
             return True
         return False
+
+    @property
+    def dead(self) -> bool:
+        """Probes kept failing: send nothing more there this run (see BreakerPolicy)."""
+        return self.failed_probes >= self.policy.max_failed_probes
+
+    def troubled_for(self) -> float:
+        """Seconds since the first failure after the last success (0 when it works)."""
+        return 0.0 if self.trouble_since is None else self._clock() - self.trouble_since
 
     def on_abandoned(self) -> None:
         """The probe ended without an answer about the endpoint (the run stopped)."""

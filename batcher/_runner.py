@@ -41,7 +41,7 @@ from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
 from ._policy import POLICY_CODES, Fail, FailureState, Hold, Retire, RetryPolicy, decide
 from ._redact import Redactor
 from ._report import Reporter
-from ._route import CircuitBreaker, Dispatcher, Task
+from ._route import BreakerPolicy, CircuitBreaker, Dispatcher, Task
 from ._shard import ShardSpec, fingerprint_line
 from ._sharded import is_remote
 from ._writer import DISK_ERRNOS, OutputDir, SavedImage
@@ -80,6 +80,7 @@ class RunOptions:
     grace_period: float = 30.0
     handle_signals: bool = False
     retry: RetryPolicy | None = None
+    breaker: BreakerPolicy | None = None  # when an endpoint rests, and when it is given up for dead
     seed: int | None = None
     endpoints: tuple[str, ...] = ()  # use only these of the job's endpoints (default: all)
     shard: ShardSpec | None = None  # run one shard of a planned output (see `batcher plan --shards`)
@@ -364,7 +365,8 @@ class _Runner:
             rpm = opts.rpm or ep.rate_limit.rpm or (self.job.rate_limit.rpm if len(self.job.endpoints) == 1 else None)
             ipm = opts.ipm or ep.rate_limit.ipm or (self.job.rate_limit.ipm if len(self.job.endpoints) == 1 else None)
             concurrency = opts.concurrency or ep.concurrency or self.job.concurrency or DEFAULT_CONCURRENCY
-            runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self.prices[ep.name], headers))
+            runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self.prices[ep.name], headers,
+                                     opts.breaker or BreakerPolicy()))
         return runs
 
     def _redact_secrets(self) -> None:
@@ -656,6 +658,8 @@ class _Runner:
         elif exc.status is None or exc.status >= 500 or exc.code in ("timeout", "connection_error"):
             ep.pool.on_server_trouble()
             if ep.breaker.on_trouble():
+                if ep.breaker.dead:
+                    return self._give_up(ep, task, exc)
                 self.reporter.log(f"endpoint {ep.name!r}: {ep.breaker.streak} failures in a row "
                                   f"(last: {exc.code or exc.status}); resting it "
                                   f"{ep.breaker.open_until - anyio.current_time():.0f}s, then one probe",
@@ -683,6 +687,25 @@ class _Runner:
             task.prefer = ep.name if decision.pin else None
             self.reporter.retry(1)
             dispatch.retry_later(task, decision.delay)
+
+    def _give_up(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:
+        """A dead endpoint (its probes kept failing): retire it with one line; its items go elsewhere
+        or stay pending, never burning their attempts on it."""
+        breaker = ep.breaker
+        why = (f"{breaker.failed_probes} probes in a row failed after its circuit opened, no success for "
+               f"{breaker.troubled_for():.0f}s (last: {exc.describe()})")
+        ep.retired = "dead"
+        self.dispatch.retire(ep.name)
+        left = ", ".join(sorted(self.dispatch.live))
+        task.prefer = None
+        task.tries -= 1  # not the item's fault
+        self.dispatch.retry_later(task, 0.0)
+        if not left:
+            note = f"endpoint {ep.name!r} given up: {why}; no endpoint left, unfinished items stay pending"
+            self._stop(FatalError(note, status=exc.status, code="endpoint_dead"), note)
+        else:
+            self.reporter.log(f"endpoint {ep.name!r} given up for this run: {why}; its items go to the others "
+                              f"(left: {left})", level="error")
 
     def _retire(self, ep: _EndpointRun, exc: RequestError) -> None:
         if ep.retired is not None:
@@ -882,7 +905,8 @@ class _EndpointRun:
     client: ImagesClient
 
     def __init__(self, ep: Endpoint, key: str, base_url: str, concurrency: int, rpm: float | None,
-                 ipm: float | None, prices: PriceTable, headers: dict[str, str] | None = None) -> None:
+                 ipm: float | None, prices: PriceTable, headers: dict[str, str] | None = None,
+                 breaker: BreakerPolicy = BreakerPolicy()) -> None:
         self.ep = ep
         self.headers = headers or {}  # values from the environment: kept in memory only
         self.name = ep.name
@@ -892,7 +916,7 @@ class _EndpointRun:
         self.rpm, self.ipm = rpm, ipm
         self.limiter: Any = RateLimiter(rpm, ipm)
         self.pool = ConcurrencyController(concurrency, limit_known=bool(rpm or ipm))
-        self.breaker = CircuitBreaker()
+        self.breaker = CircuitBreaker(breaker)
         self.prices = prices
         self.retired: str | None = None
         self.stats: dict[str, Any] = {"requests": 0, "done": 0, "failed": 0, "images": 0, "cost": 0.0,

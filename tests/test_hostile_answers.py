@@ -277,3 +277,48 @@ def test_redactor_masks_json_escaped_and_longest_first():
     assert redact('{"m":"abc/def\\"ghi"}') == '{"m":"[redacted]"}'
     assert redact("k=sk-123456789-long and sk-123456789") == "k=[redacted] and [redacted]"
     assert redact("short stays") == "short stays"
+
+
+# -- #15 a server answering 500 forever -----------------------------------------------------------
+
+
+def test_a_dead_endpoint_is_given_up_after_its_probes_fail(tmp_path):
+    import io
+
+    from batcher import RunOptions, load_job, run_sync
+    from batcher._policy import RetryPolicy
+    from batcher._report import Reporter
+    from batcher._route import BreakerPolicy
+
+    job = write_job(tmp_path / "j.yaml", [f"p{i}" for i in range(10)], defaults={"size": "16x16"}, concurrency=2)
+    log = io.StringIO()
+    breaker = BreakerPolicy(failures=2, cooldown=0.01, max_cooldown=0.02, max_failed_probes=3)
+    with start_in_thread(SimulatorConfig(fail_rate=1.0)) as sim:
+        result = run_sync(load_job(job), RunOptions(
+            out=str(tmp_path / "out"), base_url=sim.base_url, api_key=KEY, timeout=10, breaker=breaker,
+            retry=RetryPolicy(max_attempts=50, base=0.001, cap=0.005)), Reporter(stream=log, tty=False))
+        requests = sim.stats()["requests"]
+    assert result.exit_code == 4 and result.error["code"] == "endpoint_dead"
+    assert requests <= 2 + 2 + 3  # the failures that open it, those in flight, then 3 probes
+    assert result.summary["pending"] == 10  # not the items' fault: none burned its attempts
+    lines = [line for line in log.getvalue().splitlines() if "given up" in line]
+    assert len(lines) == 1 and "3 probes in a row failed" in lines[0] and "HTTP 5" in lines[0]
+
+
+def test_breaker_counts_failed_probes_and_a_success_forgives(clock):
+    from batcher._route import BreakerPolicy, CircuitBreaker
+
+    b = CircuitBreaker(BreakerPolicy(failures=1, cooldown=1.0, max_cooldown=1.0, max_failed_probes=2), clock=clock)
+    assert b.on_trouble() and not b.dead
+    clock.now += 1.0
+    assert b.wait_time() == 0.0 and b.on_trouble() and not b.dead  # probe 1 failed
+    clock.now += 1.0
+    b.wait_time()
+    b.on_success()
+    assert b.failed_probes == 0 and b.troubled_for() == 0.0
+    assert b.on_trouble()
+    for _ in range(2):
+        clock.now += 1.0
+        b.wait_time()
+        b.on_trouble()
+    assert b.dead and b.troubled_for() == 2.0
