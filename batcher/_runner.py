@@ -238,6 +238,7 @@ class _Runner:
         self._wait_scopes: set[anyio.CancelScope] = set()
         self._missing: set[str] = set()
         self.redact = Redactor()
+        self._have: dict[str, tuple[list[dict[str, Any]], float | None]] = {}  # short items: images, cost so far
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -459,12 +460,29 @@ class _Runner:
                 eligible = frozenset(e.name for e in self.endpoints if self.job.can_send(e.ep, item.body))
                 entry = self.journal.entries.get(item.id)
                 prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
+                if entry is not None and entry.rhash == item.rhash and entry.status == "failed" \
+                        and entry.error_kind == "transient" and entry.offset >= 0:
+                    await anyio.to_thread.run_sync(self._load_short, item)
                 if not await self._wait(self.dispatch.put_new, Task(item, eligible, attempt=prior)):
                     break
         except JobError as exc:  # the job file changed under the run: what was sent is journaled
             self._stop(FatalError(str(exc), code="job_changed"), f"stopping: {exc}")
         finally:
             self.dispatch.close_feed()
+
+    def _load_short(self, item: Item) -> None:
+        """A short answer earlier (fewer images than n, recorded and paid): keep its images, so the
+        next request asks only for the missing ones and their numbering continues."""
+        with open(self.out.journal, "rb") as fh:
+            rec = self.journal.record(item.id, fh)
+        images = rec.get("images") if isinstance(rec, dict) and isinstance(rec.get("short"), dict) else None
+        if images and len(images) < item.images:
+            self._have[item.id] = (images, rec.get("cost"))
+
+    def _wanted(self, item: Item) -> int:
+        """Images to ask for: the item's n, less those a short answer already brought."""
+        have = self._have.get(item.id)
+        return item.images - len(have[0]) if have else item.images
 
     async def _endpoint_worker(self, ep: _EndpointRun) -> None:
         """Take an item only when this endpoint can send it now: the pull makes the routing."""
@@ -579,7 +597,9 @@ class _Runner:
             await self._after_failure(ep, task, exc)
             return
         try:
-            saved = await self._save(ep, safe_stem(item.id), gen, item.images)
+            have = self._have.get(item.id)
+            saved = await self._save(ep, safe_stem(item.id), gen, first=len(have[0]) if have else 0,
+                                     count=item.images)
         except RequestError as exc:
             await self._record_failure(ep, task, exc)
         except OSError as exc:
@@ -595,13 +615,14 @@ class _Runner:
         fits) and refunded only when an error answer proves nothing was generated.
         """
         item = task.item
-        permit = await self._wait_for(ep.limiter.acquire, item.images)
+        wanted = self._wanted(item)  # a short answer earlier: only the missing images
+        permit = await self._wait_for(ep.limiter.acquire, wanted)
         if permit is None:
             raise _Stopped
-        cost = ep.prices.cost(item.body, item.images)
-        if not self.budget.reserve(item.images, cost):
+        cost = ep.prices.cost(item.body, wanted)
+        if not self.budget.reserve(wanted, cost):
             permit.refund()
-            note = (f"budget reached ({self.budget.describe()}): {item.images} more image(s) would exceed "
+            note = (f"budget reached ({self.budget.describe()}): {wanted} more image(s) would exceed "
                     f"it; stopping, unstarted items stay pending")
             self._stop(FatalError(note, code="budget_exhausted"), note)
             raise _Stopped
@@ -612,7 +633,7 @@ class _Runner:
             self.journal.append({"t": "attempt", "id": item.id, "rhash": item.rhash, "attempt": task.attempt,
                                  "endpoint": ep.name, "at": utc_now()})
         except OSError as exc:
-            self.budget.refund(item.images, cost)
+            self.budget.refund(wanted, cost)
             self._disk_trouble(exc)
             raise _Stopped from None
         self.requests += 1
@@ -620,6 +641,8 @@ class _Runner:
         ep.breaker.starting()
         permit.sent()
         body = ep.ep.body_for(item.body)
+        if wanted != item.images:
+            body["n"] = wanted
         try:
             with anyio.fail_after(self.deadline):
                 gen = await ep.client.generate(body)
@@ -627,7 +650,7 @@ class _Runner:
             raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
         except RequestError as exc:
             if exc.status is not None and exc.status >= 400:
-                self.budget.refund(item.images, cost)  # an error answer: nothing was generated
+                self.budget.refund(wanted, cost)  # an error answer: nothing was generated
             if exc.status == 429 and exc.kind == "transient":
                 permit.refund()  # the server did not count it; its retry may use the slot
             raise
@@ -716,11 +739,14 @@ class _Runner:
         self.reporter.log(f"endpoint {ep.name!r} retired for this run: {exc.describe()}; its items go to "
                           f"the others (left: {left})", level="error")
 
-    async def _save(self, ep: _EndpointRun, stem: str, gen: Generation, asked: int = 1) -> list[SavedImage]:
-        # named by the n asked for (validation keeps those names unique), whatever number came
-        count = max(len(gen.images), asked)
+    async def _save(self, ep: _EndpointRun, stem: str, gen: Generation, first: int = 0,
+                    count: int | None = None) -> list[SavedImage]:
+        """Save the answer's images as numbers first+1, first+2, ... of `count` (the item's n: named by
+        the n asked for, which validation keeps unique, whatever number came; a short answer's images
+        keep the names the whole set would have)."""
+        count = max(len(gen.images), count or 1)
         saved: list[SavedImage] = []
-        for index, image in enumerate(gen.images):
+        for index, image in enumerate(gen.images, first):
             if image.data is not None:
                 saved.append(await anyio.to_thread.run_sync(self.out.save_bytes, stem, index, count, image.data))
             else:
@@ -751,21 +777,32 @@ class _Runner:
         return True
 
     async def _record_done(self, ep: _EndpointRun, task: Task, gen: Generation, saved: list[SavedImage]) -> None:
+        """Record the answer; with fewer images than asked it is short: what came is kept (it was paid)
+        and the item stays failed (transient), so a rerun asks only for the missing images."""
         item = task.item
         model = ep.ep.model_sent(item.body.get("model", ""))
-        images = [
+        have, cost_before = self._have.pop(item.id, ([], None))
+        images = have + [
             {"file": s.file, "revised_prompt": g.revised_prompt, "sha256": s.sha256, "bytes": s.bytes,
              "width": s.width, "height": s.height, "endpoint": ep.name, "model": model}
             for s, g in zip(saved, gen.images, strict=True)
         ]
-        rec: dict[str, Any] = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "done", "request": item.body,
-               "created": gen.created, "images": images, "attempts": task.attempt, "error": None,
-               "request_id": gen.request_id, "endpoint": ep.name, "finished": utc_now()}
+        short = len(images) < item.images
+        error: dict[str, Any] | None = None
+        if short:
+            missing = item.images - len(images)
+            error = {"kind": "transient", "status": 200, "code": "short_answer",
+                     "message": f"got {len(images)} of {item.images} image(s); a rerun asks for the {missing} missing"}
+        rec: dict[str, Any] = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "failed" if short else "done",
+               "request": item.body, "created": gen.created, "images": images, "attempts": task.attempt,
+               "error": error, "request_id": gen.request_id, "endpoint": ep.name, "finished": utc_now()}
+        if short:
+            rec["short"] = {"wanted": item.images, "got": len(images)}
         if item.vars:
             rec["vars"] = item.vars
         cost = ep.prices.cost(item.body, len(saved))
         if cost is not None:
-            rec["cost"] = round(cost, 6)
+            rec["cost"] = round(cost + (cost_before or 0.0), 6)
             self.cost += cost
             ep.stats["cost"] += cost
         if gen.usage is not None:
@@ -775,11 +812,16 @@ class _Runner:
             await self._unclaim(item.id, done=False)
             return
         self.dispatch.finished(task)
-        await self._unclaim(item.id, done=True)
+        await self._unclaim(item.id, done=not short)
         self.images += len(saved)
-        ep.stats["done"] += 1
+        ep.stats["failed" if short else "done"] += 1
         ep.stats["images"] += len(saved)
-        self.reporter.item_finished(True, len(saved))
+        if short:
+            self.reporter.images += len(saved)
+            self.reporter.item_finished(False)
+            self.reporter.log(f"{item.id}: short answer: {error['message']}", level="warning")
+        else:
+            self.reporter.item_finished(True, len(saved))
 
     async def _record_failure(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:
         item = task.item

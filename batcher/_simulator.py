@@ -94,7 +94,7 @@ class SimulatorConfig:
     dialect: str = "openai-compatible"  # one of DIALECT_NAMES
     fail_all_after_s: float | None = None  # an outage: every generation request after this answers 500
     # How answers go wrong, as servers batcher did not write were seen to (one of ANSWER_FAULTS):
-    # "short": one image whatever n was asked; "policy-200": the policy word is refused inside a 200
+    # "short": half the images asked for (at least one); "policy-200": the policy word is refused inside a 200
     # body; "echo-key": every generation is refused 400 quoting the key presented; "prism-422" / "fastapi-422": every
     # generation is refused 422 with the validation details of a Prism mock / a FastAPI server.
     answer_fault: str | None = None
@@ -586,7 +586,7 @@ class Simulator:
             self._in_flight_images -= n
         # Generated, and billed, from here on, even if the client has gone away meanwhile.
         if cfg.answer_fault == "short":
-            n = 1  # asked for n, got one: billed for what came
+            n = max(1, n // 2)  # asked for n, got half of it: billed for what came
         images = [self.png(width, height, prompt) for _ in range(n)]
         with self._lock:
             self._counts["images"] += n

@@ -322,3 +322,38 @@ def test_breaker_counts_failed_probes_and_a_success_forgives(clock):
         b.wait_time()
         b.on_trouble()
     assert b.dead and b.troubled_for() == 2.0
+
+
+# -- #9 fewer images than n -------------------------------------------------------------------------
+
+
+def test_a_short_answer_is_kept_and_a_rerun_asks_only_for_the_missing_images(tmp_path, capsys):
+    import hashlib
+
+    job = write_job(tmp_path / "j.yaml", [{"id": "x", "prompt": "four foxes", "n": 4}, "one"],
+                    defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    with start_in_thread(SimulatorConfig(answer_fault="short")) as sim:
+        assert run(job, out, sim.base_url) == 1  # asked 4, got 2
+        x = by_id(out)["x"]
+        assert x["status"] == "failed" and x["error"]["code"] == "short_answer" and x["short"] == {"wanted": 4, "got": 2}
+        assert [i["file"] for i in x["images"]] == ["images/x_1.png", "images/x_2.png"]
+        capsys.readouterr()
+        assert cli("status", out, "--json") == 0
+        assert json.loads(capsys.readouterr().out)["failures"]["short_answer"]["count"] == 1
+        # export: a short item is a failed row (with --include-failed) until a rerun completes it
+        assert cli("export", out, "--format", "imagefolder", "--to", tmp_path / "ds", "--include-failed") == 0
+        rows = [json.loads(line) for line in (tmp_path / "ds" / "failed.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["error_code"]) for r in rows] == [("x", "short_answer")]
+
+        assert run(job, out, sim.base_url) == 1  # asked 2 (not 4), got 1: 3 of 4
+        x = by_id(out)["x"]
+        assert x["short"] == {"wanted": 4, "got": 3}
+        assert run(job, out, sim.base_url) == 0  # asked 1, got 1
+        assert sim.stats()["images"] == 2 + 1 + 1 + 1  # "one" once; nothing paid twice
+    x = by_id(out)["x"]
+    assert x["status"] == "done" and x["error"] is None and "short" not in x
+    assert [i["file"] for i in x["images"]] == [f"images/x_{k}.png" for k in range(1, 5)]
+    for image in x["images"]:
+        assert hashlib.sha256((out / image["file"]).read_bytes()).hexdigest() == image["sha256"]
+    assert len(list((out / "images").iterdir())) == 5
