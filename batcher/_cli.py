@@ -85,6 +85,10 @@ def _field(text: str) -> tuple[str, Any]:
     return key, value
 
 
+# the simulator's ANSWER_FAULTS, named here so the CLI starts without importing the simulator
+_ANSWER_FAULTS = ("short", "policy-200", "echo-key", "prism-422", "fastapi-422")
+
+
 def _add_simulator_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g = p.add_argument_group("simulator" if not prefix else "simulator (with --simulate)")
     g.add_argument(f"--{prefix}latency-ms", type=float, default=None, help="mean generation latency (ms)")
@@ -110,6 +114,9 @@ def _add_simulator_options(p: argparse.ArgumentParser, prefix: str = "") -> None
                         "the client must use the same dialect)")
     g.add_argument(f"--{prefix}fail-all-after", type=float, default=None, metavar="SECONDS",
                    help="an outage: answer every generation request 500 from SECONDS after start")
+    g.add_argument(f"--{prefix}answer-fault", choices=_ANSWER_FAULTS, default=None,
+                   help="answer wrong the way foreign servers do: short (half the images), policy-200 "
+                        "(refusals in a 200), echo-key (errors quote the key), prism-422 / fastapi-422")
 
 
 def _simulator_config(args: argparse.Namespace, prefix: str = "", **extra: Any) -> Any:
@@ -131,6 +138,7 @@ def _simulator_config(args: argparse.Namespace, prefix: str = "", **extra: Any) 
         seed=get("seed"),
         dialect=get("dialect"),
         fail_all_after_s=get("fail_all_after"),
+        answer_fault=get("answer_fault"),
         **extra,
     )
 

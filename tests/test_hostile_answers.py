@@ -357,3 +357,14 @@ def test_a_short_answer_is_kept_and_a_rerun_asks_only_for_the_missing_images(tmp
     for image in x["images"]:
         assert hashlib.sha256((out / image["file"]).read_bytes()).hexdigest() == image["sha256"]
     assert len(list((out / "images").iterdir())) == 5
+
+
+def test_every_answer_fault_can_be_played_from_the_command_line(tmp_path):
+    from batcher._cli import _ANSWER_FAULTS
+    from batcher._simulator import ANSWER_FAULTS
+
+    assert _ANSWER_FAULTS == ANSWER_FAULTS
+    job = write_job(tmp_path / "j.yaml", [{"prompt": "p", "n": 2}], defaults={"size": "16x16"})
+    assert cli("run", job, "--out", tmp_path / "out", "--simulate", "--sim-answer-fault", "short",
+               "--sim-latency-ms", "0", "--quiet") == 1
+    assert next(iter(by_id(tmp_path / "out").values()))["short"] == {"wanted": 2, "got": 1}
