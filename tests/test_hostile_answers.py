@@ -368,3 +368,19 @@ def test_every_answer_fault_can_be_played_from_the_command_line(tmp_path):
     assert cli("run", job, "--out", tmp_path / "out", "--simulate", "--sim-answer-fault", "short",
                "--sim-latency-ms", "0", "--quiet") == 1
     assert next(iter(by_id(tmp_path / "out").values()))["short"] == {"wanted": 2, "got": 1}
+
+
+def test_the_journal_masks_a_key_anywhere_in_a_record_and_in_its_mirror(tmp_path):
+    from batcher._manifest import Journal
+    from batcher._redact import Redactor
+
+    journal = Journal.open(tmp_path / "manifest.jsonl")
+    mirrored: list[dict] = []
+    journal.mirror = mirrored.append
+    journal.redact = Redactor.of([KEY])
+    journal.append({"t": "item", "id": "a", "rhash": "h", "status": "done",
+                    "images": [{"revised_prompt": f"as asked by {KEY}"}], "usage": {"note": KEY}})
+    journal.close()
+    text = (tmp_path / "manifest.jsonl").read_text()
+    assert KEY not in text and text.count("[redacted]") == 2
+    assert KEY not in json.dumps(mirrored) and mirrored[0]["usage"] == {"note": "[redacted]"}
