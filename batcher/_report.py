@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from tqdm import tqdm
 

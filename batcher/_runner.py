@@ -367,7 +367,7 @@ class _Runner:
             ipm = opts.ipm or ep.rate_limit.ipm or (self.job.rate_limit.ipm if len(self.job.endpoints) == 1 else None)
             concurrency = opts.concurrency or ep.concurrency or self.job.concurrency or DEFAULT_CONCURRENCY
             runs.append(_EndpointRun(ep, key, base_url, concurrency, rpm, ipm, self.prices[ep.name], headers,
-                                     opts.breaker or BreakerPolicy()))
+                                     opts.breaker))
         return runs
 
     def _redact_secrets(self) -> None:
@@ -475,8 +475,10 @@ class _Runner:
         next request asks only for the missing ones and their numbering continues."""
         with open(self.out.journal, "rb") as fh:
             rec = self.journal.record(item.id, fh)
-        images = rec.get("images") if isinstance(rec, dict) and isinstance(rec.get("short"), dict) else None
-        if images and len(images) < item.images:
+        if not isinstance(rec, dict) or not isinstance(rec.get("short"), dict):
+            return
+        images = rec.get("images")
+        if isinstance(images, list) and 0 < len(images) < item.images:
             self._have[item.id] = (images, rec.get("cost"))
 
     def _wanted(self, item: Item) -> int:
@@ -816,7 +818,7 @@ class _Runner:
         self.images += len(saved)
         ep.stats["failed" if short else "done"] += 1
         ep.stats["images"] += len(saved)
-        if short:
+        if error is not None:
             self.reporter.images += len(saved)
             self.reporter.item_finished(False)
             self.reporter.log(f"{item.id}: short answer: {error['message']}", level="warning")
@@ -948,7 +950,7 @@ class _EndpointRun:
 
     def __init__(self, ep: Endpoint, key: str, base_url: str, concurrency: int, rpm: float | None,
                  ipm: float | None, prices: PriceTable, headers: dict[str, str] | None = None,
-                 breaker: BreakerPolicy = BreakerPolicy()) -> None:
+                 breaker: BreakerPolicy | None = None) -> None:
         self.ep = ep
         self.headers = headers or {}  # values from the environment: kept in memory only
         self.name = ep.name
@@ -958,7 +960,7 @@ class _EndpointRun:
         self.rpm, self.ipm = rpm, ipm
         self.limiter: Any = RateLimiter(rpm, ipm)
         self.pool = ConcurrencyController(concurrency, limit_known=bool(rpm or ipm))
-        self.breaker = CircuitBreaker(breaker)
+        self.breaker = CircuitBreaker(breaker or BreakerPolicy())
         self.prices = prices
         self.retired: str | None = None
         self.stats: dict[str, Any] = {"requests": 0, "done": 0, "failed": 0, "images": 0, "cost": 0.0,

@@ -502,7 +502,8 @@ class Simulator:
             return await fail(400, f"Model not available for key {presented.removeprefix('Bearer ')}",
                               "invalid_request_error", "model_not_found")
         if cfg.answer_fault in ("prism-422", "fastapi-422"):
-            return await self._send(stream, 422, hdrs, _validation_body(cfg.answer_fault))
+            await self._send(stream, 422, hdrs, _validation_body(cfg.answer_fault))
+            return True
         if body.get("stream") is True:
             # as OpenAI does: the answer comes as server-sent events, generated (and billed) all the same
             self._bump("images", int(body.get("n") or 1))

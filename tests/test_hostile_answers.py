@@ -9,13 +9,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from helpers import KEY, by_id, write_job
 
 from batcher._cli import main
 from batcher._client import ImagesClient
 from batcher._exceptions import PermanentError
 from batcher._simulator import SimulatorConfig, start_in_thread
-
-from helpers import KEY, by_id, write_job
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +44,7 @@ def test_streaming_is_refused_at_validation_naming_file_and_line(tmp_path, capsy
     job = write_job(tmp_path / "j.yaml", ["fine", {"prompt": "p", field: value}])
     assert cli("validate", job) == 2
     err = capsys.readouterr().err
-    assert f"j.yaml:" in err and f"prompts[1].{field}" in err
+    assert "j.yaml:" in err and f"prompts[1].{field}" in err
 
 
 def test_stream_set_on_the_command_line_is_refused_and_nothing_is_sent(tmp_path, capsys):
