@@ -157,9 +157,13 @@ class Dispatcher:
             self._space.set()
         return task
 
-    async def wait(self, name: str, timeout: float = 1.0) -> None:
-        """Sleep until work may be there for `name` (new, due, or the run's end)."""
-        if self._later:
+    async def wait(self, name: str, timeout: float = 1.0, until_due: bool = True) -> None:
+        """Sleep until work may be there for `name` (new, due, or the run's end).
+
+        `until_due=False`: a retry falling due does not end the wait (the caller can't send it before
+        `timeout` anyway, e.g. a resting endpoint; waking for it would spin).
+        """
+        if self._later and until_due:
             timeout = min(timeout, max(0.0, self._later[0][0] - self._clock()))
         event = anyio.Event()
         waiters = self._waiters[name].events

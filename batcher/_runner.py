@@ -492,8 +492,9 @@ class _Runner:
         while not self.stopping and ep.retired is None and not dispatch.done:
             wait = ep.breaker.wait_time()
             if wait > 0:
-                # dispatch.wait, not sleep: the run's end wakes it
-                if not await self._wait(dispatch.wait, ep.name, wait):
+                # dispatch.wait, not sleep: the run's end wakes it; a retry falling due does not (it
+                # must wait for the rest to end too: waking for it would spin)
+                if not await self._wait(dispatch.wait, ep.name, wait, False):
                     return
                 continue
             if not await self._wait(ep.pool.slots.acquire):

@@ -383,3 +383,30 @@ def test_the_journal_masks_a_key_anywhere_in_a_record_and_in_its_mirror(tmp_path
     text = (tmp_path / "manifest.jsonl").read_text()
     assert KEY not in text and text.count("[redacted]") == 2
     assert KEY not in json.dumps(mirrored) and mirrored[0]["usage"] == {"note": "[redacted]"}
+
+
+def test_a_resting_endpoint_waits_through_due_retries_without_spinning():
+    import anyio.lowlevel
+
+    from batcher._job import Item
+    from batcher._route import Dispatcher, Task
+
+    async def go() -> None:
+        dispatch = Dispatcher(["a"])
+        dispatch.outstanding = 1
+        dispatch.retry_later(Task(Item("i", {}, "h", "f", 1), frozenset({"a"})), 0.0)  # due at once
+        returned: list[bool] = []
+
+        async def waiter() -> None:
+            await dispatch.wait("a", 600.0, False)
+            returned.append(True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            for _ in range(50):
+                await anyio.lowlevel.checkpoint()
+            assert not returned  # the due retry did not end the wait (it used to: a busy loop)
+            dispatch._waiters["a"].wake_all()  # the run's end, or new work
+        assert returned
+
+    anyio.run(go)
