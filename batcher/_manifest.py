@@ -294,6 +294,22 @@ class Journal:
 
     # -- reading records back -------------------------------------------------------------
 
+    def short_record(self, item_id: str, rhash: str, wanted: int) -> dict[str, Any] | None:
+        """The latest record of an item whose answer was short (fewer images than `wanted`), or None.
+
+        Its `images` were paid for and saved; a rerun asks only for the rest. Reads one line.
+        """
+        entry = self.entries.get(item_id)
+        if entry is None or entry.rhash != rhash or entry.status != "failed" or entry.error_kind != "transient" \
+                or entry.offset < 0:
+            return None
+        with open(self.path, "rb") as fh:
+            rec = self.record(item_id, fh)
+        if not isinstance(rec, dict) or not isinstance(rec.get("short"), dict):
+            return None
+        images = rec.get("images")
+        return rec if isinstance(images, list) and 0 < len(images) < wanted else None
+
     def record(self, item_id: str, fh: Any) -> dict[str, Any] | None:
         entry = self.entries.get(item_id)
         if entry is None or entry.offset < 0:

@@ -113,6 +113,12 @@ class Budget:
         return ", ".join(parts)
 
 
+def _images_to_send(journal: Journal | None, item: Item) -> int:
+    """The item's n, less the images a short answer already brought (a rerun asks for the rest)."""
+    short = journal.short_record(item.id, item.rhash, item.images) if journal is not None else None
+    return item.images - len(short["images"]) if short is not None else item.images
+
+
 def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False) -> dict[str, Any]:
     """What running `job` into `out` would send, by model/size/quality, and what it would cost.
 
@@ -135,15 +141,16 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
         if journal is not None and not needs_run(journal.entries.get(item.id), item.rhash, retry_failed):
             have += 1
             continue
+        images = _images_to_send(journal, item)
         key = tuple(str(item.body.get(k, "")) for k in PRICE_KEYS)
         price = item_price(job, item, tables)
         group = groups.setdefault(key, {**dict(zip(PRICE_KEYS, key, strict=True)), "requests": 0, "images": 0,
                                         "per_image": price, "cost": 0.0})
-        cost = None if price is None else price * item.images
+        cost = None if price is None else price * images
         group["requests"] += 1
-        group["images"] += item.images
+        group["images"] += images
         send["requests"] += 1
-        send["images"] += item.images
+        send["images"] += images
         if cost is None:
             send["unpriced_requests"] += 1
             first_unpriced = first_unpriced or item

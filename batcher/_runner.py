@@ -460,9 +460,8 @@ class _Runner:
                 eligible = frozenset(e.name for e in self.endpoints if self.job.can_send(e.ep, item.body))
                 entry = self.journal.entries.get(item.id)
                 prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
-                if entry is not None and entry.rhash == item.rhash and entry.status == "failed" \
-                        and entry.error_kind == "transient" and entry.offset >= 0:
-                    await anyio.to_thread.run_sync(self._load_short, item)
+                if entry is not None and entry.status == "failed" and entry.error_kind == "transient":
+                    await anyio.to_thread.run_sync(self._load_short, item)  # reads one journal line
                 if not await self._wait(self.dispatch.put_new, Task(item, eligible, attempt=prior)):
                     break
         except JobError as exc:  # the job file changed under the run: what was sent is journaled
@@ -473,13 +472,9 @@ class _Runner:
     def _load_short(self, item: Item) -> None:
         """A short answer earlier (fewer images than n, recorded and paid): keep its images, so the
         next request asks only for the missing ones and their numbering continues."""
-        with open(self.out.journal, "rb") as fh:
-            rec = self.journal.record(item.id, fh)
-        if not isinstance(rec, dict) or not isinstance(rec.get("short"), dict):
-            return
-        images = rec.get("images")
-        if isinstance(images, list) and 0 < len(images) < item.images:
-            self._have[item.id] = (images, rec.get("cost"))
+        short = self.journal.short_record(item.id, item.rhash, item.images)
+        if short is not None:
+            self._have[item.id] = (short["images"], short.get("cost"))
 
     def _wanted(self, item: Item) -> int:
         """Images to ask for: the item's n, less those a short answer already brought."""

@@ -410,3 +410,14 @@ def test_a_resting_endpoint_waits_through_due_retries_without_spinning():
         assert returned
 
     anyio.run(go)
+
+
+def test_plan_counts_only_the_missing_images_of_a_short_item(tmp_path, capsys):
+    job = write_job(tmp_path / "j.yaml", [{"id": "x", "prompt": "four foxes", "n": 4}], defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    with start_in_thread(SimulatorConfig(answer_fault="short")) as sim:
+        assert run(job, out, sim.base_url) == 1  # 2 of 4
+    capsys.readouterr()
+    assert cli("plan", job, "--out", out, "--json") == 0
+    send = json.loads(capsys.readouterr().out)["send"]
+    assert (send["requests"], send["images"]) == (1, 2)
