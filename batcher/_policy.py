@@ -153,8 +153,8 @@ def answer_refusal(doc: Mapping[str, Any], headers: Mapping[str, str]) -> Perman
     """A 200 whose images were withheld by the provider's safety system, read from the fields
     providers use for it (never the message): a policy refusal, permanent, not a malformed answer.
 
-    `finish_reason: content_filter`, Azure's `content_filter_results.*.filtered: true`, xAI's
-    `respect_moderation: false`, on any entry of `data`.
+    `finish_reason: content_filter` or Azure's `content_filter_results.*.filtered: true`, on any entry
+    of `data`. (xAI's `respect_moderation: false` means something only to xai: its dialect reads it.)
     """
     data = doc.get("data")
     for i, entry in enumerate(data if isinstance(data, list) else ()):
@@ -163,7 +163,7 @@ def answer_refusal(doc: Mapping[str, Any], headers: Mapping[str, str]) -> Perman
         filters = entry.get("content_filter_results")
         filtered = isinstance(filters, dict) and any(
             isinstance(v, dict) and v.get("filtered") is True for v in filters.values())
-        if filtered or entry.get("finish_reason") == "content_filter" or entry.get("respect_moderation") is False:
+        if filtered or entry.get("finish_reason") == "content_filter":
             return PermanentError(f"image {i} was withheld by the provider's safety system", status=200,
                                   code="content_policy_violation", headers=dict(headers))
     return None

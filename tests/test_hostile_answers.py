@@ -175,7 +175,6 @@ def test_policy_refusal_in_a_200_is_permanent_and_counts_toward_the_limit(tmp_pa
 @pytest.mark.parametrize("entry", [
     {"b64_json": None, "finish_reason": "content_filter"},
     {"url": None, "content_filter_results": {"sexual": {"filtered": True, "severity": "high"}}},
-    {"b64_json": "aGk=", "respect_moderation": False},
 ])
 def test_refusal_fields_of_a_200_are_read_as_a_policy_refusal(entry):
     from batcher._policy import answer_refusal
