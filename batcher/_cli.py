@@ -27,6 +27,8 @@ from ._runner import (
     run,
 )
 
+DEFAULTS = RunOptions()  # the one place run defaults live; the options below show them
+
 EPILOG = """exit codes:
   0   every item done
   1   finished, some items failed (see the manifest's error objects)
@@ -164,14 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"requests in flight per endpoint, 1-{MAX_CONCURRENCY} (default: job's, else 16)")
     r.add_argument("--rpm", type=_positive_float, help="requests per minute to stay under (default: learn it)")
     r.add_argument("--ipm", type=_positive_float, help="images per minute to stay under (n images cost n)")
-    r.add_argument("--timeout", type=_positive_float, default=300.0,
-                   help="seconds one request may take before it is retried (default 300)")
-    r.add_argument("--connect-timeout", type=_positive_float, default=10.0, help="seconds to connect (default 10)")
-    r.add_argument("--max-attempts", type=_positive_int, default=6,
-                   help="attempts per item for transient failures, per run (default 6)")
+    r.add_argument("--timeout", type=_positive_float, default=DEFAULTS.timeout,
+                   help="seconds one request may take before it is retried (default %(default)g)")
+    r.add_argument("--connect-timeout", type=_positive_float, default=DEFAULTS.connect_timeout,
+                   help="seconds to connect (default %(default)g)")
+    r.add_argument("--max-attempts", type=_positive_int, default=DEFAULTS.max_attempts,
+                   help="attempts per item for transient failures, per run (default %(default)s)")
     r.add_argument("--retry-failed", action="store_true", help="also retry items that failed permanently")
-    r.add_argument("--max-policy-violations", type=_non_negative_int, default=50, metavar="N",
-                   help="stop the run after N content-policy rejections (0: never; default 50)")
+    r.add_argument("--max-policy-violations", type=_non_negative_int, default=DEFAULTS.max_policy_violations,
+                   metavar="N", help="stop the run after N content-policy rejections (0: never; default %(default)s)")
     r.add_argument("--endpoint", action="append", default=[], metavar="NAME",
                    help="use only this of the job's endpoints; repeatable (default: all)")
     r.add_argument("--shard", metavar="I/N",
@@ -186,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-cost", type=_positive_float, metavar="X",
                    help="start no work beyond an estimated cost X in this run (needs the job's `pricing`)")
     r.add_argument("--force", action="store_true", help="use an OUT that holds another job's manifest")
-    r.add_argument("--grace", type=_non_negative_float, default=30.0,
-                   help="seconds in-flight requests may finish after SIGINT/SIGTERM (default 30)")
+    r.add_argument("--grace", type=_non_negative_float, default=DEFAULTS.grace_period,
+                   help="seconds in-flight requests may finish after SIGINT/SIGTERM (default %(default)g)")
     r.add_argument("--model", help="request field override for every item")
     r.add_argument("--size", help="request field override, e.g. 1024x1024")
     r.add_argument("--quality", help="request field override")

@@ -71,9 +71,9 @@ class RunOptions:
     concurrency: int | None = None
     rpm: float | None = None
     ipm: float | None = None
-    timeout: float = 300.0
-    connect_timeout: float = 10.0
-    max_attempts: int = 6
+    timeout: float = Timeouts.read  # defaults live with what they configure
+    connect_timeout: float = Timeouts.connect
+    max_attempts: int = RetryPolicy.max_attempts
     retry_failed: bool = False
     force: bool = False
     max_policy_violations: int = 50
