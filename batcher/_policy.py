@@ -7,6 +7,7 @@ text, which gateways rewrite freely.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
@@ -18,6 +19,7 @@ from typing import Any
 from ._exceptions import FatalError, PermanentError, RequestError, TransientError
 
 __all__ = ["RetryPolicy", "classify", "retry_after_seconds", "parse_duration", "error_message", "answer_refusal",
+           "MAX_WAIT_S",
            "POLICY_CODES", "FATAL_CODES", "decide", "Decision", "FailureState", "Retry", "Fail", "Retire", "Hold"]
 
 FATAL_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "invalid_api_key", "account_deactivated"})
@@ -38,20 +40,40 @@ class RetryPolicy:
     cap: float = 30.0
 
     def delay(self, attempt: int, rng: random.Random | None = None, retry_after: float | None = None) -> float:
-        """Seconds to wait before attempt `attempt + 1`; the server's own figure wins when given."""
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), 10 * self.cap)
+        """Seconds to wait before attempt `attempt + 1`; the server's own figure wins when given
+        (a finite, non-negative one, at most MAX_WAIT_S)."""
+        if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
+            return min(retry_after, MAX_WAIT_S)
         ceiling = min(self.cap, self.base * (2 ** max(attempt - 1, 0)))
         return (rng or random).uniform(0.0, ceiling)
 
 
+MAX_WAIT_S = 60.0  # the longest wait a server's header can ask for (the openai SDK's bound too)
+
+
+def _seconds(value: float) -> float | None:
+    """A wait a header may ask for: finite and not negative, at most MAX_WAIT_S; else None (absent).
+
+    NaN, infinities and negative values say nothing usable: a retry at time NaN never comes.
+    """
+    if not math.isfinite(value) or value < 0:
+        return None
+    return min(value, MAX_WAIT_S)
+
+
 def parse_duration(text: str) -> float | None:
-    """OpenAI-style reset durations: `1s`, `120ms`, `6m0s`, `1h2m3.5s`, or bare seconds."""
+    """OpenAI-style reset durations: `1s`, `120ms`, `6m0s`, `1h2m3.5s`, or bare seconds.
+
+    None when the text is not a duration or not finite and non-negative (`nan`, `inf`, `-1`).
+    Not capped: callers bound what they wait (`MAX_WAIT_S`).
+    """
     text = text.strip()
     try:
-        return max(float(text), 0.0)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        return value if math.isfinite(value) and value >= 0 else None
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
     if not parts or "".join(n + u for n, u in parts) != text:
         return None
@@ -60,24 +82,33 @@ def parse_duration(text: str) -> float | None:
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """The wait a server asked for: `retry-after-ms`, then `retry-after` (seconds or HTTP-date)."""
+    """The wait a server asked for: `retry-after-ms`, then `retry-after` (seconds or HTTP-date).
+
+    Only finite, non-negative values count, capped at MAX_WAIT_S (60 s); anything else (`nan`,
+    `inf`, `-5`, a date in the past, garbage) is treated as absent, so the caller's own backoff
+    applies. `now` (wall-clock seconds) is injectable for tests.
+    """
     ms = headers.get("retry-after-ms")
     if ms is not None:
         try:
-            return max(float(ms) / 1000.0, 0.0)
+            seconds = _seconds(float(ms) / 1000.0)
         except ValueError:
-            pass
+            seconds = None
+        if seconds is not None:
+            return seconds
     ra = headers.get("retry-after")
-    if ra is not None:
-        try:
-            return max(float(ra), 0.0)
-        except ValueError:
-            try:
-                when = parsedate_to_datetime(ra).timestamp()
-            except (TypeError, ValueError, IndexError):
-                return None
-            return max(when - (time.time() if now is None else now), 0.0)
-    return None
+    if ra is None:
+        return None
+    try:
+        return _seconds(float(ra))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(ra).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    delta = when - (time.time() if now is None else now)
+    return _seconds(delta) if delta > 0 else None  # a date in the past asks for nothing
 
 
 def _text(value: Any) -> str | None:

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from email.utils import format_datetime
 from datetime import datetime, timezone
 
 import pytest
 
-from batcher._policy import RetryPolicy, classify, error_message, parse_duration, retry_after_seconds
+from batcher._policy import MAX_WAIT_S, RetryPolicy, classify, error_message, parse_duration, retry_after_seconds
 
 
 def body(code=None, etype="invalid_request_error", message="m"):
@@ -68,8 +69,44 @@ def test_retry_after_headers():
     assert classify(429, {"retry-after-ms": "250"}, body("rate_limit_exceeded")).retry_after == 0.25
 
 
+@pytest.mark.parametrize("headers,seconds", [
+    ({"retry-after-ms": "nan"}, None),
+    ({"retry-after-ms": "NaN", "retry-after": "2"}, 2.0),  # a bad ms header falls back to retry-after
+    ({"retry-after-ms": "inf"}, None),
+    ({"retry-after-ms": "-Infinity"}, None),
+    ({"retry-after-ms": "-500"}, None),
+    ({"retry-after-ms": "1e30"}, MAX_WAIT_S),  # huge: capped, not waited for days
+    ({"retry-after-ms": "0"}, 0.0),  # "now" is a real answer
+    ({"retry-after": "nan"}, None),
+    ({"retry-after": "inf"}, None),
+    ({"retry-after": "-3"}, None),
+    ({"retry-after": "86400"}, MAX_WAIT_S),
+    ({"retry-after": "Mon, 01 Jan 1990 00:00:00 GMT"}, None),  # a date in the past asks for nothing
+    ({"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}, MAX_WAIT_S),
+    ({"retry-after": "Sun, 99 Foo 12345678 99:99:99 GMT"}, None),
+    ({"retry-after": "\x00\xff garbage"}, None),
+    ({"retry-after": ""}, None),
+])
+def test_hostile_retry_headers_are_finite_capped_or_absent(headers, seconds):
+    got = retry_after_seconds(headers, now=1_900_000_000)  # 2030
+    assert got == seconds
+    err = classify(429, headers, body("rate_limit_exceeded"))
+    assert err.retry_after == seconds
+    # whatever the header said, the retry is scheduled at a finite time within the cap
+    delay = RetryPolicy().delay(2, random.Random(0), err.retry_after)
+    assert math.isfinite(delay) and 0 <= delay <= MAX_WAIT_S
+
+
+def test_backoff_ignores_a_non_finite_server_figure():
+    policy = RetryPolicy(base=0.5, cap=4.0)
+    for bad in (math.nan, math.inf, -1.0):
+        assert 0 <= policy.delay(3, random.Random(0), retry_after=bad) <= 2.0  # its own backoff instead
+    assert policy.delay(3, random.Random(0), retry_after=1e9) == MAX_WAIT_S
+
+
 @pytest.mark.parametrize("text,seconds", [("1s", 1.0), ("120ms", 0.12), ("6m0s", 360.0), ("1h2m3.5s", 3723.5),
-                                          ("2.5", 2.5), ("bogus", None), ("5x", None)])
+                                          ("2.5", 2.5), ("bogus", None), ("5x", None),
+                                          ("nan", None), ("inf", None), ("-1", None), ("-2ms", None)])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
 
