@@ -4,6 +4,10 @@ Providers enforce per-minute limits over short windows, so the limiter is a slid
 at most a window's share (rpm/60 per second) in any one-second span. The first second's share
 goes out at once; after that, each send waits for an earlier one to leave the window.
 
+When the server says none remain (`x-ratelimit-remaining-* 0`), the limiter does not stop for
+the whole `reset`: a token bucket refills one permit every 60/limit seconds, so it paces that kind
+at the limit's rate (`Drained`) until the reset, whatever the window the server counts over.
+
 Time is injectable (`clock`, `sleep`) so tests run on a fake clock.
 """
 
@@ -12,12 +16,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from typing import NamedTuple
 
 import anyio
 
-from ._policy import parse_duration
+from ._policy import MAX_WAIT_S, parse_duration
 
-__all__ = ["Window", "RateLimiter", "Permit", "ConcurrencyController", "window_shape", "advertised"]
+__all__ = ["Window", "RateLimiter", "Permit", "ConcurrencyController", "Drained", "Advertised", "window_shape",
+           "advertised"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -32,25 +38,87 @@ def window_shape(per_minute: float) -> tuple[int, float]:
     return capacity, 60.0 * capacity / per_minute
 
 
-def advertised(headers: Mapping[str, str], kind: str) -> tuple[float | None, float | None]:
-    """What a server's `x-ratelimit-*` headers say of `kind` (requests or images): the per-minute
-    limit (None when absent or not a positive number), and, when none remain, the seconds (≤ 60)
-    until its window resets (else None)."""
-    limit: float | None = None
-    raw = headers.get(f"x-ratelimit-limit-{kind}")
-    if raw is not None:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = 0.0
-        limit = value if value > 0 and math.isfinite(value) else None
-    remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-    reset = headers.get(f"x-ratelimit-reset-{kind}")
-    if remaining is not None and reset is not None and remaining.strip() == "0":
-        seconds = parse_duration(reset)
-        if seconds is not None:
-            return limit, min(seconds, 60.0)
-    return limit, None
+class Advertised(NamedTuple):
+    """What a server's `x-ratelimit-*` headers say of one kind (requests or images)."""
+
+    limit: float | None  # per minute; None when absent or not a positive finite number
+    remaining: float | None  # whatever window the server counts over (a second's bucket, a minute)
+    reset: float | None  # seconds until its count is whole again, at most MAX_WAIT_S
+
+    @property
+    def exhausted(self) -> bool:
+        """None remain: the next send must wait for the server to refill."""
+        return self.remaining is not None and self.remaining < 1
+
+
+def _positive(raw: str | None) -> float | None:
+    try:
+        value = float(raw) if raw is not None else math.nan
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def advertised(headers: Mapping[str, str], kind: str) -> Advertised:
+    """Read `x-ratelimit-{limit,remaining,reset}-{kind}`; anything unreadable is absent.
+
+    >>> advertised({"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "0",
+    ...             "x-ratelimit-reset-requests": "980ms"}, "requests")
+    Advertised(limit=3000.0, remaining=0.0, reset=0.98)
+    """
+    limit = _positive(headers.get(f"x-ratelimit-limit-{kind}"))
+    reset_raw = headers.get(f"x-ratelimit-reset-{kind}")
+    reset = parse_duration(reset_raw) if reset_raw is not None else None
+    return Advertised(limit or None, _positive(headers.get(f"x-ratelimit-remaining-{kind}")),
+                      min(reset, MAX_WAIT_S) if reset is not None else None)
+
+
+class Drained:
+    """A server bucket that said none remain: permits come back one per `interval` until `until`.
+
+    A generic cell rate: the next unit is earned at `next_free`, `cost` units at
+    `next_free + (cost - 1) * interval`; a grant moves `next_free` on by its cost (credit earned
+    while idle is kept; the server refills while we wait). `interval=None` (no rate known) waits
+    for `until`. Whatever it says, nobody waits past `until`: the server is whole again then.
+
+    >>> d = Drained(); d.observe(now=10.0, sent_at=9.7, interval=0.02, reset=1.0)
+    >>> d.wait(10.0, cost=1)   # 0: the permit was earned 0.28 s ago (counted from the send)
+    """
+
+    __slots__ = ("next_free", "interval", "until")
+
+    def __init__(self) -> None:
+        self.next_free = 0.0
+        self.interval: float | None = None
+        self.until = -math.inf
+
+    def active(self, now: float) -> bool:
+        return now < self.until
+
+    def observe(self, now: float, sent_at: float, interval: float | None, reset: float | None) -> None:
+        """The answer to a request sent at `sent_at` said none remain, whole again in `reset` s.
+
+        No reset and no rate says nothing usable: ignored. No reset but a rate: paced up to the cap."""
+        if reset is None and interval is None:
+            return
+        reset = MAX_WAIT_S if reset is None else reset
+        if not self.active(now):
+            # the server counted that request at about its send: the refill started there
+            self.next_free = min(sent_at, now) + (interval or 0.0)
+        self.interval = interval
+        self.until = max(self.until, now + reset)
+
+    def wait(self, now: float, cost: int) -> float:
+        if not self.active(now):
+            return 0.0
+        if self.interval is None:
+            return self.until - now
+        ready = self.next_free + (max(cost, 1) - 1) * self.interval
+        return max(0.0, min(ready, self.until) - now)
+
+    def grant(self, now: float, cost: int) -> None:
+        if self.active(now) and self.interval is not None:
+            self.next_free += max(cost, 1) * self.interval
 
 
 class Window:
@@ -114,14 +182,15 @@ class Permit:
     """A granted send. `sent()` moves its window entries to the moment it really leaves;
     `refund()` gives them back when the server rejected it (a 429 is not counted there)."""
 
-    __slots__ = ("_clock", "_entries")
+    __slots__ = ("_clock", "_entries", "sent_at")
 
     def __init__(self, clock: Clock, *entries: tuple[Window, list]) -> None:
         self._clock = clock
         self._entries = entries
+        self.sent_at = clock()  # the grant, until `sent()` says when it really left
 
     def sent(self) -> None:
-        now = self._clock()
+        now = self.sent_at = self._clock()
         for _, entry in self._entries:
             entry[0] = max(entry[0], now)
 
@@ -137,12 +206,17 @@ class RateLimiter:
     >>> await limiter.acquire(images=2)   # waits until a request and 2 images fit
 
     Limits come from the job (`rpm`, `ipm`), from `x-ratelimit-limit-*` headers, or — when the
-    server says nothing — from 429s: the sends that the server accepted in the last window
-    become the learned capacity, probed upward slowly after clean windows.
+    server says nothing — from 429s. One 429 is not a measurement (a gateway's hiccup looks the
+    same): it pauses the pool for its retry-after and nothing more. Only `LEARN_AFTER` 429s within
+    `LEARN_SPAN_S` make the sends the server accepted in the last second the learned capacity,
+    which is then probed upward after clean, saturated windows in growing steps (+25%, doubling
+    after each success; bisecting below a capacity that failed).
     """
 
-    PROBE_AFTER_WINDOWS = 30  # clean windows before a learned limit is raised by one (a failed
-    # probe costs a pool-wide pause of up to a window, and sets a ceiling)
+    LEARN_AFTER = 2  # 429s within LEARN_SPAN_S before a limit is learned or tightened
+    LEARN_SPAN_S = 2.0
+    PROBE_AFTER_WINDOWS = 2  # clean windows, the last one full, before a learned limit is raised
+    PROBE_STEP = 0.25  # the first raise, as a fraction of the capacity (at least 1)
 
     def __init__(
         self,
@@ -165,12 +239,16 @@ class RateLimiter:
             "requests": "configured" if rpm else None,
             "images": "configured" if ipm else None,
         }
+        self.drained = {"requests": Drained(), "images": Drained()}
         self.pause_until = 0.0
         self.rejections = 0
-        self._last_probe = 0.0
+        self._last_429 = -1e9
+        self._last_probe = -1e9
         self._last_widen = -1e9
         self._learning_until = -1e9
+        self._429s: dict[str, deque[float]] = {"requests": deque(), "images": deque()}
         self._ceiling: dict[str, float] = {"requests": math.inf, "images": math.inf}
+        self._probe: dict[str, tuple[int, int] | None] = {"requests": None, "images": None}  # (from, step)
         self._queue: deque[_Waiter] = deque()
 
     def _windows(self) -> dict[str, Window]:
@@ -187,6 +265,8 @@ class RateLimiter:
             self.pause_until - now,
             self.requests.wait_time(now, 1, self.margin),
             self.images.wait_time(now, images, self.margin),
+            self.drained["requests"].wait(now, 1),
+            self.drained["images"].wait(now, images),
         )
 
     async def acquire(self, images: int = 1) -> Permit:
@@ -223,6 +303,8 @@ class RateLimiter:
     def _grant(self, now: float, images: int) -> Permit:
         permit = Permit(self._clock, (self.requests, self.requests.record(now, 1)),
                         (self.images, self.images.record(now, images)))
+        self.drained["requests"].grant(now, 1)
+        self.drained["images"].grant(now, images)
         self._maybe_probe(now)
         return permit
 
@@ -238,72 +320,117 @@ class RateLimiter:
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for `seconds` (a 429's retry-after applies to the whole pool)."""
-        self.pause_until = max(self.pause_until, self._clock() + seconds)
+        if math.isfinite(seconds) and seconds > 0:
+            self.pause_until = max(self.pause_until, self._clock() + min(seconds, MAX_WAIT_S))
 
     def set_limit(self, kind: str, per_minute: float) -> None:
         window = self._windows()[kind]
         window.capacity, window.period = window_shape(per_minute)
 
-    def observe_headers(self, headers: Mapping[str, str]) -> None:
-        """Adopt limits the server advertises (`x-ratelimit-limit-requests`, `-images`)."""
+    def interval(self, kind: str, said: Advertised) -> float | None:
+        """Seconds per unit at the limit in force for `kind` (the window's, else the header's)."""
+        window = self._windows()[kind]
+        if window.capacity:
+            return window.period / window.capacity
+        return 60.0 / said.limit if said.limit else None
+
+    def observe_headers(self, headers: Mapping[str, str], sent_at: float | None = None) -> None:
+        """Adopt limits the server advertises (`x-ratelimit-limit-requests`, `-images`), and pace a
+        kind the server says is used up at the limit's rate until its reset (`Drained`).
+
+        `sent_at`: when the request this answer belongs to left (`Permit.sent_at`); the server
+        counted it then, and its bucket has been refilling since.
+        """
+        now = self._clock()
         for kind, window in self._windows().items():
-            limit, exhausted_for = advertised(headers, kind)
-            if limit is None:
-                continue
-            capacity, period = window_shape(limit)
-            if self.source[kind] in (None, "learned", "advertised") or (
-                capacity / period < window.capacity / window.period  # a stricter server wins
-            ):
-                if self.source[kind] != "advertised" or (capacity, period) != (window.capacity, window.period):
-                    window.capacity, window.period = capacity, period
-                    self.source[kind] = "advertised"
-            if exhausted_for is not None:
-                self.pause(exhausted_for)
+            said = advertised(headers, kind)
+            if said.limit is not None:
+                capacity, period = window_shape(said.limit)
+                if self.source[kind] in (None, "learned", "advertised") or (
+                    capacity / period < window.capacity / window.period  # a stricter server wins
+                ):
+                    if self.source[kind] != "advertised" or (capacity, period) != (window.capacity, window.period):
+                        window.capacity, window.period = capacity, period
+                        self.source[kind] = "advertised"
+            if said.exhausted:
+                self.drained[kind].observe(now, now if sent_at is None else sent_at, self.interval(kind, said),
+                                           said.reset)
 
     def on_rate_limited(self, retry_after: float | None, kind: str = "requests", images: int = 1) -> None:
-        """A 429 `rate_limit_exceeded`: pause everyone, and learn or tighten the limit.
+        """A 429 `rate_limit_exceeded`: pause everyone; with evidence, learn or tighten the limit.
 
         `kind` is the limit the server named (the error `type`: requests or images).
         """
         kind = kind if kind in ("requests", "images") else "requests"
         now = self._clock()
         self.rejections += 1
-        self._last_probe = now
+        self._last_429 = now
         self.pause(retry_after if retry_after is not None else 1.0)
         window = self._windows()[kind]
+        seen = self._429s[kind]
+        seen.append(now)
+        while seen and seen[0] < now - self.LEARN_SPAN_S:
+            seen.popleft()
+        evidence = len(seen) >= self.LEARN_AFTER
         # rejected sends were refunded (Permit.refund), so what is left is what the server took
         accepted = window.used(now, self.margin)
         source = self.source[kind]
         if source is None:
-            # nothing known: what the server accepted in the last second is its limit
-            window.capacity, window.period = max(1, accepted), 1.0
-            self.source[kind] = "learned"
-            self._learning_until = now + window.period
+            if evidence:  # what the server accepted in the last second is its limit
+                window.capacity, window.period = max(1, accepted), 1.0
+                self.source[kind] = "learned"
+                self._learning_until = now + window.period
         elif source == "learned" and now < self._learning_until:
             # the rest of the first burst's answers refine the estimate
             window.capacity = max(1, min(int(window.capacity or 1), accepted))
+        elif source == "learned":
+            self._probe_failed(kind, window, evidence)
         elif now - self._last_widen >= window.period:
             # once per window: one late burst answers with many 429s at once
             self._last_widen = now
             if retry_after is not None and retry_after < 0.1 * window.period:
                 # a few ms early: the trip to the server needs more slack, the limit is right
                 self.margin = min(self.max_margin, self.margin + max(0.005, retry_after))
-            elif source == "learned":
-                # a probe too far: this capacity is over the limit; never probe up to it again
-                self._ceiling[kind] = int(window.capacity or 1)
-                window.capacity = max(1, self._ceiling[kind] - 1)
             else:
                 self.margin = min(self.max_margin, self.margin + 0.005)
 
+    def _probe_failed(self, kind: str, window: Window, evidence: bool) -> None:
+        """A learned limit drew a 429: back to the capacity before the last raise, and never probe
+        up to the one that failed again. Without a raise to undo, only evidence tightens it."""
+        probe = self._probe[kind]
+        capacity = int(window.capacity or 1)
+        if probe is not None:
+            self._ceiling[kind] = min(self._ceiling[kind], capacity)
+            window.capacity = max(1, probe[0])
+            self._probe[kind] = None
+        elif evidence and self._429s[kind][0] >= self._learning_until:  # not the first burst's tail
+            self._ceiling[kind] = min(self._ceiling[kind], capacity)
+            window.capacity = max(1, capacity - 1)
+            self._429s[kind].clear()  # this evidence is spent
+
     def _maybe_probe(self, now: float) -> None:
+        """Raise a learned limit that held clean for a few windows while it was the bottleneck."""
         for kind, window in self._windows().items():
             if self.source[kind] != "learned" or window.capacity is None:
                 continue
-            if window.capacity + 1 >= self._ceiling[kind]:
+            calm = self.PROBE_AFTER_WINDOWS * window.period
+            if now - self._last_429 < calm or now - self._last_probe < calm:
                 continue
-            if now - self._last_probe >= self.PROBE_AFTER_WINDOWS * window.period:
-                self._last_probe = now
-                window.capacity += 1
+            capacity = int(window.capacity)
+            if window.used(now, self.margin) < capacity:
+                continue  # not the bottleneck: a raise would be untested
+            ceiling = self._ceiling[kind]
+            last = self._probe[kind]
+            step = max(1, round(capacity * self.PROBE_STEP)) if last is None else last[1] * 2
+            target = capacity + step
+            if target >= ceiling:
+                target = (capacity + int(ceiling)) // 2  # bisect below what failed
+                step = 1
+            if target <= capacity:
+                continue
+            self._last_probe = now
+            self._probe[kind] = (capacity, step)
+            window.capacity = target
 
 
 class ConcurrencyController:

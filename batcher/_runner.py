@@ -655,7 +655,7 @@ class _Runner:
         ep.pool.on_answer()
         ep.pool.on_success()
         ep.breaker.on_success()
-        ep.limiter.observe_headers(gen.headers)
+        ep.limiter.observe_headers(gen.headers, permit.sent_at)
         return gen
 
     async def _after_failure(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import anyio
 import pytest
 
@@ -92,11 +94,130 @@ def test_learns_limit_from_headers(clock):
     assert configured.requests.capacity == 1
 
 
-def test_remaining_zero_pauses_until_reset(clock):
+def drained_headers(kind="requests", limit="3000", remaining="0", reset="1s"):
+    return {f"x-ratelimit-limit-{kind}": limit, f"x-ratelimit-remaining-{kind}": remaining,
+            f"x-ratelimit-reset-{kind}": reset}
+
+
+def grant_times(limiter, clock, count, images=1):
+    times: list[float] = []
+
+    async def main():
+        for _ in range(count):
+            permit = await limiter.acquire(images)
+            permit.sent()
+            times.append(clock.now)
+
+    anyio.run(main)
+    return times
+
+
+def test_remaining_zero_waits_for_the_permit_needed_not_the_whole_reset(clock):
+    # a token bucket of one second's share: 3000 rpm advertises remaining 0..50 and reset <= 1 s
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter.observe_headers(drained_headers(reset="1s"))
+    assert limiter.pause_until == 0.0  # no pool-wide stop for the reset
+    assert limiter.wait_time(1) == pytest.approx(0.02)  # one permit at 50/s: 1 / 50 s
+    times = grant_times(limiter, clock, 5)
+    assert [t - 1000.0 for t in times] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.10])
+
+
+def test_remaining_zero_counts_the_refill_from_the_send_of_that_request(clock):
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    # the answer took 0.3 s: the server counted the request (and began refilling) when it was sent
+    limiter.observe_headers(drained_headers(reset="1s"), sent_at=clock.now - 0.31)
+    assert limiter.wait_time(1) == 0.0
+    times = grant_times(limiter, clock, 20)
+    # the 15 permits earned since the send (0.31 s at 50/s, the first at 20 ms) go now, then one per 20 ms
+    assert times[14] == 1000.0 and times[15] == pytest.approx(1000.01) and times[16] == pytest.approx(1000.03)
+
+
+def test_remaining_zero_waits_at_most_the_reset(clock):
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter.observe_headers(drained_headers(limit="600", reset="250ms"))  # 10/s: 0.1 s per permit
+    times = grant_times(limiter, clock, 4)
+    # 0.1, 0.2, then the reset (0.25 s): the bucket is whole again and the window takes over
+    assert [t - 1000.0 for t in times] == pytest.approx([0.1, 0.2, 0.25, 0.25])
+
+
+def test_a_full_minute_count_at_zero_paces_at_the_rate_instead_of_stopping_a_minute(clock):
+    # OpenAI style: remaining counts the minute, reset up to 60 s
+    limiter = RateLimiter(rpm=3000, clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter.observe_headers(drained_headers(reset="59.5s"))
+    times = grant_times(limiter, clock, 100)
+    assert times[-1] - 1000.0 == pytest.approx(2.0)  # 100 at 50/s, not a 59.5 s stop
+    assert max_in_window(times, 1.0) <= 50
+
+
+def test_images_remaining_zero_waits_for_the_images_needed(clock):
+    limiter = RateLimiter(ipm=600, clock=clock, sleep=clock.sleep, margin=0.0)  # 10 images/s
+    limiter.observe_headers(drained_headers("images", limit="600", reset="1s"))
+    assert limiter.wait_time(4) == pytest.approx(0.4)  # 4 images at 10/s
+    assert limiter.wait_time(1) == pytest.approx(0.1)
+
+
+def test_remaining_zero_without_a_known_rate_waits_for_the_reset(clock):
     limiter = RateLimiter(clock=clock, sleep=clock.sleep)
-    limiter.observe_headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "0",
-                             "x-ratelimit-reset-requests": "250ms"})
-    assert limiter.pause_until == pytest.approx(1000.25)
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "0.5"})
+    assert limiter.wait_time(1) == pytest.approx(0.5)
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "nan"})
+    assert limiter.wait_time(1) == pytest.approx(0.5)  # an unreadable reset, no rate: nothing learned
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5", "1e400", "soon"])
+def test_hostile_reset_and_retry_after_never_schedule_a_wait_beyond_the_cap(clock, value):
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep)
+    limiter.observe_headers(drained_headers(limit=value, remaining="0", reset=value))
+    limiter.pause(float("nan"))
+    limiter.pause(float("inf"))
+    wait = limiter.wait_time(1)
+    assert math.isfinite(wait) and 0.0 <= wait <= 60.0
+
+
+def test_one_bare_429_costs_its_retry_after_and_teaches_nothing(clock):
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep)
+    grant_times(limiter, clock, 100)  # unlimited: all at once
+    limiter.on_rate_limited(retry_after=1.0)
+    assert limiter.source["requests"] is None and limiter.requests.capacity is None
+    times = grant_times(limiter, clock, 300)
+    assert times[0] == pytest.approx(1001.0) and times[-1] == times[0]  # then the full rate at once
+
+
+def test_several_429s_in_a_window_are_evidence(clock):
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep)
+    grant_times(limiter, clock, 30)
+    limiter.on_rate_limited(retry_after=0.5)
+    clock.now += 0.5
+    limiter.on_rate_limited(retry_after=0.5)
+    assert limiter.source["requests"] == "learned" and limiter.requests.capacity == 30
+    # far apart, two 429s are two hiccups
+    other = RateLimiter(clock=clock, sleep=clock.sleep)
+    other.on_rate_limited(retry_after=0.5)
+    clock.now += 10
+    other.on_rate_limited(retry_after=0.5)
+    assert other.source["requests"] is None
+
+
+def test_a_limit_learned_too_low_recovers_multiplicatively(clock):
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter.requests.capacity, limiter.requests.period, limiter.source["requests"] = 8, 1.0, "learned"
+    limiter._last_429 = clock.now  # learned from 429s just now
+    times = grant_times(limiter, clock, 2000)
+    rates = [len([t for t in times if s <= t - times[0] < s + 1]) for s in range(int(times[-1] - times[0]))]
+    assert rates[:4] == [8, 8, 10, 10]  # +25% after two clean, full windows...
+    assert max(rates[:16]) >= 256  # ...in doubling steps: 8 -> 256 per second in 16 s, not +1 per 30 s
+
+
+def test_a_failed_probe_goes_back_and_sets_a_ceiling(clock):
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter.requests.capacity, limiter.requests.period, limiter.source["requests"] = 40, 1.0, "learned"
+    limiter._last_429 = clock.now  # learned from 429s just now
+    grant_times(limiter, clock, 125)
+    assert limiter.requests.capacity == 50  # two clean, full windows: +25%
+    limiter.on_rate_limited(retry_after=0.1)  # the raise drew a 429
+    assert limiter.requests.capacity == 40 and limiter._ceiling["requests"] == 50
+    grant_times(limiter, clock, 2000)
+    assert 40 < limiter.requests.capacity < 50  # bisects below the capacity that failed, never reaches it
 
 
 def test_learns_limit_from_429s_without_headers(clock):
@@ -190,17 +311,3 @@ def test_sent_moves_the_entry_to_the_real_send(clock):
         assert limiter.wait_time(1) == pytest.approx(0.2)  # counted from the send, not the grant
 
     anyio.run(main)
-
-
-def test_a_failed_probe_sets_a_ceiling(clock):
-    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
-    limiter.requests.capacity, limiter.source["requests"] = 5, "learned"
-    limiter.on_rate_limited(retry_after=0.7)  # over the limit at 5: the real limit is 4
-    assert limiter.requests.capacity == 4
-
-    async def main():
-        for _ in range(200):
-            await limiter.acquire()
-
-    anyio.run(main)
-    assert limiter.requests.capacity == 4  # never probes back up to the capacity that failed
