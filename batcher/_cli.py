@@ -108,6 +108,12 @@ def _add_simulator_options(p: argparse.ArgumentParser, prefix: str = "") -> None
                    help="answer 429 insufficient_quota after this many images")
     g.add_argument(f"--{prefix}image-bytes", type=int, default=0, help="pad each PNG to this many bytes")
     g.add_argument(f"--{prefix}hide-limits", action="store_true", help="don't send x-ratelimit-* headers")
+    g.add_argument(f"--{prefix}limit-style", choices=("window", "bucket", "minute"), default="window",
+                   help="how --rpm/--ipm are enforced and advertised: window (sliding, one second's share; "
+                        "headers count it), bucket (a token bucket of one second's share; remaining 0..rpm/60, "
+                        "reset until full), minute (enforced as window, headers count the minute like OpenAI's)")
+    g.add_argument(f"--{prefix}lone-429-at", type=int, default=None, metavar="K",
+                   help="answer the K-th generation request with a bare 429 (only Retry-After: 1), once")
     g.add_argument(f"--{prefix}gateway-quirks", action="store_true",
                    help="answer like a proxy: swapped formats, null keys, numeric error codes")
     g.add_argument(f"--{prefix}seed", type=int, default=None, help="random seed for faults and jitter")
@@ -141,6 +147,8 @@ def _simulator_config(args: argparse.Namespace, prefix: str = "", **extra: Any) 
         dialect=get("dialect"),
         fail_all_after_s=get("fail_all_after"),
         answer_fault=get("answer_fault"),
+        limit_style=get("limit_style"),
+        lone_429_at=get("lone_429_at"),
         **extra,
     )
 

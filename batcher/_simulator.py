@@ -49,6 +49,7 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 GENERATION_PATHS = ("/v1/images/generations", "/images/generations")
 DIALECT_NAMES = ("openai-compatible", "openai", "azure-openai", "xai")
 ANSWER_FAULTS = ("short", "policy-200", "echo-key", "prism-422", "fastapi-422")
+LIMIT_STYLES = ("window", "bucket", "minute")
 _AZURE_PATH = re.compile(r"(?:/v1)?/openai/deployments/([^/]+)/images/generations")
 XAI_ASPECT_RATIOS = ("1:1", "3:4", "4:3", "9:16", "16:9", "2:3", "3:2", "9:19.5", "19.5:9", "9:20", "20:9",
                      "1:2", "2:1", "auto")
@@ -98,12 +99,20 @@ class SimulatorConfig:
     # body; "echo-key": every generation is refused 400 quoting the key presented; "prism-422" / "fastapi-422": every
     # generation is refused 422 with the validation details of a Prism mock / a FastAPI server.
     answer_fault: str | None = None
+    # how rpm/ipm are enforced and advertised: "window" (a sliding window of one second's share,
+    # headers count it), "bucket" (a token bucket of one second's share refilled at the limit's
+    # rate; remaining 0..rpm/60, reset = until full, <= 1 s), "minute" (enforced as "window",
+    # headers count the minute as OpenAI's do: remaining 0..rpm, reset up to 60 s)
+    limit_style: str = "window"
+    lone_429_at: int | None = None  # the k-th generation request gets a bare 429 (Retry-After: 1), once
 
     def __post_init__(self) -> None:
         if self.answer_fault is not None and self.answer_fault not in ANSWER_FAULTS:
             raise ValueError(f"unknown answer fault {self.answer_fault!r} (known: {', '.join(ANSWER_FAULTS)})")
         if self.dialect not in DIALECT_NAMES:
             raise ValueError(f"unknown simulator dialect {self.dialect!r} (known: {', '.join(DIALECT_NAMES)})")
+        if self.limit_style not in LIMIT_STYLES:
+            raise ValueError(f"unknown limit style {self.limit_style!r} (known: {', '.join(LIMIT_STYLES)})")
 
 
 def _window_shape(per_minute: float) -> tuple[int, float]:
@@ -145,6 +154,67 @@ class _Window:
         """Seconds until the oldest entry leaves the window."""
         self.expire(now)
         return self.log[0][0] + self.period - now if self.log else 0.0
+
+    def advertise(self, now: float) -> tuple[float, float]:
+        """(remaining, reset seconds) as the x-ratelimit-* headers say them."""
+        self.expire(now)
+        return max(self.capacity - self.used, 0), self.reset_in(now)
+
+
+class _Bucket:
+    """A token bucket of one second's share: C tokens, refilled at the limit's rate (C per W s).
+
+    Advertises what such servers do: remaining = whole tokens (0..C), reset = until full (<= W).
+    """
+
+    def __init__(self, per_minute: float) -> None:
+        self.per_minute = per_minute
+        self.capacity, self.period = _window_shape(per_minute)
+        self.rate = per_minute / 60.0
+        self.tokens = float(self.capacity)
+        self.at: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self.at is not None:
+            self.tokens = min(float(self.capacity), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+    def wait(self, now: float, cost: int) -> float:
+        self._refill(now)
+        need = min(cost, self.capacity)  # a cost above capacity goes when the bucket is full
+        return 0.0 if self.tokens >= need - 1e-9 else (need - self.tokens) / self.rate
+
+    def admit(self, now: float, cost: int) -> None:
+        self._refill(now)
+        self.tokens -= min(cost, self.tokens)
+
+    def advertise(self, now: float) -> tuple[float, float]:
+        self._refill(now)
+        return math.floor(self.tokens + 1e-9), (self.capacity - self.tokens) / self.rate
+
+
+class _MinuteCount(_Window):
+    """Enforced as a window of one second's share; advertised, as OpenAI does, over the minute:
+    remaining = limit - units admitted in the last 60 s, reset = until all of them have left."""
+
+    def __init__(self, per_minute: float) -> None:
+        super().__init__(per_minute)
+        self.minute: deque[tuple[float, int]] = deque()
+        self.minute_used = 0
+
+    def admit(self, now: float, cost: int) -> None:
+        super().admit(now, cost)
+        self.minute.append((now, cost))
+        self.minute_used += cost
+
+    def advertise(self, now: float) -> tuple[float, float]:
+        while self.minute and self.minute[0][0] <= now - 60.0:
+            self.minute_used -= self.minute.popleft()[1]
+        remaining = max(math.floor(self.per_minute) - self.minute_used, 0)
+        return remaining, (self.minute[-1][0] + 60.0 - now if self.minute else 0.0)
+
+
+_LIMITS = {"window": _Window, "bucket": _Bucket, "minute": _MinuteCount}
 
 
 def _duration(seconds: float) -> str:
@@ -209,8 +279,9 @@ class Simulator:
         self.base_url = ""
         self._rng = random.Random(config.seed)
         self._lock = threading.Lock()  # stats() is read from other threads
-        self._windows = {kind: _Window(limit) for kind, limit in (("requests", config.rpm),
-                                                                  ("images", config.ipm)) if limit}
+        style = _LIMITS[config.limit_style]
+        self._windows = {kind: style(limit) for kind, limit in (("requests", config.rpm),
+                                                                ("images", config.ipm)) if limit}
         self._in_flight_images = 0  # admitted, not yet generated: reserved against the quota
         self._image_counter = 0
         self._b64_requests = 0
@@ -223,6 +294,7 @@ class Simulator:
         self._faults: dict[str, int] = {}
         self._generations: dict[str, int] = {}
         self._accepted_log: deque[float] = deque()
+        self._lone_429_sent = False
         self._started = time.monotonic()  # reset when serving starts: fail_all_after_s counts from there
         self._last_headers: dict[str, str] = {}  # of the last generation request, auth headers left out
         self.reset()
@@ -444,10 +516,10 @@ class Simulator:
             return {}
         out: dict[str, str] = {}
         for kind, window in self._windows.items():
-            window.expire(now)
+            remaining, reset = window.advertise(now)
             out[f"x-ratelimit-limit-{kind}"] = f"{window.per_minute:g}"
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(window.capacity - window.used, 0))
-            out[f"x-ratelimit-reset-{kind}"] = _duration(window.reset_in(now))
+            out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+            out[f"x-ratelimit-reset-{kind}"] = _duration(reset)
         return out
 
     async def _generate(self, stream: SocketStream, req: _Request, extra: dict[str, str],
@@ -469,6 +541,12 @@ class Simulator:
                 self._faults["outage"] += 1
             return await fail(500, "The server had an error while processing your request.", "server_error",
                               "server_error")
+        if cfg.lone_429_at is not None and not self._lone_429_sent and self._counts["requests"] >= cfg.lone_429_at:
+            # a gateway's one-off: a bare 429 with only Retry-After, no limit headers, never again
+            self._lone_429_sent = True
+            self._bump("rate_limited")
+            await self._send(stream, 429, {**extra, "retry-after": "1"}, b"Too Many Requests", "text/plain")
+            return True
         if cfg.dialect == "azure-openai":
             # Azure's own answers: the status as the code, the key in `api-key`, a version on every call
             presented = req.headers.get("api-key")
@@ -575,6 +653,7 @@ class Simulator:
                                     **self._limit_headers(now)})
         for kind, window in self._windows.items():
             window.admit(now, 1 if kind == "requests" else n)
+        counted = self._limit_headers(now)  # the count as of this admission, as servers report it
         self._note_accepted(now)
         self._in_flight_images += n
 
@@ -617,7 +696,7 @@ class Simulator:
         answer: dict[str, Any] = {"created": int(time.time()), "data": data}
         if cfg.dialect == "openai":
             answer.update(self._gpt_image_extras(body, prompt, width, height, n))
-        await self._send(stream, 200, {**hdrs, **self._limit_headers(time.monotonic())}, answer)
+        await self._send(stream, 200, {**hdrs, **counted}, answer)
         return True
 
     @staticmethod

@@ -21,6 +21,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from batcher._policy import parse_duration
 from batcher._simulator import SimulatorConfig, _duration, start_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,6 +273,51 @@ def test_advertised_headers_count_down_the_current_window():
         assert first.headers["x-ratelimit-limit-images"] == "600"
         reset = first.headers["x-ratelimit-reset-requests"]  # the oldest entry leaves W = 1 s after admission
         assert reset == "1s" or (reset.endswith("ms") and 500 < int(reset[:-2]) < 1000), reset
+
+
+def test_token_bucket_advertises_a_short_window_and_refills_at_the_rate():
+    # 600 rpm as a bucket of one second's share: 10 tokens, one back every 0.1 s
+    with start_in_thread(SimulatorConfig(rpm=600, limit_style="bucket")) as sim:
+        answers = fire(sim.base_url, [{"model": "m", "prompt": f"p{i}", "size": "8x8"} for i in range(12)])
+        ok = [a for a in answers if a.status_code == 200]
+        assert len(ok) >= 10 and len([a for a in answers if a.status_code == 429]) >= 1
+        remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in ok)
+        assert remaining[0] == 0 and remaining[-1] <= 9  # counted at admission: 9, 8, ... 0
+        drained = [a for a in ok if a.headers["x-ratelimit-remaining-requests"] == "0"][0]
+        reset = drained.headers["x-ratelimit-reset-requests"]  # until full: about one second
+        assert reset == "1s" or (reset.endswith("ms") and 800 < int(reset[:-2]) < 1000), reset
+        rejected = [a for a in answers if a.status_code == 429][0]
+        assert int(rejected.headers["retry-after-ms"]) <= 100  # the next token, not the whole window
+        time.sleep(0.25)  # two tokens back, not a whole window
+        with httpx.Client(timeout=TIMEOUT) as http:
+            assert [gen(http, sim.base_url, size="8x8").status_code for _ in range(2)] == [200, 200]
+
+
+def test_minute_style_headers_count_the_minute_and_enforce_a_seconds_share():
+    with start_in_thread(SimulatorConfig(rpm=600, limit_style="minute")) as sim:
+        answers = fire(sim.base_url, [{"model": "m", "prompt": f"p{i}", "size": "8x8"} for i in range(12)])
+        codes = [a.status_code for a in answers]
+        assert codes.count(200) == 10 and codes.count(429) == 2  # one second's share, as "window"
+        ok = [a for a in answers if a.status_code == 200]
+        remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in ok)
+        assert remaining == list(range(590, 600))  # 600 a minute, 10 used
+        assert all(50 <= parse_duration(a.headers["x-ratelimit-reset-requests"]) <= 60 for a in ok)
+
+
+def test_a_lone_bare_429_comes_once_with_only_retry_after():
+    with start_in_thread(SimulatorConfig(rpm=6000, lone_429_at=3)) as sim, \
+            httpx.Client(timeout=TIMEOUT) as http:
+        answers = [gen(http, sim.base_url, size="8x8") for _ in range(8)]
+        assert [a.status_code for a in answers] == [200, 200, 429, 200, 200, 200, 200, 200]
+        bare = answers[2]
+        assert bare.headers["retry-after"] == "1"
+        assert not [h for h in bare.headers if h.startswith(("x-ratelimit", "retry-after-ms"))]
+        assert sim.stats()["rate_limited"] == 1 and sim.stats()["accepted"] == 7
+
+
+def test_unknown_limit_style_is_refused():
+    with pytest.raises(ValueError, match="limit style"):
+        SimulatorConfig(limit_style="leaky")
 
 
 def test_duration_format_matches_openai():
