@@ -1,0 +1,41 @@
+"""The rate engine end to end, against simulator modes that tell the limit the ways real servers do.
+
+Counts only (no timed assertions): speed is measured in bench/rate.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batcher import RunOptions, load_job, run_sync
+from batcher._simulator import SimulatorConfig, start_in_thread
+
+from helpers import write_job
+
+
+def run_against(tmp: Path, config: SimulatorConfig, items: int, **options) -> tuple[dict, object]:
+    job = load_job(write_job(tmp / "job.yaml", [f"a small red square #{i}" for i in range(items)],
+                             defaults={"size": "8x8"}))
+    with start_in_thread(config) as sim:
+        result = run_sync(job, RunOptions(out=str(tmp / "out"), base_url=sim.base_url, api_key="k",
+                                          timeout=10, **options))
+        stats = sim.stats()
+    return stats, result
+
+
+@pytest.mark.parametrize("style", ["bucket", "minute", "window"])
+def test_a_given_limit_with_advertised_headers_of_any_kind_draws_no_429(tmp_path, style):
+    stats, result = run_against(tmp_path, SimulatorConfig(rpm=1200, limit_style=style), 60,
+                                rpm=1200, concurrency=16)
+    assert result.summary["done"] == 60
+    assert stats["rate_limited"] == 0 and stats["requests"] == 60
+    assert stats["max_window_requests"] <= 20, stats["max_window_requests"]
+
+
+def test_a_lone_bare_429_leaves_the_rate_unlimited(tmp_path):
+    # before the fix, the 20th request's 429 made the sends of the last second (~19) the limit
+    stats, result = run_against(tmp_path, SimulatorConfig(latency_ms=20, lone_429_at=20), 400, concurrency=16)
+    assert result.summary["done"] == 400 and stats["rate_limited"] == 1 and result.rate_limited == 1
+    assert stats["max_window_requests"] >= 60, stats["max_window_requests"]
