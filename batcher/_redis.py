@@ -21,7 +21,9 @@ Keys, per endpoint (`{...}` is a Redis Cluster hash tag: one endpoint's keys sha
     batcher:{EP}:requests    sorted set, a member per granted request, scored by server time (µs)
     batcher:{EP}:images      sorted set, a member per granted image
     batcher:{EP}:pause       server time (µs) until which nobody sends (a 429 seen by anyone)
-    batcher:{EP}:limits      hash kind -> "capacity period_us": a limit advertised or learned
+    batcher:{EP}:limits      hash kind -> "capacity period_us": a limit advertised or learned;
+                             drained:kind -> "next_us until_us interval_us": the server said none
+                             remain, so that kind is paced one unit per interval until `until`
     batcher:{OUT}:claim:ID   the worker token holding item ID of output OUT
 
 EP = sha256(base_url, sha256(api key)[:16], model)[:16]: the key itself never leaves the process.
@@ -48,6 +50,7 @@ import anyio
 
 from ._exceptions import BatcherError
 from ._limiter import Permit, RateLimiter, advertised, window_shape
+from ._policy import MAX_WAIT_S
 
 __all__ = [
     "connect",
@@ -66,8 +69,9 @@ KINDS = ("requests", "images")
 # KEYS: 1 requests zset, 2 images zset, 3 pause-until, 4 limits hash
 # ARGV: 1 member, 2 images to grant (0: only apply what is queued), 3 requests capacity (0: no limit),
 #       4 requests period µs, 5 images capacity, 6 images period µs, 7 margin µs, 8 pause µs from now
-#       (0: none), 9 requests limit to publish ("" none), 10 images limit to publish, 11.. refunds as
-#       member, images pairs
+#       (0: none), 9 requests limit to publish ("" none), 10 images limit to publish, 11 requests drained
+#       ("interval_us reset_us age_us": the server said none remain; "" none), 12 images drained,
+#       13.. refunds as member, images pairs
 # Returns {status, wait µs, requests used, images used, req cap, req period µs, img cap, img period µs}
 # status: 1 granted, 0 wait, 2 nothing asked.
 ACQUIRE_LUA = """
@@ -76,7 +80,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- whole numbers as strings: Lua's default number format keeps only 14 digits
 local function int(x) return string.format('%d', math.floor(x)) end
 local margin = tonumber(ARGV[7])
-for i = 11, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   redis.call('ZREM', KEYS[1], ARGV[i])
   for j = 0, tonumber(ARGV[i + 1]) - 1 do redis.call('ZREM', KEYS[2], ARGV[i] .. ':' .. j) end
 end
@@ -98,6 +102,33 @@ local function shape(field, cap, period)
 end
 local rc, rp = shape('requests', ARGV[3], ARGV[4])
 local ic, ip = shape('images', ARGV[5], ARGV[6])
+-- a drained kind (RateLimiter's Drained): the next unit is earned at `next`, one per `interval`
+-- (0: no rate known, wait for `until`); the refill counts from the send the server answered
+local function drained(kind)
+  local v = redis.call('HGET', KEYS[4], 'drained:' .. kind)
+  if not v then return nil end
+  local nx, un, iv = string.match(v, '^(%d+) (%d+) (%d+)$')
+  if not nx or tonumber(un) <= now then return nil end
+  return {tonumber(nx), tonumber(un), tonumber(iv)}
+end
+local function observe(kind, arg)
+  if arg == '' then return end
+  local iv, reset, age = string.match(arg, '^(%d+) (%d+) (%d+)$')
+  if not iv then return end
+  iv, reset, age = tonumber(iv), tonumber(reset), tonumber(age)
+  local d = drained(kind)
+  if d == nil then d = {now - math.min(age, now) + iv, 0, iv} end
+  d[2], d[3] = math.max(d[2], now + reset), iv
+  redis.call('HSET', KEYS[4], 'drained:' .. kind, int(d[1]) .. ' ' .. int(d[2]) .. ' ' .. int(d[3]))
+end
+observe('requests', ARGV[11])
+observe('images', ARGV[12])
+local function drained_wait(d, cost)
+  if d == nil then return 0 end
+  local ready = d[2]
+  if d[3] > 0 then ready = math.min(d[1] + (math.max(cost, 1) - 1) * d[3], d[2]) end
+  return math.max(ready - now, 0)
+end
 local function window(key, cap, period, cost)
   local horizon = period + margin
   redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - horizon))
@@ -111,8 +142,15 @@ local n = tonumber(ARGV[2])
 local ru, rw = window(KEYS[1], rc, rp, 1)
 local iu, iw = window(KEYS[2], ic, ip, math.max(n, 1))
 if n == 0 then return {2, 0, ru, iu, rc, rp, ic, ip} end
-local wait = math.max(pause - now, rw, iw)
-if wait > 0 then return {0, wait, ru, iu, rc, rp, ic, ip} end
+local rd, id = drained('requests'), drained('images')
+local wait = math.max(pause - now, rw, iw, drained_wait(rd, 1), drained_wait(id, n))
+if wait > 0 then return {0, math.max(wait, 1), ru, iu, rc, rp, ic, ip} end
+for _, e in ipairs({{'requests', rd, 1}, {'images', id, n}}) do
+  local d = e[2]
+  if d ~= nil and d[3] > 0 then
+    redis.call('HSET', KEYS[4], 'drained:' .. e[1], int(d[1] + e[3] * d[3]) .. ' ' .. int(d[2]) .. ' ' .. int(d[3]))
+  end
+end
 redis.call('ZADD', KEYS[1], int(now), ARGV[1])
 for j = 0, n - 1 do redis.call('ZADD', KEYS[2], int(now), ARGV[1] .. ':' .. j) end
 local ttl = int((math.max(rp, ip) + margin) / 1000 + 1000)
@@ -192,15 +230,16 @@ class SharedPermit:
     and the send follows at once; the margin covers the gap. `refund()` removes its members on
     the next round trip."""
 
-    __slots__ = ("_limiter", "images", "member")
+    __slots__ = ("_limiter", "member", "images", "sent_at")
 
     def __init__(self, limiter: SharedRateLimiter, member: str, images: int) -> None:
         self._limiter = limiter
         self.member = member
         self.images = images
+        self.sent_at = anyio.current_time()  # granted by Redis a moment ago; sent right after
 
     def sent(self) -> None:
-        pass
+        self.sent_at = anyio.current_time()
 
     def refund(self) -> None:
         self._limiter._queue_refund(self.member, self.images)
@@ -253,6 +292,8 @@ class SharedRateLimiter:
         self._last_widen = -1e9
         self._refunds: list[tuple[str, int]] = []
         self._publish: dict[str, str] = {}
+        self._drained: dict[str, str] = {}  # kind -> "interval_us reset_us age_us", rides the next trip
+        self._429s: dict[str, deque[float]] = {kind: deque() for kind in KINDS}
         self._pause_queued = False
         self._wake = anyio.Event()
         self._lock = anyio.Lock()  # one acquire at a time talks to Redis: FIFO within the process
@@ -300,7 +341,10 @@ class SharedRateLimiter:
                     self._rejoin()
 
     def pause(self, seconds: float) -> None:
-        """Hold every worker, in every process, for `seconds`."""
+        """Hold every worker, in every process, for `seconds` (finite, at most MAX_WAIT_S)."""
+        if not (math.isfinite(seconds) and seconds > 0):
+            return
+        seconds = min(seconds, MAX_WAIT_S)
         self.pause_until = max(self.pause_until, anyio.current_time() + seconds)
         self._pause_queued = True
         if self.fallback is not None:
@@ -316,26 +360,46 @@ class SharedRateLimiter:
             self._share_locally(kind)
         self._wake.set()
 
-    def observe_headers(self, headers: Mapping[str, str]) -> None:
-        """Adopt and publish limits the server advertises (`x-ratelimit-limit-requests`, `-images`)."""
+    def observe_headers(self, headers: Mapping[str, str], sent_at: float | None = None) -> None:
+        """Adopt and publish limits the server advertises (`x-ratelimit-limit-requests`, `-images`);
+        when it says none remain, every worker paces that kind at the limit's rate until its reset
+        (as `RateLimiter.observe_headers`, the state shared in Redis)."""
+        now = anyio.current_time()
         for kind in KINDS:
-            limit, exhausted_for = advertised(headers, kind)
-            if limit is not None:
-                shape = _shape(limit)
+            said = advertised(headers, kind)
+            if said.limit is not None:
+                shape = _shape(said.limit)
                 current = self.shapes[kind]
                 stricter = current[0] == 0 or shape[0] / shape[1] < current[0] / current[1]
                 if shape != current and (self.source[kind] != "configured" or stricter):
-                    self.set_limit(kind, limit)
+                    self.set_limit(kind, said.limit)
                     self.source[kind] = "advertised"
-            if exhausted_for is not None:
-                self.pause(exhausted_for)
+            if said.exhausted:
+                capacity, period_us = self.shapes[kind]
+                interval = period_us / 1e6 / capacity if capacity else (60.0 / said.limit if said.limit else None)
+                if said.reset is None and interval is None:
+                    continue  # nothing usable: no rate to pace at, no time to wait for
+                reset = said.reset if said.reset is not None else MAX_WAIT_S
+                age = max(0.0, now - sent_at) if sent_at is not None else 0.0
+                self._drained[kind] = f"{round((interval or 0.0) * 1e6)} {round(reset * 1e6)} {round(age * 1e6)}"
+                if self.fallback is not None:
+                    self.fallback.observe_headers(headers, sent_at)
+                self._wake.set()
 
     def on_rate_limited(self, retry_after: float | None, kind: str = "requests", images: int = 1) -> None:
-        """A 429: pause every worker; with no known limit, what all workers sent in the last
-        window (as of the last round trip) becomes the shared learned limit."""
+        """A 429: pause every worker; with no known limit and evidence (RateLimiter.LEARN_AFTER 429s
+        in this process within LEARN_SPAN_S: one 429 is not a measurement), what all workers sent
+        in the last window (as of the last round trip) becomes the shared learned limit."""
         kind = kind if kind in KINDS else "requests"
+        now = anyio.current_time()
         self.rejections += 1
         self.pause(retry_after if retry_after is not None else 1.0)
+        seen = self._429s[kind]
+        seen.append(now)
+        while seen and seen[0] < now - RateLimiter.LEARN_SPAN_S:
+            seen.popleft()
+        if self.source[kind] is None and len(seen) < RateLimiter.LEARN_AFTER:
+            return
         if self.source[kind] is None:
             self.set_limit(kind, 60.0 * max(1, self.used[kind] - 1))  # minus the send just refused
             self.source[kind] = "learned"
@@ -350,13 +414,13 @@ class SharedRateLimiter:
         self._wake.set()
 
     async def _trip(self, member: str, images: int) -> list[int]:
-        refunds, publish = list(self._refunds), dict(self._publish)
+        refunds, publish, drained = list(self._refunds), dict(self._publish), dict(self._drained)
         pause_s = max(0.0, self.pause_until - anyio.current_time()) if self._pause_queued else 0.0
         args: list[Any] = [member, images]
         for kind in KINDS:
             args += list(self._configured[kind])
         args += [round(self.margin * 1e6), round(pause_s * 1e6), publish.get("requests", ""),
-                 publish.get("images", "")]
+                 publish.get("images", ""), drained.get("requests", ""), drained.get("images", "")]
         for refund in refunds:
             args += list(refund)
         with anyio.fail_after(self.timeout * 2):  # socket timeouts bound it already; this is a backstop
@@ -367,6 +431,9 @@ class SharedRateLimiter:
         for kind, value in publish.items():
             if self._publish.get(kind) == value:
                 del self._publish[kind]
+        for kind, value in drained.items():
+            if self._drained.get(kind) == value:
+                del self._drained[kind]
         if pause_s or self.pause_until <= anyio.current_time():
             self._pause_queued = False
         self.used = {"requests": int(reply[2]), "images": int(reply[3])}

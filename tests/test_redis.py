@@ -164,7 +164,9 @@ def test_a_limit_is_learned_from_all_workers_sends_and_shared():
         for _ in range(5):
             await b.acquire()
         assert b.used["requests"] == 11
-        b.on_rate_limited(None)  # the 11th send was refused: 10 per second is the limit
+        b.on_rate_limited(None)  # the 11th send was refused...
+        assert b.source["requests"] is None  # ...one 429 is not a measurement
+        b.on_rate_limited(None)  # a second within the span: evidence; 10 per second is the limit
         assert b.source["requests"] == "learned"
         await b.flush()
         await a.flush()
@@ -182,6 +184,62 @@ def test_advertised_limits_are_adopted_and_published():
         await a.flush()
         await b.flush()
         assert b.shapes["requests"] == (5, 1_000_000)
+
+    anyio.run(main)
+
+
+def test_a_lone_429_pauses_every_worker_and_teaches_nothing():
+    async def main():
+        r = fake()
+        a, b = limiter(r), limiter(r)
+        for _ in range(5):
+            await a.acquire()
+        a.on_rate_limited(1.0)
+        await a.flush()
+        assert a.source["requests"] is None and a.shapes["requests"][0] == 0
+        status, wait_us = (await b._trip("b-probe", 1))[:2]
+        assert status == 0 and 0.9e6 < wait_us <= 1.0e6  # its retry-after, for everyone
+        a.on_rate_limited(float("nan"))  # a hostile figure is no pause at all (and no evidence yet)
+        assert a.pause_until < anyio.current_time() + 1.0
+
+    anyio.run(main)
+
+
+def drained(limit="3000", reset="1s", kind="requests"):
+    return {f"x-ratelimit-limit-{kind}": limit, f"x-ratelimit-remaining-{kind}": "0",
+            f"x-ratelimit-reset-{kind}": reset}
+
+
+def test_remaining_zero_paces_every_worker_at_the_limits_rate_not_the_whole_reset():
+    async def main():
+        r = fake()
+        a, b = limiter(r, rpm=600), limiter(r, rpm=600)  # 10 per second: one per 100 ms
+        permit = await a.acquire()
+        a.observe_headers(drained(limit="600", reset="1s"), sent_at=permit.sent_at)
+        await a.flush()
+        raw = (await r.hget("batcher:{ep}:limits", "drained:requests")).decode()
+        nxt, until, interval = map(int, raw.split())
+        assert interval == 100_000 and until - nxt > 800_000  # paced until the reset, ~1 s away
+        status, wait_us = (await b._trip("b1", 1))[:2]
+        assert status == 0 and 0 < wait_us <= 100_000  # the next permit at 10/s, not the reset
+        await anyio.sleep(wait_us / 1e6 + 0.01)
+        assert (await b._trip("b2", 1))[0] == 1  # earned: granted...
+        status, wait_us = (await a._trip("a2", 1))[:2]
+        assert status == 0 and 50_000 < wait_us <= 100_000  # ...and the one after is 100 ms later, for a too
+
+    anyio.run(main)
+
+
+def test_remaining_zero_waits_at_most_the_reset_and_counts_images():
+    async def main():
+        r = fake()
+        a = limiter(r, ipm=600)  # 10 images per second
+        a.observe_headers(drained(limit="600", reset="150ms", kind="images"))
+        await a.flush()
+        status, wait_us = (await a._trip("x", 4))[:2]
+        assert status == 0 and 100_000 < wait_us <= 150_000  # 4 images at 10/s is 0.4 s, capped by the reset
+        status, wait_us = (await a._trip("y", 1))[:2]
+        assert status == 0 and 0 < wait_us <= 100_000  # one image: 0.1 s
 
     anyio.run(main)
 
