@@ -38,7 +38,7 @@ def test_window_wait_time_counts_costs():
 
 
 def test_first_second_share_at_once_then_sliding(clock):
-    limiter = RateLimiter(rpm=3000, clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter = RateLimiter(rpm=3000, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
     times: list[float] = []
 
     async def main():
@@ -55,7 +55,7 @@ def test_first_second_share_at_once_then_sliding(clock):
 
 
 def test_images_per_minute_counts_n(clock):
-    limiter = RateLimiter(ipm=600, clock=clock, sleep=clock.sleep, margin=0.0)  # 10 images/s
+    limiter = RateLimiter(ipm=600, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)  # 10 images/s
     times = []
 
     async def main():
@@ -114,7 +114,7 @@ def grant_times(limiter, clock, count, images=1):
 
 def test_remaining_zero_waits_for_the_permit_needed_not_the_whole_reset(clock):
     # a token bucket of one second's share: 3000 rpm advertises remaining 0..50 and reset <= 1 s
-    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
     limiter.observe_headers(drained_headers(reset="1s"))
     assert limiter.pause_until == 0.0  # no pool-wide stop for the reset
     assert limiter.wait_time(1) == pytest.approx(0.02)  # one permit at 50/s: 1 / 50 s
@@ -123,7 +123,7 @@ def test_remaining_zero_waits_for_the_permit_needed_not_the_whole_reset(clock):
 
 
 def test_remaining_zero_counts_the_refill_from_the_send_of_that_request(clock):
-    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
     # the answer took 0.3 s: the server counted the request (and began refilling) when it was sent
     limiter.observe_headers(drained_headers(reset="1s"), sent_at=clock.now - 0.31)
     assert limiter.wait_time(1) == 0.0
@@ -133,7 +133,7 @@ def test_remaining_zero_counts_the_refill_from_the_send_of_that_request(clock):
 
 
 def test_remaining_zero_waits_at_most_the_reset(clock):
-    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
     limiter.observe_headers(drained_headers(limit="600", reset="250ms"))  # 10/s: 0.1 s per permit
     times = grant_times(limiter, clock, 4)
     # 0.1, 0.2, then the reset (0.25 s): the bucket is whole again and the window takes over
@@ -142,7 +142,7 @@ def test_remaining_zero_waits_at_most_the_reset(clock):
 
 def test_a_full_minute_count_at_zero_paces_at_the_rate_instead_of_stopping_a_minute(clock):
     # OpenAI style: remaining counts the minute, reset up to 60 s
-    limiter = RateLimiter(rpm=3000, clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter = RateLimiter(rpm=3000, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
     limiter.observe_headers(drained_headers(reset="59.5s"))
     times = grant_times(limiter, clock, 100)
     assert times[-1] - 1000.0 == pytest.approx(2.0)  # 100 at 50/s, not a 59.5 s stop
@@ -150,7 +150,7 @@ def test_a_full_minute_count_at_zero_paces_at_the_rate_instead_of_stopping_a_min
 
 
 def test_images_remaining_zero_waits_for_the_images_needed(clock):
-    limiter = RateLimiter(ipm=600, clock=clock, sleep=clock.sleep, margin=0.0)  # 10 images/s
+    limiter = RateLimiter(ipm=600, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)  # 10 images/s
     limiter.observe_headers(drained_headers("images", limit="600", reset="1s"))
     assert limiter.wait_time(4) == pytest.approx(0.4)  # 4 images at 10/s
     assert limiter.wait_time(1) == pytest.approx(0.1)
@@ -199,7 +199,7 @@ def test_several_429s_in_a_window_are_evidence(clock):
 
 
 def test_a_limit_learned_too_low_recovers_multiplicatively(clock):
-    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
     limiter.requests.capacity, limiter.requests.period, limiter.source["requests"] = 8, 1.0, "learned"
     limiter._last_429 = clock.now  # learned from 429s just now
     times = grant_times(limiter, clock, 2000)
@@ -209,7 +209,7 @@ def test_a_limit_learned_too_low_recovers_multiplicatively(clock):
 
 
 def test_a_failed_probe_goes_back_and_sets_a_ceiling(clock):
-    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
     limiter.requests.capacity, limiter.requests.period, limiter.source["requests"] = 40, 1.0, "learned"
     limiter._last_429 = clock.now  # learned from 429s just now
     grant_times(limiter, clock, 125)
@@ -238,7 +238,7 @@ def test_learns_limit_from_429s_without_headers(clock):
 
 
 def test_learned_limit_probes_upward_after_clean_windows(clock):
-    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
     limiter.requests.capacity, limiter.source["requests"] = 5, "learned"
 
     async def main():
@@ -286,7 +286,7 @@ def test_concurrency_halves_on_server_trouble_and_grows_back(clock):
 
 
 def test_refund_gives_a_rejected_send_back(clock):
-    limiter = RateLimiter(rpm=120, clock=clock, sleep=clock.sleep, margin=0.0)  # 2 per second
+    limiter = RateLimiter(rpm=120, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)  # 2 per second
 
     async def main():
         await limiter.acquire()
@@ -300,8 +300,15 @@ def test_refund_gives_a_rejected_send_back(clock):
     anyio.run(main)
 
 
+def test_the_first_windows_sends_count_a_cold_start_late(clock):
+    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.0)  # 1 per second, COLD_S 0.1
+    times = grant_times(limiter, clock, 3)
+    # new connections and cold code: the server counts the first send up to COLD_S after sent()
+    assert [t - 1000.0 for t in times] == pytest.approx([0.0, 1.0 + RateLimiter.COLD_S, 2.0 + RateLimiter.COLD_S])
+
+
 def test_sent_moves_the_entry_to_the_real_send(clock):
-    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.0)  # 1 per second
+    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)  # 1 per second
 
     async def main():
         permit = await limiter.acquire()
