@@ -71,7 +71,7 @@ KINDS = ("requests", "images")
 #       4 requests period µs, 5 images capacity, 6 images period µs, 7 margin µs, 8 pause µs from now
 #       (0: none), 9 requests limit to publish ("" none), 10 images limit to publish, 11 requests drained
 #       ("interval_us reset_us age_us": the server said none remain; "" none), 12 images drained,
-#       13.. refunds as member, images pairs
+#       13 µs to stamp this grant late (a cold start, RateLimiter.COLD_S), 14.. refunds as member, images pairs
 # Returns {status, wait µs, requests used, images used, req cap, req period µs, img cap, img period µs}
 # status: 1 granted, 0 wait, 2 nothing asked.
 ACQUIRE_LUA = """
@@ -80,7 +80,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- whole numbers as strings: Lua's default number format keeps only 14 digits
 local function int(x) return string.format('%d', math.floor(x)) end
 local margin = tonumber(ARGV[7])
-for i = 13, #ARGV, 2 do
+for i = 14, #ARGV, 2 do
   redis.call('ZREM', KEYS[1], ARGV[i])
   for j = 0, tonumber(ARGV[i + 1]) - 1 do redis.call('ZREM', KEYS[2], ARGV[i] .. ':' .. j) end
 end
@@ -151,9 +151,10 @@ for _, e in ipairs({{'requests', rd, 1}, {'images', id, n}}) do
     redis.call('HSET', KEYS[4], 'drained:' .. e[1], int(d[1] + e[3] * d[3]) .. ' ' .. int(d[2]) .. ' ' .. int(d[3]))
   end
 end
-redis.call('ZADD', KEYS[1], int(now), ARGV[1])
-for j = 0, n - 1 do redis.call('ZADD', KEYS[2], int(now), ARGV[1] .. ':' .. j) end
-local ttl = int((math.max(rp, ip) + margin) / 1000 + 1000)
+local at = now + tonumber(ARGV[13])
+redis.call('ZADD', KEYS[1], int(at), ARGV[1])
+for j = 0, n - 1 do redis.call('ZADD', KEYS[2], int(at), ARGV[1] .. ':' .. j) end
+local ttl = int((math.max(rp, ip) + margin + tonumber(ARGV[13])) / 1000 + 1000)
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[4], 600000)
@@ -294,6 +295,7 @@ class SharedRateLimiter:
         self._publish: dict[str, str] = {}
         self._drained: dict[str, str] = {}  # kind -> "interval_us reset_us age_us", rides the next trip
         self._429s: dict[str, deque[float]] = {kind: deque() for kind in KINDS}
+        self._first_grant: float | None = None  # local clock: this process's first send is cold
         self._pause_queued = False
         self._wake = anyio.Event()
         self._lock = anyio.Lock()  # one acquire at a time talks to Redis: FIFO within the process
@@ -419,8 +421,13 @@ class SharedRateLimiter:
         args: list[Any] = [member, images]
         for kind in KINDS:
             args += list(self._configured[kind])
+        now = anyio.current_time()
+        if self._first_grant is None and images:
+            self._first_grant = now
+        cold = images and now - (self._first_grant or now) < 1.0  # this process's first second
         args += [round(self.margin * 1e6), round(pause_s * 1e6), publish.get("requests", ""),
-                 publish.get("images", ""), drained.get("requests", ""), drained.get("images", "")]
+                 publish.get("images", ""), drained.get("requests", ""), drained.get("images", ""),
+                 round(RateLimiter.COLD_S * 1e6) if cold else 0]
         for refund in refunds:
             args += list(refund)
         with anyio.fail_after(self.timeout * 2):  # socket timeouts bound it already; this is a backstop

@@ -16,7 +16,7 @@ import pytest
 fakeredis = pytest.importorskip("fakeredis", reason="fakeredis[lua] is in the test extra")
 pytest.importorskip("lupa", reason="fakeredis needs lupa (fakeredis[lua]) to run Lua scripts")
 
-from batcher._limiter import Permit, window_shape  # noqa: E402
+from batcher._limiter import Permit, RateLimiter, window_shape  # noqa: E402
 from batcher._redis import (  # noqa: E402
     ClaimStore,
     SharedPermit,
@@ -90,7 +90,7 @@ def test_a_windows_share_is_granted_then_the_next_send_waits():
             assert isinstance(await lim.acquire(), SharedPermit)
         assert lim.used["requests"] == capacity
         status, wait_us = (await lim._trip("probe", 1))[:2]
-        assert status == 0 and 0 < wait_us <= (period + lim.margin) * 1e6
+        assert status == 0 and 0 < wait_us <= (period + lim.margin + RateLimiter.COLD_S) * 1e6  # first: cold
         assert await r.zcard("batcher:{ep}:requests") == capacity
 
     anyio.run(main)
@@ -184,6 +184,23 @@ def test_advertised_limits_are_adopted_and_published():
         await a.flush()
         await b.flush()
         assert b.shapes["requests"] == (5, 1_000_000)
+
+    anyio.run(main)
+
+
+def test_a_processs_first_second_of_grants_is_stamped_cold():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=6000)
+        await lim.acquire()
+        sec, usec = await r.time()
+        (_, first), = await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
+        assert 0.05e6 < first - (sec * 1e6 + usec) <= RateLimiter.COLD_S * 1e6  # counted COLD_S late
+        lim._first_grant = anyio.current_time() - 2.0  # warm now
+        await lim.acquire()
+        sec, usec = await r.time()
+        scores = [s for _, s in await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)]
+        assert min(scores) <= sec * 1e6 + usec  # as granted
 
     anyio.run(main)
 
