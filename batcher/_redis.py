@@ -405,9 +405,12 @@ class SharedRateLimiter:
         if self.source[kind] is None:
             self.set_limit(kind, 60.0 * max(1, self.used[kind] - 1))  # minus the send just refused
             self.source[kind] = "learned"
-        elif anyio.current_time() - self._last_widen >= 1.0:
-            self._last_widen = anyio.current_time()
-            self.margin = min(self.MAX_MARGIN_S, self.margin + 0.005)  # the trip needs more slack
+        elif now - self._last_widen >= 1.0:
+            # once per second: the trip needs more slack; a server that says how early it was
+            # (retry-after of a few ms) says by how much
+            self._last_widen = now
+            early = retry_after if retry_after is not None and retry_after < 0.1 else 0.0
+            self.margin = min(self.MAX_MARGIN_S, self.margin + max(0.005, early))
 
     # -- Redis ---------------------------------------------------------------------------------
 
