@@ -71,7 +71,8 @@ KINDS = ("requests", "images")
 #       4 requests period µs, 5 images capacity, 6 images period µs, 7 margin µs, 8 pause µs from now
 #       (0: none), 9 requests limit to publish ("" none), 10 images limit to publish, 11 requests drained
 #       ("interval_us reset_us age_us": the server said none remain; "" none), 12 images drained,
-#       13 µs to stamp this grant late (a cold start, RateLimiter.COLD_S), 14.. refunds as member, images pairs
+#       13 µs to stamp this grant late (a cold start, RateLimiter.COLD_S), 14 restamps "member images µs ..."
+#       (granted sends that left late: their members move that much later), 15.. refunds as member, images pairs
 # Returns {status, wait µs, requests used, images used, req cap, req period µs, img cap, img period µs}
 # status: 1 granted, 0 wait, 2 nothing asked.
 ACQUIRE_LUA = """
@@ -80,9 +81,13 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- whole numbers as strings: Lua's default number format keeps only 14 digits
 local function int(x) return string.format('%d', math.floor(x)) end
 local margin = tonumber(ARGV[7])
-for i = 14, #ARGV, 2 do
+for i = 15, #ARGV, 2 do
   redis.call('ZREM', KEYS[1], ARGV[i])
   for j = 0, tonumber(ARGV[i + 1]) - 1 do redis.call('ZREM', KEYS[2], ARGV[i] .. ':' .. j) end
+end
+for m, k, d in string.gmatch(ARGV[14], '(%S+) (%d+) (%d+)') do
+  redis.call('ZADD', KEYS[1], 'XX', 'INCR', d, m)  -- XX: a refunded or expired member stays gone
+  for j = 0, tonumber(k) - 1 do redis.call('ZADD', KEYS[2], 'XX', 'INCR', d, m .. ':' .. j) end
 end
 local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
 local p = tonumber(ARGV[8])
@@ -227,9 +232,9 @@ def _shape(per_minute: float | None) -> tuple[int, int]:
 
 
 class SharedPermit:
-    """A send granted by Redis. `sent()` is a no-op: the grant is stamped with the server's clock
-    and the send follows at once; the margin covers the gap. `refund()` removes its members on
-    the next round trip."""
+    """A send granted by Redis, stamped with Redis's clock. `sent()` moves its members later by
+    however long the worker took to send it (with the next round trip); `refund()` removes them
+    on the next round trip."""
 
     __slots__ = ("_limiter", "member", "images", "sent_at")
 
@@ -240,7 +245,13 @@ class SharedPermit:
         self.sent_at = anyio.current_time()  # granted by Redis a moment ago; sent right after
 
     def sent(self) -> None:
-        self.sent_at = anyio.current_time()
+        """The request leaves now: if that is later than the grant (a busy worker), its members
+        move as late, with the next round trip, so no worker's next window lands early."""
+        now = anyio.current_time()
+        late = now - self.sent_at
+        self.sent_at = now
+        if late >= 0.001:
+            self._limiter._queue_restamp(self.member, self.images, late)
 
     def refund(self) -> None:
         self._limiter._queue_refund(self.member, self.images)
@@ -296,6 +307,7 @@ class SharedRateLimiter:
         self._drained: dict[str, str] = {}  # kind -> "interval_us reset_us age_us", rides the next trip
         self._429s: dict[str, deque[float]] = {kind: deque() for kind in KINDS}
         self._first_grant: float | None = None  # local clock: this process's first send is cold
+        self._restamps: list[str] = []
         self._pause_queued = False
         self._wake = anyio.Event()
         self._lock = anyio.Lock()  # one acquire at a time talks to Redis: FIFO within the process
@@ -414,12 +426,16 @@ class SharedRateLimiter:
 
     # -- Redis ---------------------------------------------------------------------------------
 
+    def _queue_restamp(self, member: str, images: int, late: float) -> None:
+        self._restamps.append(f"{member} {images} {round(late * 1e6)}")  # rides the next trip, no wake
+
     def _queue_refund(self, member: str, images: int) -> None:
         self._refunds.append((member, images))  # kept through an outage: sent when Redis is back
         self._wake.set()
 
     async def _trip(self, member: str, images: int) -> list[int]:
         refunds, publish, drained = list(self._refunds), dict(self._publish), dict(self._drained)
+        restamps = self._restamps[:200]  # bounded: a trip's arguments stay small
         pause_s = max(0.0, self.pause_until - anyio.current_time()) if self._pause_queued else 0.0
         args: list[Any] = [member, images]
         for kind in KINDS:
@@ -430,7 +446,7 @@ class SharedRateLimiter:
         cold = images and now - (self._first_grant or now) < 1.0  # this process's first second
         args += [round(self.margin * 1e6), round(pause_s * 1e6), publish.get("requests", ""),
                  publish.get("images", ""), drained.get("requests", ""), drained.get("images", ""),
-                 round(RateLimiter.COLD_S * 1e6) if cold else 0]
+                 round(RateLimiter.COLD_S * 1e6) if cold else 0, " ".join(restamps)]
         for refund in refunds:
             args += list(refund)
         with anyio.fail_after(self.timeout * 2):  # socket timeouts bound it already; this is a backstop
@@ -438,6 +454,7 @@ class SharedRateLimiter:
         self.round_trips += 1
         # what went out is applied: forget exactly that (more may have been queued meanwhile)
         del self._refunds[:len(refunds)]
+        del self._restamps[:len(restamps)]
         for kind, value in publish.items():
             if self._publish.get(kind) == value:
                 del self._publish[kind]

@@ -205,6 +205,26 @@ def test_a_processs_first_second_of_grants_is_stamped_cold():
     anyio.run(main)
 
 
+def test_a_send_that_leaves_late_moves_its_members_as_late():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=6000, ipm=6000)
+        lim._first_grant = anyio.current_time() - 2.0  # warm: no cold stamp
+        permit = await lim.acquire(2)
+        before = dict(await r.zrange("batcher:{ep}:images", 0, -1, withscores=True))
+        await anyio.sleep(0.05)  # a busy worker: the send leaves 50 ms after the grant
+        permit.sent()
+        await lim.flush()
+        (_, req), = await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
+        after = dict(await r.zrange("batcher:{ep}:images", 0, -1, withscores=True))
+        assert all(after[m] - before[m] >= 50_000 for m in before) and req == max(after.values())
+        permit.refund()  # refunded after a restamp: gone for good
+        await lim.flush()
+        assert await r.zcard("batcher:{ep}:requests") == 0 and await r.zcard("batcher:{ep}:images") == 0
+
+    anyio.run(main)
+
+
 def test_a_lone_429_pauses_every_worker_and_teaches_nothing():
     async def main():
         r = fake()
