@@ -3,6 +3,7 @@
     .venv/bin/python bench/shards.py                 # rows 1-5 (about 2 minutes)
     .venv/bin/python bench/shards.py --rows 1,2      # a subset
     .venv/bin/python bench/shards.py --s3            # also 4 workers writing to a moto S3 server
+    .venv/bin/python bench/shards.py --rows 1,7,8    # one limit, the simulator advertising it 3 ways
 
 Rows (600 PartiPrompts items, each made unique with " #i", 64x64, `plan --shards 4` first):
 
@@ -19,6 +20,8 @@ Rows (600 PartiPrompts items, each made unique with " #i", 64x64, `plan --shards
 4. row 1 with redis-server SIGKILLed (by its PID) mid-run.
 5. limiter acquire latency (bench/shared_limit.py's measurement), and the modules a local
    (unsharded, no limiter) run imports (`python -X importtime`): neither redis nor s3fs.
+7, 8. row 1 with the simulator's `--limit-style bucket` (a token bucket of one second's share:
+   remaining 0..50, reset ≤ 1 s) and `--limit-style minute` (OpenAI's minute counts); not by default.
 
 Makespan is from the first attempt any worker journaled (just before its send) to the last
 item record (after its image was published), read from the output's merged journal segments;
@@ -325,11 +328,12 @@ def fill_common(row: Row, sim: Simulator, out: str, workers: list[Worker]) -> di
 
 def scenario_shared(name: str, work: Path, job: Path, ids: set[str], redis: RedisServer,
                     out: str | None = None, env_extra: dict[str, str] | None = None,
-                    kill_redis_after: float | None = None) -> Row:
-    """Rows 1 and 4 (and the S3 row): 4 workers, one limit; optionally redis-server killed."""
+                    kill_redis_after: float | None = None, sim_extra: list[str] | None = None) -> Row:
+    """Rows 1, 4, 7, 8 (and the S3 row): 4 workers, one limit; optionally redis-server killed, or
+    the simulator advertising its limit another way (`sim_extra`: --limit-style bucket|minute)."""
     row = Row(name)
     out = out or str(work / "out")
-    with Simulator(sim_args(), work / "simulator.log") as sim:
+    with Simulator(sim_args() + (sim_extra or []), work / "simulator.log") as sim:
         plan(job, out, work, env=_env(env_extra))
         workers = [Worker(f"w{i}", worker_cmd(job, out, f"{i}/{SHARDS}", sim, redis.url), work, env_extra=env_extra)
                    for i in range(SHARDS)]
@@ -556,7 +560,7 @@ def scenario_s3(work: Path, job: Path, ids: set[str], redis: RedisServer) -> Row
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,2,3,4,5", help="comma-separated rows (1-5)")
+    ap.add_argument("--rows", default="1,2,3,4,5", help="comma-separated rows (1-5, 7, 8)")
     ap.add_argument("--s3", action="store_true", help="also row 6: row 1 with OUT on a moto S3 server")
     ap.add_argument("--kill-redis-after", type=float, default=6.0,
                     help="row 4: seconds after spawning the workers to SIGKILL redis-server")
@@ -598,6 +602,10 @@ def main() -> int:
             step(6, lambda: scenario_s3(work("r6"), job, ids, redis))
         step(4, lambda: scenario_shared("4. redis-server killed mid-run", work("r4"), job, ids, redis,
                                         kill_redis_after=args.kill_redis_after))
+        step(7, lambda: scenario_shared("7. row 1, token-bucket headers", work("r7"), job, ids, redis,
+                                        sim_extra=["--limit-style", "bucket"]))
+        step(8, lambda: scenario_shared("8. row 1, minute headers", work("r8"), job, ids, redis,
+                                        sim_extra=["--limit-style", "minute"]))
     finally:
         redis.stop()
         if not args.keep:
