@@ -85,7 +85,7 @@ class Drained:
     >>> d.wait(10.0, cost=1)   # 0: the permit was earned 0.28 s ago (counted from the send)
     """
 
-    __slots__ = ("next_free", "interval", "until")
+    __slots__ = ("interval", "next_free", "until")
 
     def __init__(self) -> None:
         self.next_free = 0.0
@@ -182,7 +182,7 @@ class Permit:
     """A granted send. `sent()` moves its window entries to the moment it really leaves;
     `refund()` gives them back when the server rejected it (a 429 is not counted there)."""
 
-    __slots__ = ("_clock", "_entries", "sent_at", "_late")
+    __slots__ = ("_clock", "_entries", "_late", "sent_at")
 
     def __init__(self, clock: Clock, *entries: tuple[Window, list], late: float = 0.0) -> None:
         self._clock = clock
@@ -359,7 +359,7 @@ class RateLimiter:
             if said.limit is not None:
                 capacity, period = window_shape(said.limit)
                 if self.source[kind] in (None, "learned", "advertised") or (
-                    capacity / period < window.capacity / window.period  # a stricter server wins
+                    window.capacity is None or capacity / period < window.capacity / window.period  # stricter wins
                 ):
                     if self.source[kind] != "advertised" or (capacity, period) != (window.capacity, window.period):
                         window.capacity, window.period = capacity, period

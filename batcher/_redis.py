@@ -236,7 +236,7 @@ class SharedPermit:
     however long the worker took to send it (with the next round trip); `refund()` removes them
     on the next round trip."""
 
-    __slots__ = ("_limiter", "member", "images", "sent_at")
+    __slots__ = ("_limiter", "images", "member", "sent_at")
 
     def __init__(self, limiter: SharedRateLimiter, member: str, images: int) -> None:
         self._limiter = limiter

@@ -214,7 +214,8 @@ class _MinuteCount(_Window):
         return remaining, (self.minute[-1][0] + 60.0 - now if self.minute else 0.0)
 
 
-_LIMITS = {"window": _Window, "bucket": _Bucket, "minute": _MinuteCount}
+_Limit = _Window | _Bucket
+_LIMITS: dict[str, type[_Window] | type[_Bucket]] = {"window": _Window, "bucket": _Bucket, "minute": _MinuteCount}
 
 
 def _duration(seconds: float) -> str:
@@ -280,7 +281,7 @@ class Simulator:
         self._rng = random.Random(config.seed)
         self._lock = threading.Lock()  # stats() is read from other threads
         style = _LIMITS[config.limit_style]
-        self._windows = {kind: style(limit) for kind, limit in (("requests", config.rpm),
+        self._windows: dict[str, _Limit] = {kind: style(limit) for kind, limit in (("requests", config.rpm),
                                                                 ("images", config.ipm)) if limit}
         self._in_flight_images = 0  # admitted, not yet generated: reserved against the quota
         self._image_counter = 0

@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import write_job
 
 from batcher import RunOptions, load_job, run_sync
 from batcher._simulator import SimulatorConfig, start_in_thread
-
-from helpers import write_job
 
 
 def run_against(tmp: Path, config: SimulatorConfig, items: int, **options) -> tuple[dict, object]:

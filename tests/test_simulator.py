@@ -283,10 +283,10 @@ def test_token_bucket_advertises_a_short_window_and_refills_at_the_rate():
         assert len(ok) >= 10 and len([a for a in answers if a.status_code == 429]) >= 1
         remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in ok)
         assert remaining[0] == 0 and remaining[-1] <= 9  # counted at admission: 9, 8, ... 0
-        drained = [a for a in ok if a.headers["x-ratelimit-remaining-requests"] == "0"][0]
+        drained = next(a for a in ok if a.headers["x-ratelimit-remaining-requests"] == "0")
         reset = drained.headers["x-ratelimit-reset-requests"]  # until full: about one second
         assert reset == "1s" or (reset.endswith("ms") and 800 < int(reset[:-2]) < 1000), reset
-        rejected = [a for a in answers if a.status_code == 429][0]
+        rejected = next(a for a in answers if a.status_code == 429)
         assert int(rejected.headers["retry-after-ms"]) <= 100  # the next token, not the whole window
         time.sleep(0.25)  # two tokens back, not a whole window
         with httpx.Client(timeout=TIMEOUT) as http:
