@@ -223,6 +223,8 @@ class RateLimiter:
     # connections, would land early and draw a 429 for most of its share. Counting the first
     # window's sends COLD_S late costs COLD_S once per run.
     COLD_S = 0.1
+    CALM_WINDOWS = 5  # clean windows before a widened margin starts to shrink back
+    NARROW_STEP_S = 0.005  # ...by this much per window
 
     def __init__(
         self,
@@ -239,7 +241,9 @@ class RateLimiter:
         self.cold_s = self.COLD_S if cold_s is None else cold_s
         self._sleep = sleep
         self.margin = margin  # slack for the trip to the server; grows if a 429 proves it short
+        self.base_margin = margin  # ...and shrinks back toward this after clean windows
         self.max_margin = max_margin
+        self._last_narrow = -1e9
         self.requests = Window(*window_shape(rpm)) if rpm else Window()
         self.images = Window(*window_shape(ipm)) if ipm else Window()
         # where each limit came from: "configured", "advertised", "learned" or None (unknown)
@@ -318,6 +322,7 @@ class RateLimiter:
         self.drained["requests"].grant(now, 1)
         self.drained["images"].grant(now, images)
         self._maybe_probe(now)
+        self._maybe_narrow(now)
         return permit
 
     def _dispatch(self) -> None:
@@ -419,6 +424,16 @@ class RateLimiter:
             self._ceiling[kind] = min(self._ceiling[kind], capacity)
             window.capacity = max(1, capacity - 1)
             self._429s[kind].clear()  # this evidence is spent
+
+    def _maybe_narrow(self, now: float) -> None:
+        """A margin widened by 429s shrinks back by one step per clean window after CALM_WINDOWS:
+        a load spike's slack should not cost every window of the rest of the run."""
+        if self.margin <= self.base_margin:
+            return
+        period = self.requests.period if self.requests.capacity else self.images.period
+        if now - self._last_429 >= self.CALM_WINDOWS * period and now - self._last_narrow >= period:
+            self._last_narrow = now
+            self.margin = max(self.base_margin, self.margin - self.NARROW_STEP_S)
 
     def _maybe_probe(self, now: float) -> None:
         """Raise a learned limit that held clean for a few windows while it was the bottleneck."""

@@ -285,6 +285,9 @@ class SharedRateLimiter:
         # twice RateLimiter's: a grant is stamped by Redis before the send, and the gap to the
         # server varies more across processes than within one (see bench/shared_limit.py)
         self.margin = margin
+        self.base_margin = margin  # a margin widened by 429s shrinks back to this (RateLimiter's rule)
+        self._last_429 = -1e9
+        self._last_narrow = -1e9
         self.timeout = timeout
         self._prefix = f"batcher:{{{endpoint}}}:"
         self._keys = [self._prefix + "requests", self._prefix + "images", self._prefix + "pause",
@@ -339,6 +342,7 @@ class SharedRateLimiter:
                 status, wait_us = int(reply[0]), int(reply[1])
                 if status == 1:
                     self._remember(images)
+                    self._maybe_narrow()
                     return SharedPermit(self, member, images)
                 with anyio.move_on_after(min(wait_us / 1e6, self.MAX_WAIT_S)):
                     await self._wake.wait()  # a pause, refund or limit queued here goes out at once
@@ -406,6 +410,7 @@ class SharedRateLimiter:
         in the last window (as of the last round trip) becomes the shared learned limit."""
         kind = kind if kind in KINDS else "requests"
         now = anyio.current_time()
+        self._last_429 = now
         self.rejections += 1
         self.pause(retry_after if retry_after is not None else 1.0)
         seen = self._429s[kind]
@@ -423,6 +428,14 @@ class SharedRateLimiter:
             self._last_widen = now
             early = retry_after if retry_after is not None and retry_after < 0.1 else 0.0
             self.margin = min(self.MAX_MARGIN_S, self.margin + max(0.005, early))
+
+    def _maybe_narrow(self) -> None:
+        """One step back toward the base margin per clean second, after RateLimiter.CALM_WINDOWS."""
+        now = anyio.current_time()
+        if self.margin > self.base_margin and now - self._last_429 >= RateLimiter.CALM_WINDOWS \
+                and now - self._last_narrow >= 1.0:
+            self._last_narrow = now
+            self.margin = max(self.base_margin, self.margin - RateLimiter.NARROW_STEP_S)
 
     # -- Redis ---------------------------------------------------------------------------------
 

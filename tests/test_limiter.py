@@ -256,6 +256,18 @@ def test_429_under_a_configured_limit_widens_the_margin(clock):
     assert limiter.margin > 0.01  # ...but the slack for the trip to the server grows
 
 
+def test_a_widened_margin_shrinks_back_after_clean_windows(clock):
+    limiter = RateLimiter(rpm=600, clock=clock, sleep=clock.sleep, margin=0.01, cold_s=0.0)
+    limiter.on_rate_limited(retry_after=0.05)  # 50 ms early: a load spike
+    assert limiter.margin == pytest.approx(0.06)
+    times = grant_times(limiter, clock, 10 * 15)  # 15 windows of 10
+    assert limiter.margin < 0.06  # CALM_WINDOWS clean windows later, one step per window
+    assert limiter.margin >= 0.01
+    grant_times(limiter, clock, 10 * 30)
+    assert limiter.margin == pytest.approx(0.01)  # back to where it started
+    assert max_in_window(times, 1.0) <= 10
+
+
 def test_concurrency_starts_small_when_limit_unknown_and_opens_on_first_answer():
     async def main():
         pool = ConcurrencyController(64, limit_known=False)

@@ -225,6 +225,24 @@ def test_a_send_that_leaves_late_moves_its_members_as_late():
     anyio.run(main)
 
 
+def test_a_widened_margin_shrinks_back_once_the_429s_stop():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=60000)
+        base = lim.margin
+        lim.on_rate_limited(0.02)  # 20 ms early, under a configured limit
+        assert lim.margin == pytest.approx(base + 0.02)
+        lim._last_429 -= 10.0  # ten clean seconds ago
+        await lim.acquire()
+        assert lim.margin == pytest.approx(base + 0.015)  # one step per clean second
+        lim._last_narrow -= 10.0
+        lim.margin = base + 0.001
+        await lim.acquire()
+        assert lim.margin == base  # never below where it started
+
+    anyio.run(main)
+
+
 def test_a_lone_429_pauses_every_worker_and_teaches_nothing():
     async def main():
         r = fake()
