@@ -82,7 +82,8 @@ class Drained:
     for `until`. Whatever it says, nobody waits past `until`: the server is whole again then.
 
     >>> d = Drained(); d.observe(now=10.0, sent_at=9.7, interval=0.02, reset=1.0)
-    >>> d.wait(10.0, cost=1)   # 0: the permit was earned 0.28 s ago (counted from the send)
+    >>> d.wait(10.0, cost=1)   # the permit was earned 0.28 s ago (counted from the send)
+    0.0
     """
 
     __slots__ = ("interval", "next_free", "until")
