@@ -1,7 +1,7 @@
 """batcher vs a hand-written openai-SDK baseline, scenario by scenario, one Markdown table.
 
     .venv/bin/python bench/rate.py                       # scenarios 1-7, full size
-    .venv/bin/python bench/rate.py --scenarios 1,8,9,10,11,12,13 --clients batcher   # the rate engine's rows
+    .venv/bin/python bench/rate.py --scenarios 1,8,9,10,11,12,13,14 --clients batcher   # the rate engine's rows
     .venv/bin/python bench/rate.py --quick               # item counts / 4
     .venv/bin/python bench/rate.py --scenarios 1,5,7     # a subset
 
@@ -119,6 +119,7 @@ def scenarios(scale: float) -> dict[int, Scenario]:
                  n_cycle=(1, 2, 3, 4), ipm=3000),
         Scenario(13, "a lone bare 429 (Retry-After: 1)", 300, ["--latency-ms", "50", "--lone-429-at", "40"], 0.05,
                  concurrency=16, lost_s_allowed=1.0 + 1.0),
+        Scenario(14, "13 without the 429 (its control)", 300, ["--latency-ms", "50"], 0.05, concurrency=16),
     ]}
 
 
@@ -233,7 +234,7 @@ def checks(sc: Scenario, rows: dict[str, dict[str, Any]]) -> list[str]:
                                         f"ideal {b['ideal']:.2f} s, 429s {b['r429']})")
     if sc.num == 3:
         mark((b["efficiency"] or 0) >= 0.85, f"batcher efficiency {b['efficiency']:.3f} ≥ 0.85")
-    if sc.num in (1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13):
+    if sc.num in (1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14):
         mark(b["done"] == sc.items, f"batcher done {b['done']} == {sc.items} items")
     if sc.num == 5:
         for name, r in rows.items():
@@ -262,7 +263,7 @@ def checks(sc: Scenario, rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated scenario numbers (1-13)")
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated scenario numbers (1-14)")
     ap.add_argument("--quick", action="store_true", help="item counts scaled down ~4x")
     ap.add_argument("--clients", default="batcher,baseline", help="batcher, baseline or both")
     ap.add_argument("--client-timeout", type=float, default=300.0,
@@ -283,6 +284,7 @@ def main() -> int:
     table: list[list[Any]] = []
     notes: list[str] = []
     results: list[dict[str, Any]] = []
+    by_num: dict[int, dict[str, dict[str, Any]]] = {}
     try:
         for num in wanted:
             sc = all_sc[num]
@@ -313,6 +315,13 @@ def main() -> int:
                              f"policy_rejected={s.get('policy_rejected')} faults={s.get('faults')}; "
                              f"process wall {r['wall']:.2f}s")
             notes.extend(checks(sc, rows))
+            by_num[num] = rows
+        lone, control = by_num.get(13, {}).get("batcher"), by_num.get(14, {}).get("batcher")
+        if lone and control:  # the 429's own cost, without this machine's per-run overheads
+            lost = lone["makespan"] - control["makespan"]
+            notes.append(f"- [{'PASS' if lost <= 2.0 else 'FAIL'}] scenario 13 vs 14: the lone 429 cost "
+                         f"{lost:.2f} s ≤ Retry-After + 1 s = 2 s ({lone['makespan']:.2f} s vs "
+                         f"{control['makespan']:.2f} s without it)")
     finally:
         if not args.keep:
             import shutil
