@@ -76,6 +76,11 @@ MODES = {
     "policy-200": "200 carrying an OpenAI error object (content_policy_violation)",
     "endless-body": "200, chunked, one byte every 50 ms, never ending",
     "drip-url": "200 with a URL whose download drips one byte every 50 ms",
+    "short-n": "200 with one image whatever `n` asked for",
+    "echo-key": "200 whose revised_prompt echoes the Authorization header back",
+    "echo-key-error": "400 whose error message echoes the Authorization header back",
+    "fastapi-422": "422 in FastAPI's shape: detail[].loc / msg",
+    "always-500": "500 with OpenAI's server_error body, forever",
 }
 _ONCE = {"ra-nan": {"retry-after-ms": "nan"}, "ra-inf": {"retry-after-ms": "inf"},
          "ra-negative": {"retry-after-ms": "-5"}, "ra-huge": {"retry-after-ms": "1e12"},
@@ -89,6 +94,7 @@ class HostileServer:
 
     def __init__(self) -> None:
         self.hits: dict[str, int] = {}
+        self.bodies: dict[str, list[dict]] = {}  # mode -> the JSON bodies of its generation requests
         self.downloads: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server = RawServer(self._handle)
@@ -126,6 +132,10 @@ class HostileServer:
             return True
         with self._lock:
             self.hits[mode] = hits = self.hits.get(mode, 0) + 1
+            try:
+                self.bodies.setdefault(mode, []).append(json.loads(req.body))
+            except ValueError:
+                self.bodies.setdefault(mode, []).append({})
         return await self._generate(mode, hits, req, stream)
 
     async def _generate(self, mode: str, hits: int, req: Request, stream: SocketStream) -> bool:
@@ -180,7 +190,22 @@ class HostileServer:
             body = {"created": int(time.time()),
                     "data": [{"url": f"http://127.0.0.1:{port}/mode/drip-url/files/{hits}.png"}]}
             await stream.send(reply(200, json.dumps(body).encode()))
-        else:  # "ok", and the once-modes after their first request
+        elif mode == "echo-key":
+            body = json.loads(_images_body([whole]))
+            body["data"][0]["revised_prompt"] = f"debug: you sent {req.headers.get('authorization', '')}"
+            await stream.send(reply(200, json.dumps(body).encode()))
+        elif mode == "echo-key-error":
+            err = _error(400, "invalid_request_error", "invalid_value",
+                         f"Bad request with header Authorization: {req.headers.get('authorization', '')}")
+            await stream.send(reply(400, json.dumps(err).encode()))
+        elif mode == "fastapi-422":
+            detail = {"detail": [{"loc": ["body", "size"], "msg": "size must be one of 256x256, 512x512",
+                                  "type": "value_error"}]}
+            await stream.send(reply(422, json.dumps(detail).encode()))
+        elif mode == "always-500":
+            err = _error(500, "server_error", None, "The server had an error while processing your request.")
+            await stream.send(reply(500, json.dumps(err).encode()))
+        else:  # "ok", "short-n", and the once-modes after their first request
             await stream.send(reply(200, _images_body([whole])))
         return True
 
