@@ -25,7 +25,7 @@ from anyio.abc import SocketStream
 
 from raw_http import RawServer, Request, reply
 
-__all__ = ["HostileServer", "MODES", "png", "DEPTH"]
+__all__ = ["HostileServer", "MODES", "png", "whole_png", "DEPTH"]
 
 DEPTH = 5_000  # JSON nesting of the nested-* modes: far past Python's recursion limit
 DRIP_INTERVAL = 0.05  # seconds between the bytes of a body that never ends
@@ -44,6 +44,26 @@ def png(width: int = 8, height: int = 8, seed: int = 0) -> bytes:
                      _chunk(b"tEXt", b"seed\x00%d" % seed),
                      _chunk(b"IDAT", zlib.compress(row * height)),
                      _chunk(b"IEND", b"")))
+
+
+def whole_png(data: bytes) -> bool:
+    """True when `data` is a PNG whose chunks all check out (CRCs) up to IEND and nothing after."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    pos = 8
+    for _ in range(100_000):  # bounded: one step per chunk
+        if pos + 12 > len(data):
+            return False
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return False
+        if struct.unpack(">I", data[end - 4:end])[0] != zlib.crc32(data[pos + 8:end - 4], zlib.crc32(kind)):
+            return False
+        if kind == b"IEND":
+            return end == len(data)
+        pos = end
+    return False
 
 
 def _images_body(images: list[bytes]) -> bytes:

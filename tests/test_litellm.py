@@ -30,7 +30,7 @@ from batcher import RetryPolicy, RunOptions, load_job, run_sync
 from batcher._simulator import SimulatorConfig, start_in_thread
 
 from helpers import KEY, write_job
-from test_hostile import whole_png
+from hostile_server import whole_png
 
 
 def _find_litellm() -> str | None:
