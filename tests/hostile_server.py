@@ -100,7 +100,6 @@ MODES = {
     "echo-key": "200 whose revised_prompt echoes the Authorization header back",
     "echo-key-error": "400 whose error message echoes the Authorization header back",
     "fastapi-422": "422 in FastAPI's shape: detail[].loc / msg",
-    "always-500": "500 with OpenAI's server_error body, forever",
 }
 _ONCE = {"ra-nan": {"retry-after-ms": "nan"}, "ra-inf": {"retry-after-ms": "inf"},
          "ra-negative": {"retry-after-ms": "-5"}, "ra-huge": {"retry-after-ms": "1e12"},
@@ -222,9 +221,6 @@ class HostileServer:
             detail = {"detail": [{"loc": ["body", "size"], "msg": "size must be one of 256x256, 512x512",
                                   "type": "value_error"}]}
             await stream.send(reply(422, json.dumps(detail).encode()))
-        elif mode == "always-500":
-            err = _error(500, "server_error", None, "The server had an error while processing your request.")
-            await stream.send(reply(500, json.dumps(err).encode()))
         else:  # "ok", "short-n", and the once-modes after their first request
             await stream.send(reply(200, _images_body([whole])))
         return True
