@@ -141,7 +141,6 @@ def test_an_event_stream_answer_is_not_an_image_and_not_saved(tmp_path, server):
     assert record["status"] == "failed" and record["images"] in ([], None)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #8: `stream: true` passes validation and is sent")
 def test_stream_true_is_refused_at_validation(tmp_path, server):
     job = write_job(tmp_path / "job.yaml", [{"id": "s", "prompt": "streamed", "stream": True}])
     proc = run_cli(["validate", str(job)], timeout=RUN_TIMEOUT)
@@ -166,7 +165,6 @@ def test_a_200_carrying_a_server_error_is_retried_then_failed(tmp_path, server):
     assert record["error"]["kind"] == "transient" and record["error"]["code"] == "server_error"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #10: a policy refusal inside a 200 is retried, not failed at once")
 def test_a_policy_refusal_inside_a_200_fails_at_once_and_counts(tmp_path, server):
     prompts = [{"id": f"p{k}", "prompt": f"refused inside a 200, {k}"} for k in range(6)]
     proc, out = run_mode(tmp_path, server, "policy-200", "--max-policy-violations", "2", "--concurrency", "1",
@@ -193,7 +191,6 @@ def test_a_dripping_download_is_cut_by_the_attempt_deadline(tmp_path, server):
     assert item(out)["status"] == "failed"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #9: fewer images than n is recorded as done; the gap is never filled")
 def test_fewer_images_than_n_are_kept_and_only_the_missing_ones_asked_again(tmp_path, server):
     proc, out = run_mode(tmp_path, server, "short-n", prompts=[{"id": "item", "prompt": "three please", "n": 3}])
     record = item(out)
@@ -204,18 +201,12 @@ def test_fewer_images_than_n_are_kept_and_only_the_missing_ones_asked_again(tmp_
     assert server.bodies["short-n"][sent]["n"] == 2  # the rerun asks only for what is missing
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param("echo-key", marks=pytest.mark.xfail(
-        strict=True, reason="issue 15 #12: a key echoed in revised_prompt is stored verbatim in manifest and journal")),
-    pytest.param("echo-key-error", marks=pytest.mark.xfail(
-        strict=True, reason="issue 15 #12: a key echoed in an error message is stored and logged verbatim")),
-])
+@pytest.mark.parametrize("mode", ["echo-key", "echo-key-error"])
 def test_a_key_echoed_back_by_the_server_is_never_written(tmp_path, server, mode):
     proc, out = run_mode(tmp_path, server, mode)  # assert_sound greps every file and the output for the key
     assert proc.returncode in (0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #14: FastAPI's detail[].loc is dropped from the error message")
 def test_a_validation_errors_details_are_kept(tmp_path, server):
     proc, out = run_mode(tmp_path, server, "fastapi-422")
     assert proc.returncode == 1
@@ -224,7 +215,6 @@ def test_a_validation_errors_details_are_kept(tmp_path, server):
     assert "size must be one of" in error["message"] and error["message"].count("size") >= 2  # msg and loc
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #17: OPENAI_API_KEY is sent to a host that is not OpenAI's")
 def test_the_openai_key_is_not_sent_to_another_host(tmp_path, server):
     job = write_job(tmp_path / "job.yaml", [{"id": "item", "prompt": "whose key"}], defaults={"size": "8x8"})
     env = {k: v for k, v in os.environ.items() if k not in ("BATCHER_API_KEY", "OPENAI_API_KEY")}

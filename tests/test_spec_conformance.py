@@ -74,7 +74,6 @@ def test_every_request_conforms_to_the_spec(tmp_path, dialect):
     assert SPEC_FIELDS >= {"prompt", "model", "n", "size", "quality", "response_format", "background"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #18: batcher sends no `Accept: application/json`")
 def test_requests_say_they_accept_json(tmp_path):
     with SpecServer() as server:
         run(tmp_path, server, ["A koi"])
