@@ -192,18 +192,18 @@ def test_a_dripping_download_is_cut_by_the_attempt_deadline(tmp_path, server):
 
 
 def test_fewer_images_than_n_are_kept_and_only_the_missing_ones_asked_again(tmp_path, server):
-    proc, out = run_mode(tmp_path, server, "short-n", prompts=[{"id": "item", "prompt": "three please", "n": 3}])
+    _, out = run_mode(tmp_path, server, "short-n", prompts=[{"id": "item", "prompt": "three please", "n": 3}])
     record = item(out)
     assert record["status"] != "done"  # short: not done
     assert len(record["images"]) == 1 and whole_png((out / record["images"][0]["file"]).read_bytes())  # paid: kept
     sent = len(server.bodies["short-n"])
-    proc, out = run_mode(tmp_path, server, "short-n", prompts=[{"id": "item", "prompt": "three please", "n": 3}])
+    run_mode(tmp_path, server, "short-n", prompts=[{"id": "item", "prompt": "three please", "n": 3}])
     assert server.bodies["short-n"][sent]["n"] == 2  # the rerun asks only for what is missing
 
 
 @pytest.mark.parametrize("mode", ["echo-key", "echo-key-error"])
 def test_a_key_echoed_back_by_the_server_is_never_written(tmp_path, server, mode):
-    proc, out = run_mode(tmp_path, server, mode)  # assert_sound greps every file and the output for the key
+    proc, _out = run_mode(tmp_path, server, mode)  # assert_sound greps every file and the output for the key
     assert proc.returncode in (0, 1)
 
 

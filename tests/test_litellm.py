@@ -157,7 +157,7 @@ def test_a_policy_rejection_through_litellm_fails_the_item_once(tmp_path, proxy)
     permanently after one request, but batcher can no longer tell it was a policy rejection (so
     `--max-policy-violations` does not count it behind LiteLLM; only the message says so)."""
     url, _ = proxy
-    result, out, items = run(tmp_path, url, "img", ["a calm lake", {"id": "bad", "prompt": "something forbidden"}])
+    result, _out, items = run(tmp_path, url, "img", ["a calm lake", {"id": "bad", "prompt": "something forbidden"}])
     assert result.exit_code == 1
     record = items["bad"]
     assert record["status"] == "failed" and record["attempts"] == 1
@@ -168,7 +168,7 @@ def test_a_policy_rejection_through_litellm_fails_the_item_once(tmp_path, proxy)
 def test_429s_through_litellm_are_retried_and_nothing_is_paid_twice(tmp_path, proxy):
     url, sims = proxy
     prompts = [{"id": f"r{k}", "prompt": f"rate limited {k}"} for k in range(4)]
-    result, out, items = run(tmp_path, url, "img-limited", prompts, concurrency=4,
+    result, _out, _items = run(tmp_path, url, "img-limited", prompts, concurrency=4,
                              retry=RetryPolicy(max_attempts=8, base=0.2, cap=2.0), max_attempts=8)
     assert result.exit_code == 0 and result.summary["done"] == 4
     stats = sims["img-limited"].stats()
@@ -179,7 +179,7 @@ def test_429s_through_litellm_are_retried_and_nothing_is_paid_twice(tmp_path, pr
 def test_5xx_through_litellm_is_transient_and_fails_after_max_attempts(tmp_path, proxy):
     url, sims = proxy
     before = sims["img-broken"].stats()["requests"]
-    result, out, items = run(tmp_path, url, "img-broken", [{"id": "x", "prompt": "always broken"}])
+    result, _out, items = run(tmp_path, url, "img-broken", [{"id": "x", "prompt": "always broken"}])
     record = items["x"]
     assert result.exit_code == 1 and record["status"] == "failed"
     assert record["error"]["kind"] == "transient" and record["error"]["status"] >= 500
@@ -190,7 +190,7 @@ def test_5xx_through_litellm_is_transient_and_fails_after_max_attempts(tmp_path,
 def test_an_upstream_401_through_litellm_stops_the_run(tmp_path, proxy):
     url, _ = proxy
     prompts = [{"id": f"k{k}", "prompt": f"bad upstream key {k}"} for k in range(3)]
-    result, out, items = run(tmp_path, url, "img-badkey", prompts, concurrency=1)
+    result, _out, _items = run(tmp_path, url, "img-badkey", prompts, concurrency=1)
     assert result.exit_code == 4 and result.summary["done"] == 0 and result.summary["pending"] == 3
     assert result.error is not None and result.error.get("status") == 401
 
@@ -202,7 +202,7 @@ def test_a_wrong_proxy_key_fails_without_reaching_the_provider(tmp_path, proxy):
     reaches the provider, and nothing is saved."""
     url, sims = proxy
     before = sims["img"].stats()["requests"]
-    result, out, items = run(tmp_path, url, "img", ["a calm lake", "a koi"], api_key="sk-wrong-proxy-key",
+    result, _out, items = run(tmp_path, url, "img", ["a calm lake", "a koi"], api_key="sk-wrong-proxy-key",
                              concurrency=1)
     assert sims["img"].stats()["requests"] == before
     assert result.summary["done"] == 0

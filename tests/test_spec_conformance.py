@@ -60,7 +60,7 @@ def test_every_request_conforms_to_the_spec(tmp_path, dialect):
         {"id": "passthrough", "prompt": "A koi", "seed": 7},  # a gateway's own field, not the spec's
     ]
     with SpecServer() as server:
-        result, out, items = run(tmp_path, server, prompts, top={"endpoint": {"dialect": dialect}},
+        result, _out, _items = run(tmp_path, server, prompts, top={"endpoint": {"dialect": dialect}},
                                  defaults={"model": "gpt-image-2", "size": "16x16"})
     assert result.exit_code == 0 and result.summary["done"] == 4
     assert_conforming(server, allowed_unknown={"seed"})
@@ -141,7 +141,7 @@ def test_a_fatal_error_stops_the_run_and_leaves_items_pending(tmp_path, answer):
     status, error, _ = ERRORS[answer]
     prompts = [{"id": f"i{k}", "prompt": f"fatal {k}"} for k in range(5)]
     with SpecServer(script={"fatal": [answer] * 5}) as server:
-        result, out, items = run(tmp_path, server, prompts, concurrency=1)
+        result, _out, _items = run(tmp_path, server, prompts, concurrency=1)
     assert_conforming(server)
     assert result.exit_code == 4
     assert result.summary["done"] == 0 and result.summary["pending"] == 5, result.summary
@@ -154,7 +154,7 @@ def test_a_fatal_error_stops_the_run_and_leaves_items_pending(tmp_path, answer):
 def test_a_transient_error_is_retried_and_the_item_done(tmp_path, answer):
     with SpecServer(script={"flaky": [answer]}) as server:
         started = time.monotonic()
-        result, out, items = run(tmp_path, server, [{"id": "flaky", "prompt": "A flaky item"}])
+        result, _out, items = run(tmp_path, server, [{"id": "flaky", "prompt": "A flaky item"}])
     assert_conforming(server)
     assert result.exit_code == 0 and items["flaky"]["status"] == "done" and items["flaky"]["attempts"] == 2
     assert [s.answer for s in server.requests] == [answer, "ok"]
@@ -166,7 +166,7 @@ def test_a_transient_error_is_retried_and_the_item_done(tmp_path, answer):
 
 def test_a_transient_error_that_persists_fails_the_item_after_max_attempts(tmp_path):
     with SpecServer(script={"broken": ["server_error"] * 10}) as server:
-        result, out, items = run(tmp_path, server, ["A calm lake", {"id": "broken", "prompt": "A broken item"}])
+        result, _out, items = run(tmp_path, server, ["A calm lake", {"id": "broken", "prompt": "A broken item"}])
     assert_conforming(server)
     record = items["broken"]
     assert result.exit_code == 1 and record["status"] == "failed" and record["attempts"] == FAST_RETRY.max_attempts
@@ -177,7 +177,7 @@ def test_a_transient_error_that_persists_fails_the_item_after_max_attempts(tmp_p
 def test_too_many_policy_rejections_stop_the_run(tmp_path):
     prompts = [{"id": f"p{k}", "prompt": f"refused {k}"} for k in range(6)]
     with SpecServer(script={"refused": ["moderation_blocked"] * 6}) as server:
-        result, out, items = run(tmp_path, server, prompts, concurrency=1, max_policy_violations=2)
+        result, _out, _items = run(tmp_path, server, prompts, concurrency=1, max_policy_violations=2)
     assert_conforming(server)
     assert result.exit_code == 4
     assert server.answered("moderation_blocked") <= 3  # stopped once past the limit, not after all six
