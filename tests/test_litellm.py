@@ -83,6 +83,7 @@ def proxy(tmp_path_factory):
     folder = tmp_path_factory.mktemp("litellm")
     sims = {name: start_in_thread(config) for name, config in SIMULATORS.items()}
     proc = None
+    log = open(folder / "litellm.log", "wb")  # closed at teardown, after the proxy has stopped
     try:
         config = {
             "model_list": [{"model_name": name, "litellm_params": {
@@ -94,7 +95,6 @@ def proxy(tmp_path_factory):
         }
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
         port = _free_port()
-        log = open(folder / "litellm.log", "wb")
         proc = subprocess.Popen([LITELLM, "--config", str(folder / "config.yaml"), "--host", "127.0.0.1",
                                  "--port", str(port), "--num_workers", "1"],
                                 stdout=log, stderr=subprocess.STDOUT, env=_offline_env(), cwd=folder)
@@ -121,6 +121,7 @@ def proxy(tmp_path_factory):
                 proc.wait(timeout=15)
         for sim in sims.values():
             sim.stop()
+        log.close()
 
 
 def run(tmp_path: Path, url: str, model: str, prompts: list, **options):
