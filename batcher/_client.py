@@ -8,27 +8,41 @@ images it got back, decoded; every failure is raised as a classified `RequestErr
 
 from __future__ import annotations
 
-import base64
 import binascii
-import json
 import os
-from collections.abc import Mapping
+import ssl
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiofiles
+import aiohttp
 import anyio
 import httpx2 as httpx
+import orjson
+import pybase64
 
 from . import __version__
 from ._dialect import DEFAULT_DIALECT, Dialect, DialectError
 from ._exceptions import PermanentError, RequestError, TransientError
 from ._policy import answer_refusal, classify
-from ._writer import sniff
+from ._writer import sniff, truncation
 
-__all__ = ["ImagesClient", "Generation", "GeneratedImage", "Timeouts"]
+__all__ = ["ImagesClient", "Generation", "GeneratedImage", "Timeouts", "REVISED_PROMPT_MAX"]
+
+# What is kept of a `revised_prompt`: it is stored twice (journal and manifest) for every image,
+# so a server's 10 MB of text must not become 20 MB on disk per image. Longer ones are cut and marked.
+REVISED_PROMPT_MAX = 4000
+TRUNCATED_MARK = "…[truncated by batcher: {} characters]"
+# Answers below this are parsed on the event loop: a hop to a worker thread costs more than they do.
+INLINE_PARSE_BYTES = 64 * 1024
+# At most this much of a declared Content-Length is allocated before the bytes arrive.
+PREALLOCATE_MAX = 16 * 1024 * 1024
+# `usage` is copied into the journal verbatim; a deeper one is a hostile answer, dropped (images kept).
+USAGE_MAX_DEPTH = 8
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,11 @@ class Timeouts:
     connect: float = 10.0
     read: float = 300.0
     write: float = 30.0
-    download: float = 120.0  # one whole url download
+    download: float | None = None  # every attempt of one url download together; None: the same as `read`
+
+    @property
+    def download_deadline(self) -> float:
+        return self.read if self.download is None else self.download
 
 
 @dataclass
@@ -57,7 +75,86 @@ class Generation:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def _malformed(message: str, headers: httpx.Headers | None = None) -> TransientError:
+class _AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's API over aiohttp's connection pool and C HTTP parser: the hot path of every request.
+
+    httpcore's pool scans every pooled connection (a getpeername each) to place and to release
+    each request, and parses with pure-Python h11; aiohttp does neither. Measured in
+    docs (bench/throughput.py). Bodies are passed through undecoded: httpx decodes them as usual.
+    """
+
+    def __init__(self, max_connections: int) -> None:
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | None = None
+
+    def _tls(self) -> ssl.SSLContext:
+        # httpx's own verified context (the system's trust store), built on the first https
+        # request only: it costs a fifth of a plain-http run's start-up
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context(trust_env=False)
+        return self._ssl
+
+    def _open(self) -> aiohttp.ClientSession:
+        # made on first use: an aiohttp session belongs to the running event loop
+        connector = aiohttp.TCPConnector(limit=max(1, self._max_connections), limit_per_host=0,
+                                         keepalive_timeout=60)
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
+                                     skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+                                     cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._session is None:
+            self._session = self._open()
+        limits = request.extensions.get("timeout", {})
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.get("connect"), sock_read=limits.get("read"))
+        with _transport_errors():
+            resp = await self._session.request(
+                request.method, str(request.url), data=request.content or None, allow_redirects=False,
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+                timeout=timeout, ssl=self._tls() if request.url.scheme == "https" else True)
+        return httpx.Response(resp.status, headers=resp.raw_headers, stream=_AiohttpStream(resp),
+                              extensions={"http_version": b"HTTP/1.1"})
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _AiohttpStream(httpx.AsyncByteStream):
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _transport_errors():
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+
+    async def aclose(self) -> None:
+        self._resp.release()  # back to the pool when read to the end, else the connection is closed
+
+
+@contextmanager
+def _transport_errors() -> Iterator[None]:
+    """aiohttp's exceptions as httpx's, so callers classify one family (timeouts before the rest)."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise httpx.ConnectTimeout(str(exc)) from exc
+    except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+        raise httpx.ReadTimeout(str(exc)) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise httpx.ConnectError(str(exc)) from exc
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError) as exc:
+        raise httpx.RemoteProtocolError(str(exc)) from exc
+    except aiohttp.InvalidURL as exc:
+        raise httpx.UnsupportedProtocol(str(exc)) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise httpx.ReadError(str(exc)) from exc
+
+
+def _malformed(message: str, headers: Mapping[str, str] | None = None) -> TransientError:
     return TransientError(f"malformed response: {message}", status=200, code="malformed_response",
                           headers=dict(headers or {}))
 
@@ -97,13 +194,14 @@ class ImagesClient:
         self.timeouts = timeouts
         self.max_response_bytes = max_response_bytes
         self.max_download_bytes = max_download_bytes
+        self._parse_slots: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=None),
-            # the pool is at least as large as the concurrency: no worker waits for a socket
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             headers={"User-Agent": f"batcher/{__version__}"},
             follow_redirects=False,
             trust_env=False,
+            # the pool is at least as large as the concurrency: no worker waits for a socket
+            transport=_AiohttpTransport(max_connections),
         )
 
     async def __aenter__(self) -> ImagesClient:
@@ -137,33 +235,53 @@ class ImagesClient:
             raise TransientError(f"connection failed ({type(exc).__name__})", code="connection_error") from None
         headers = {k.lower(): v for k, v in resp.headers.items()}
         if resp.status_code != 200:
-            raise classify(resp.status_code, headers, raw)
-        return self._parse(raw, headers, int(body.get("n", 1)))
+            raise classify(resp.status_code, headers, bytes(raw))
+        n = int(body.get("n", 1))
+        if len(raw) < INLINE_PARSE_BYTES:
+            return self._parse(raw, headers, n)
+        # JSON, base64 and the image check of a large answer run in a worker thread, so the
+        # event loop keeps serving sockets and both cores work (orjson, pybase64 and crc32 are C);
+        # one parse per core at a time: more would only hold more parsed copies (2 × body each) at once
+        if self._parse_slots is None:
+            self._parse_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
+        return await anyio.to_thread.run_sync(self._parse, raw, headers, n, limiter=self._parse_slots)
 
-    async def _read_capped(self, resp: httpx.Response) -> bytes:
+    async def _read_capped(self, resp: httpx.Response) -> bytearray:
+        """The body in one buffer, sized from Content-Length when given: no chunk list joined into a copy."""
         declared = resp.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_response_bytes:
+        size = int(declared) if declared and declared.isascii() and declared.isdigit() else None
+        if size is not None and size > self.max_response_bytes:
             raise PermanentError(f"response of {declared} bytes exceeds the {self.max_response_bytes}-byte cap",
                                  status=resp.status_code, code="response_too_large")
-        chunks: list[bytes] = []
-        total = 0
+        # trust a declared length only so far: a lying header must not reserve memory it never sends
+        buf = bytearray(min(size or 0, PREALLOCATE_MAX))
+        filled = 0
         async for chunk in resp.aiter_bytes():
-            total += len(chunk)
-            if total > self.max_response_bytes:
+            end = filled + len(chunk)
+            if end > self.max_response_bytes:
                 raise PermanentError(f"response exceeds the {self.max_response_bytes}-byte cap",
                                      status=resp.status_code, code="response_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            buf[filled:end] = chunk  # in place while it fits; grows past a wrong or absent length
+            filled = end
+        del buf[filled:]  # a body shorter than declared (a compressed one: httpx decoded it)
+        return buf
 
-    def _parse(self, raw: bytes, headers: dict[str, str], n: int) -> Generation:
+    def _parse(self, raw: bytes | bytearray, headers: dict[str, str], n: int) -> Generation:
+        """A 200's body → decoded, whole images. Any answer that can't be read is malformed (transient).
+
+        Memory: the body (B), then its parsed document (≈ B) while `raw` is released, then each
+        image's base64 text is dropped as it is decoded (0.75 B): at most about 2 B per answer.
+        """
         try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            doc = orjson.loads(raw)  # nesting deeper than 1024 is a JSONDecodeError, never a RecursionError
+        except (ValueError, RecursionError, MemoryError):
             raise _malformed("body is not JSON", headers) from None
         if not isinstance(doc, dict):
             raise _malformed("body is not a JSON object", headers)
         if doc.get("error") and not doc.get("data"):
-            raise classify(200, headers, raw)  # a 200 carrying an error object
+            raise classify(200, headers, bytes(raw))  # a 200 carrying an error object
+        if isinstance(raw, bytearray):
+            raw.clear()  # the caller's buffer: freed now, not when the answer is saved
         self.dialect.read(doc, headers)  # e.g. xai's moderated images: a 200 that is a refusal
         refusal = answer_refusal(doc, headers)  # the same, as other providers mark it
         if refusal is not None:
@@ -179,15 +297,12 @@ class ImagesClient:
         for i, entry in enumerate(data):
             if not isinstance(entry, dict):
                 raise _malformed(f"data[{i}] is not an object", headers)
-            revised = entry.get("revised_prompt")
-            revised = revised if isinstance(revised, str) else None
-            b64, url = entry.get("b64_json"), entry.get("url")
+            revised = _revised_prompt(entry.get("revised_prompt"))
+            b64, url = entry.pop("b64_json", None), entry.get("url")
             # read what came back, not what was asked for: gateways swap formats, null a key
             if isinstance(b64, str) and b64:
-                try:
-                    images.append(GeneratedImage(data=base64.b64decode(b64, validate=True), revised_prompt=revised))
-                except (binascii.Error, ValueError):
-                    raise _malformed(f"data[{i}].b64_json is not valid base64", headers) from None
+                images.append(GeneratedImage(data=_decode_image(b64, i, headers), revised_prompt=revised))
+                del b64  # the text goes as soon as its bytes exist
             elif isinstance(url, str) and url:
                 images.append(GeneratedImage(url=url, revised_prompt=revised))
             else:
@@ -198,32 +313,38 @@ class ImagesClient:
             created=created if isinstance(created, int) and not isinstance(created, bool) else None,
             images=images,
             request_id=headers.get("x-request-id"),
-            usage=usage if isinstance(usage, dict) else None,
+            usage=usage if isinstance(usage, dict) and _depth(usage) <= USAGE_MAX_DEPTH else None,
             headers=headers,
         )
 
     async def download(self, url: str, dest: Path, *, attempts: int = 3) -> None:
-        """Stream an image URL to `dest`, checking scheme, size, type and magic bytes.
+        """Stream an image URL to `dest`, checking scheme, size, type and that the image is whole.
 
-        Retried as a download (never by generating again); raises RequestError at the end.
+        Retried as a download (never by generating again), every attempt within one deadline
+        (`Timeouts.download_deadline`, the run's --timeout): a server that drips bytes costs
+        that long at most. Raises RequestError at the end.
         """
         last: RequestError | None = None
-        for attempt in range(1, attempts + 1):
-            try:
-                with anyio.fail_after(self.timeouts.download):
+        deadline = self.timeouts.download_deadline
+        with anyio.move_on_after(deadline) as scope:
+            for attempt in range(1, attempts + 1):
+                try:
                     await self._download_once(url, dest)
-                return
-            except TimeoutError:
-                last = TransientError(f"image download from {urlsplit(url).hostname or '?'} timed out",
-                                      code="download_timeout")
-            except TransientError as exc:
-                last = exc
-            except PermanentError:
+                    await anyio.to_thread.run_sync(_check_whole_file, dest)
+                    return
+                except TransientError as exc:
+                    last = exc
+                except PermanentError:
+                    _unlink(dest)
+                    raise
                 _unlink(dest)
-                raise
-            _unlink(dest)
-            if attempt < attempts:
-                await anyio.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
+                if attempt < attempts:
+                    await anyio.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
+        _unlink(dest)
+        if scope.cancelled_caught:
+            raise TransientError(f"image download from {urlsplit(url).hostname or '?'} not finished within "
+                                 f"{deadline:g}s"
+                                 + (f" (before: {last.message})" if last else ""), code="download_timeout")
         assert last is not None
         raise TransientError(f"download failed after {attempts} attempts: {last.message}",
                              status=last.status, code=last.code or "download_failed")
@@ -280,6 +401,48 @@ def _refuse_stream(resp: httpx.Response) -> None:
         raise PermanentError("the server streamed its answer (text/event-stream), which batcher can't save; "
                              "remove stream from the request", status=200, code="streamed_answer",
                              headers=dict(resp.headers))
+
+
+def _check_whole_file(path: Path) -> None:
+    """A downloaded image must be whole: a cut one is a failed download (tried again), not an image."""
+    data = path.read_bytes()
+    kind = sniff(data)
+    problem = truncation(data, kind) if kind is not None else None
+    if problem is not None:
+        raise TransientError(f"downloaded image is not whole: {problem}", code="download_failed")
+
+
+def _decode_image(b64: str, i: int, headers: Mapping[str, str]) -> bytes:
+    """data[i].b64_json → image bytes that are a whole PNG, JPEG, WebP or GIF, else a malformed answer."""
+    try:
+        data = pybase64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise _malformed(f"data[{i}].b64_json is not valid base64", headers) from None
+    kind = sniff(data)
+    if kind is None:
+        # not an image at all: sending it again would get the same; the writer says so (not_an_image)
+        return data
+    problem = truncation(data, kind)
+    if problem is not None:
+        raise _malformed(f"data[{i}] is not a whole image: {problem}", headers)
+    return data
+
+
+def _revised_prompt(value: Any) -> str | None:
+    """The revised prompt to keep: at most REVISED_PROMPT_MAX characters, a longer one cut and marked."""
+    if not isinstance(value, str):
+        return None
+    if len(value) <= REVISED_PROMPT_MAX:
+        return value
+    return value[:REVISED_PROMPT_MAX] + TRUNCATED_MARK.format(len(value))
+
+
+def _depth(value: Any, limit: int = USAGE_MAX_DEPTH + 1) -> int:
+    """How deep containers nest in `value`, counted up to `limit` (so a hostile one costs little)."""
+    if limit <= 0 or not isinstance(value, (dict, list)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
 
 
 def _unlink(path: Path) -> None:

@@ -747,6 +747,7 @@ class _Runner:
         for index, image in enumerate(gen.images, first):
             if image.data is not None:
                 saved.append(await anyio.to_thread.run_sync(self.out.save_bytes, stem, index, count, image.data))
+                image.data = None  # on disk now: not held while the journal record is written
             else:
                 assert image.url is not None
                 tmp = self.out.temp_path(stem)

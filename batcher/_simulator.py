@@ -105,6 +105,12 @@ class SimulatorConfig:
     # headers count the minute as OpenAI's do: remaining 0..rpm, reset up to 60 s)
     limit_style: str = "window"
     lone_429_at: int | None = None  # the k-th generation request gets a bare 429 (Retry-After: 1), once
+    # hostile answers (issue 15): a 200 whose JSON nests 2,000 deep, an image cut short (valid base64,
+    # honest Content-Length), a revised_prompt of this many characters, URL downloads that drip
+    deep_json_rate: float = 0.0
+    truncated_rate: float = 0.0
+    revised_prompt_chars: int | None = None
+    drip_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.answer_fault is not None and self.answer_fault not in ANSWER_FAULTS:
@@ -290,6 +296,9 @@ class Simulator:
         self._pad_block = random.Random(0x62615463).randbytes(1 << 20)  # once: no urandom per image
         self._pad_chunks: OrderedDict[int, bytes] = OrderedDict()
         self._files: OrderedDict[str, bytes] = OrderedDict()
+        # b64_json values are spliced into the dumped JSON at these markers (random: no prompt can forge one)
+        self._blob_token = f"batcher-sim-blob-{secrets.token_hex(16)}-"
+        self._blob_marks = re.compile(b'"' + self._blob_token.encode() + rb'(\d+)"')
         self._files_bytes = 0
         self._counts: dict[str, int] = {}
         self._faults: dict[str, int] = {}
@@ -307,7 +316,8 @@ class Simulator:
         with self._lock:
             self._counts = dict.fromkeys(("requests", "accepted", "images", "rate_limited", "quota_rejected",
                                           "policy_rejected", "max_window_requests", "downloads"), 0)
-            self._faults = dict.fromkeys(("5xx", "drop", "malformed", "hang", "outage"), 0)
+            self._faults = dict.fromkeys(("5xx", "drop", "malformed", "hang", "outage", "deep_json", "truncated"),
+                                         0)
             self._generations = {}
             self._accepted_log.clear()
 
@@ -493,6 +503,9 @@ class Simulator:
                                                                    "invalid_request_error", "not_found"))
             else:
                 self._bump("downloads")
+                if self.config.drip_bytes_per_s:
+                    await self._drip(stream, data, self.config.drip_bytes_per_s)
+                    return False
                 await self._send(stream, 200, closing, data, "image/png")
         elif req.method == "GET" and req.path == "/_sim/stats":
             await self._send(stream, 200, closing, self.stats())
@@ -503,6 +516,14 @@ class Simulator:
             await self._send(stream, 404, closing, self._error(404, f"Invalid URL ({req.method} {req.path})",
                                                                "invalid_request_error", "not_found"))
         return True
+
+    async def _drip(self, stream: SocketStream, data: bytes, per_s: float) -> None:
+        """Send an image's head, then its bytes a few at a time: no read ever waits long, the whole does."""
+        await stream.send(b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: %d\r\n\r\n" % len(data))
+        step = max(1, int(per_s / 10))
+        for at in range(0, len(data), step):
+            await stream.send(data[at : at + step])
+            await anyio.sleep(0.1)
 
     def _error(self, status: int, message: str, etype: str, code: str | None,
                param: str | None = None) -> dict[str, Any]:
@@ -604,7 +625,7 @@ class Simulator:
         # Faults in front of the model: one roll, so the rates partition [0, 1).
         roll = self._rng.random()
         for kind, rate in (("drop", cfg.drop_rate), ("hang", cfg.hang_rate), ("5xx", cfg.fail_rate),
-                           ("malformed", cfg.malformed_rate)):
+                           ("malformed", cfg.malformed_rate), ("deep_json", cfg.deep_json_rate)):
             if roll >= rate:
                 roll -= rate
                 continue
@@ -619,6 +640,9 @@ class Simulator:
                 status = self._rng.choice((500, 502, 503))
                 return await fail(status, "The server had an error while processing your request.",
                                   "server_error", "server_error")
+            if kind == "deep_json":  # 2 KB that nests 2,000 deep inside `data`: a parser's recursion limit
+                await self._send(stream, 200, hdrs, b'{"data": ' + b"[" * 2000 + b"]" * 2000 + b"}")
+                return True
             await self._send(stream, 200, hdrs, _MALFORMED)  # a truncated body, honest Content-Length
             return True
 
@@ -669,6 +693,10 @@ class Simulator:
         if cfg.answer_fault == "short":
             n = max(1, n // 2)  # asked for n, got half of it: billed for what came
         images = [self.png(width, height, prompt) for _ in range(n)]
+        if cfg.truncated_rate and self._rng.random() < cfg.truncated_rate:
+            with self._lock:
+                self._faults["truncated"] += 1  # generated and billed, but cut short on the way
+            images[0] = images[0][: max(16, len(images[0]) // 2)]
         with self._lock:
             self._counts["images"] += n
             self._generations[prompt] = self._generations.get(prompt, 0) + 1
@@ -680,24 +708,32 @@ class Simulator:
             if self._b64_requests % 2 == 0:
                 fmt = "url"  # gateways answer url although b64_json was asked
         data = []
+        blobs: list[bytes] = []  # base64 never needs JSON escaping: spliced in, not scanned by json.dumps
         for image in images:
             entry: dict[str, Any] = {}
             if fmt == "b64_json":
-                entry["b64_json"] = base64.b64encode(image).decode("ascii")
+                entry["b64_json"] = f"{self._blob_token}{len(blobs)}"
+                blobs.append(base64.b64encode(image))
                 if cfg.gateway_quirks:
                     entry["url"] = None
             else:
                 entry["url"] = self._store(image)
                 if cfg.gateway_quirks:
                     entry["b64_json"] = None
-            entry["revised_prompt"] = f"A detailed rendering of: {prompt}"
+            entry["revised_prompt"] = (f"A detailed rendering of: {prompt}" if cfg.revised_prompt_chars is None
+                                       else ("revised " * (cfg.revised_prompt_chars // 8 + 1))[
+                                           : cfg.revised_prompt_chars])
             if cfg.dialect == "xai":
                 entry["respect_moderation"] = not moderated
             data.append(entry)
         answer: dict[str, Any] = {"created": int(time.time()), "data": data}
         if cfg.dialect == "openai":
             answer.update(self._gpt_image_extras(body, prompt, width, height, n))
-        await self._send(stream, 200, {**hdrs, **counted}, answer)
+        raw = json.dumps(answer).encode()
+        if blobs:
+            parts = self._blob_marks.split(raw)  # [json, index, json, index, ..., json]
+            raw = b"".join(b'"' + blobs[int(p)] + b'"' if i % 2 else p for i, p in enumerate(parts))
+        await self._send(stream, 200, {**hdrs, **counted}, raw)
         return True
 
     @staticmethod

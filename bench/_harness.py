@@ -156,9 +156,27 @@ class ClientRun:
         return None
 
 
+def open_fds(pid: int) -> tuple[int, int]:
+    """(open file descriptors, of which sockets) of a process, from /proc; (0, 0) when gone."""
+    fds = sockets = 0
+    try:
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            fds += 1
+            try:
+                sockets += os.readlink(entry.path).startswith("socket:")
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return fds, sockets
+
+
 def run_client(cmd: list[str], *, timeout: float, workdir: Path, env: dict[str, str] | None = None,
-               tag: str = "client") -> ClientRun:
-    """Run cmd as its own process; measure its CPU and peak RSS with wait4; kill it after `timeout` s."""
+               tag: str = "client", sample_fds: bool = False) -> ClientRun:
+    """Run cmd as its own process; measure its CPU and peak RSS with wait4; kill it after `timeout` s.
+
+    `sample_fds`: also record its peak open file descriptors and sockets (every 0.25 s, /proc).
+    """
     out_path, err_path = workdir / f"{tag}.stdout", workdir / f"{tag}.stderr"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         started = time.monotonic()
@@ -167,10 +185,16 @@ def run_client(cmd: list[str], *, timeout: float, workdir: Path, env: dict[str, 
         killed = False
         deadline = started + timeout
         status = rusage = None
+        peak_fds = peak_sockets = 0
+        next_sample = started
         while True:  # bounded by the deadline, plus at most one kill-and-reap
             pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
                 break
+            if sample_fds and time.monotonic() >= next_sample:
+                fds, socks = open_fds(proc.pid)
+                peak_fds, peak_sockets = max(peak_fds, fds), max(peak_sockets, socks)
+                next_sample = time.monotonic() + 0.25
             if time.monotonic() >= deadline:
                 killed = True
                 os.kill(proc.pid, signal.SIGKILL)
@@ -185,6 +209,7 @@ def run_client(cmd: list[str], *, timeout: float, workdir: Path, env: dict[str, 
         returncode=None if killed else proc.returncode, killed=killed, wall=wall,
         cpu=rusage.ru_utime + rusage.ru_stime, maxrss_mb=rusage.ru_maxrss / 1024.0,
         stdout=stdout, stderr_tail=stderr[-2000:],
+        extra={"peak_fds": peak_fds, "peak_sockets": peak_sockets} if sample_fds else {},
     )
 
 

@@ -82,3 +82,15 @@ def write_manifest_file(out: Path, items: list[dict], job: dict | None = None) -
         fh.write("".join("\n" + line + ("," if k < len(lines) - 1 else "") for k, line in enumerate(lines)))
         fh.write("\n]}\n")
     return out / "manifest.json"
+
+
+def tiny_png() -> bytes:
+    """A whole 1x1 PNG (chunks and CRCs right): what a client that checks images accepts."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))

@@ -14,9 +14,9 @@ from batcher._client import ImagesClient
 from batcher._simulator import SimulatorConfig, start_in_thread
 from batcher._writer import OutputDir
 
-from helpers import KEY, manifest, write_job
+from helpers import KEY, manifest, tiny_png, write_job
 
-PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32).decode()
+PNG = base64.b64encode(tiny_png()).decode()
 
 
 @pytest.fixture

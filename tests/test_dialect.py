@@ -20,7 +20,9 @@ from batcher._dialect import (
 )
 from batcher._exceptions import PermanentError, TransientError
 
-PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32).decode()
+from helpers import tiny_png
+
+PNG = base64.b64encode(tiny_png()).decode()
 AZ = {"api_version": "2025-04-01-preview"}
 BASE = {"model": "grok-imagine", "prompt": "a koi", "size": "1024x1024", "n": 1, "response_format": "b64_json"}
 
