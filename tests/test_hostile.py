@@ -71,12 +71,7 @@ def test_a_well_behaved_answer_is_saved(tmp_path, server):
     assert record["status"] == "done" and whole_png((out / record["images"][0]["file"]).read_bytes())
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param("nested-json", marks=pytest.mark.xfail(
-        strict=True, reason="issue 15 #1: JSON nested 5,000 deep raises RecursionError out of the run")),
-    pytest.param("nested-data", marks=pytest.mark.xfail(
-        strict=True, reason="issue 15 #1: `data` nested 5,000 deep raises RecursionError out of the run")),
-])
+@pytest.mark.parametrize("mode", ["nested-json", "nested-data"])  # issue 15 #1
 def test_deeply_nested_json_is_that_items_malformed_answer(tmp_path, server, mode):
     proc, out = run_mode(tmp_path, server, mode)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -85,12 +80,7 @@ def test_deeply_nested_json_is_that_items_malformed_answer(tmp_path, server, mod
     assert record["error"]["kind"] == "transient" and record["error"]["code"] == "malformed_response"
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param("truncated-png", marks=pytest.mark.xfail(
-        strict=True, reason="issue 15 #11: a truncated PNG is saved and recorded as done (magic bytes only)")),
-    pytest.param("png-html", marks=pytest.mark.xfail(
-        strict=True, reason="issue 15 #11: PNG magic + HTML is saved and recorded as done (magic bytes only)")),
-])
+@pytest.mark.parametrize("mode", ["truncated-png", "png-html"])  # issue 15 #11
 def test_an_image_that_is_not_whole_is_never_recorded_done(tmp_path, server, mode):
     proc, out = run_mode(tmp_path, server, mode)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -181,7 +171,6 @@ def test_a_body_that_never_ends_is_cut_by_the_attempt_deadline(tmp_path, server)
     assert server.hits["endless-body"] - before == 2
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 #16: a dripping URL download takes 3 x 120 s regardless of --timeout")
 def test_a_dripping_download_is_cut_by_the_attempt_deadline(tmp_path, server):
     proc, out = run_mode(tmp_path, server, "drip-url")
     assert proc.returncode == 1, proc.stderr[-2000:]
