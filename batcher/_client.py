@@ -11,7 +11,7 @@ from __future__ import annotations
 import binascii
 import os
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,9 +99,12 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
         # made on first use: an aiohttp session belongs to the running event loop
         connector = aiohttp.TCPConnector(limit=max(1, self._max_connections), limit_per_host=0,
                                          keepalive_timeout=60)
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(_headers_sent)
         return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
                                      skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-                                     cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None))
+                                     cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None),
+                                     trace_configs=[trace])
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._session is None:
@@ -112,7 +115,8 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
             resp = await self._session.request(
                 request.method, str(request.url), data=request.content or None, allow_redirects=False,
                 headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
-                timeout=timeout, ssl=self._tls() if request.url.scheme == "https" else True)
+                timeout=timeout, ssl=self._tls() if request.url.scheme == "https" else True,
+                trace_request_ctx=request.extensions.get(ON_SENT))
         return httpx.Response(resp.status, headers=resp.raw_headers, stream=_AiohttpStream(resp),
                               extensions={"http_version": b"HTTP/1.1"})
 
@@ -120,6 +124,17 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+ON_SENT = "batcher.on_sent"  # a request extension: called when the request's headers are on the wire
+
+
+async def _headers_sent(session: Any, ctx: Any, params: Any) -> None:
+    # the rate limiter stamps a send when it really leaves: a request that waited for a connection
+    # is counted by the server later than it was granted, and the next window must start from then
+    on_sent = ctx.trace_request_ctx
+    if callable(on_sent):
+        on_sent()
 
 
 class _AiohttpStream(httpx.AsyncByteStream):
@@ -213,10 +228,11 @@ class ImagesClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def generate(self, body: dict[str, Any]) -> Generation:
+    async def generate(self, body: dict[str, Any], on_sent: Callable[[], None] | None = None) -> Generation:
         """Send one generation request; raise a classified RequestError on any failure.
 
         `body` holds batcher's canonical fields; the dialect turns it into what is sent.
+        `on_sent` is called when the request's headers are on the wire (the rate limiter's stamp).
         """
         try:
             prepared = self.dialect.prepare(body, self.options)
@@ -226,7 +242,7 @@ class ImagesClient:
         headers = {**prepared.headers, **self._auth} if prepared.headers else self._auth
         try:
             async with self._http.stream("POST", url, params=prepared.params or None, json=prepared.body,
-                                         headers=headers) as resp:
+                                         headers=headers, extensions={ON_SENT: on_sent} if on_sent else None) as resp:
                 _refuse_stream(resp)
                 raw = await self._read_capped(resp)
         except httpx.TimeoutException as exc:

@@ -643,7 +643,7 @@ class _Runner:
             body["n"] = wanted
         try:
             with anyio.fail_after(self.deadline):
-                gen = await ep.client.generate(body)
+                gen = await ep.client.generate(body, on_sent=permit.sent)  # re-stamped on the wire
         except TimeoutError:
             raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
         except RequestError as exc:

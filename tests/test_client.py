@@ -111,3 +111,27 @@ def test_disk_full_stops_cleanly_with_exit_4_and_rerun_completes(tmp_path, monke
         assert main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet"]) == 0
     assert manifest(out)["summary"]["done"] == 12
     assert not [p for p in (out / "images").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_on_sent_fires_once_when_the_request_is_on_the_wire_and_never_for_a_refused_connection():
+    """The limiter's send stamp comes from the wire: after a connection wait, not at the grant."""
+    import anyio
+
+    with start_in_thread(SimulatorConfig(latency_ms=50)) as sim:
+        async def main_() -> tuple[list[float], float, list[float]]:
+            stamps: list[float] = []
+            async with ImagesClient(sim.base_url, KEY) as good:
+                began = anyio.current_time()
+                gen = await good.generate({"model": "m", "prompt": "p", "size": "8x8"},
+                                          on_sent=lambda: stamps.append(anyio.current_time()))
+                answered = anyio.current_time()
+                assert gen.images and len(stamps) == 1 and began <= stamps[0] <= answered - 0.04
+            refused_stamps: list[float] = []
+            async with ImagesClient("http://127.0.0.1:9/v1", KEY) as refused:
+                with pytest.raises(TransientError):
+                    await refused.generate({"model": "m", "prompt": "p"},
+                                           on_sent=lambda: refused_stamps.append(0.0))
+            return stamps, answered, refused_stamps
+
+        stamps, _, refused_stamps = anyio.run(main_)
+    assert len(stamps) == 1 and refused_stamps == []
