@@ -338,6 +338,14 @@ def _plan_shards(job: Any, args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from ._store import merge, open_store
 
+    local = Path(args.out)
+    if "://" not in str(args.out) and (local / "manifest.d").is_dir() and not (local / "segments").is_dir():
+        from ._segments import write_single  # a large local output: its segments as one manifest.json
+
+        summary = write_single(local)
+        print(f"{local / 'manifest.json'}: {summary['total']} items: {summary['done']} done, "
+              f"{summary['failed']} failed, {summary['pending']} pending (the next run removes it: stale)")
+        return EXIT_OK
     store = open_store(args.out)
     if args.job:
         job = load_job(args.job)

@@ -150,12 +150,15 @@ class Journal:
     >>> journal.entries.get(item_id)
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, checkpoint: bool = False) -> None:
         self.path = path
+        self.use_checkpoint = checkpoint  # resume from OUT/.checkpoint.sqlite (see _checkpoint)
+        self.checkpoint: Any = None
         self.entries: dict[str, Entry] = {}
         self.runs: list[dict[str, Any]] = []
         self.torn_line: int | None = None
         self.glued_lines: list[int] = []
+        self.loaded_end = 0
         self._fd: int | None = None
         self._lock = threading.Lock()
         self._dirty = False
@@ -164,16 +167,16 @@ class Journal:
         self.redact: Callable[[str], str] | None = None  # masks the run's keys in every line written
 
     @classmethod
-    def open(cls, path: Path) -> Journal:
-        journal = cls(path)
+    def open(cls, path: Path, checkpoint: bool = False) -> Journal:
+        journal = cls(path, checkpoint)
         journal._load()
         journal._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         return journal
 
     @classmethod
-    def read(cls, path: Path) -> Journal:
+    def read(cls, path: Path, checkpoint: bool = False) -> Journal:
         """Load without opening for writing (status, reports)."""
-        journal = cls(path)
+        journal = cls(path, checkpoint)
         journal._load(repair=False)
         return journal
 
@@ -188,22 +191,42 @@ class Journal:
                 raise ManifestError(f"{self.path}: is a symbolic link; batcher only writes its own journal "
                                     f"file (remove the link)") from None
             raise ManifestError(f"{self.path}: can't read the journal: {exc.strerror}") from None
-        good_end = 0
+        good_end = start = self._resume() if self.use_checkpoint else 0
         with fh:
+            fh.seek(start)
             records = RecordLines(fh, str(self.path), advice="; the file was not written by batcher or was "
                                   "edited. Move it away to start over (images stay in place).")
-            for lineno, (start, end, rec) in enumerate(records, 1):
-                good_end = end
+            for lineno, (begin, end, rec) in enumerate(records, 1):
+                good_end = start + end
                 try:
-                    self._apply(rec, start)
+                    self._apply(rec, start + begin)
                 except (KeyError, TypeError, ValueError):
                     raise ManifestError(f"{self.path}:{lineno}: a {rec.get('t')!r} record with missing or "
                                         f"wrongly typed fields (edited by hand?); fix or remove that line") from None
+        self.loaded_end = good_end  # what was read at open (a checkpoint's files were checked up to here)
         self.torn_line = records.torn_line  # a kill mid-write: tolerated, reported, cut off
         self.glued_lines = records.glued_lines
         if self.torn_line is not None and repair:
             with open(self.path, "r+b") as wfh:
                 wfh.truncate(good_end)
+
+    def _resume(self) -> int:
+        """Load the checkpoint's state if it still matches the journal; return the offset to read on from.
+
+        A missing or stale checkpoint is built first (streaming, in bounded memory); if it can't be
+        written (a read-only folder), the whole journal is replayed as before.
+        """
+        from ._checkpoint import Checkpoint, SnapshotEntries, refresh
+
+        cp = Checkpoint.open(self.path)
+        if cp is None and refresh(self.path) is not None:
+            cp = Checkpoint.open(self.path)
+        if cp is None:
+            return 0
+        self.checkpoint = cp
+        self.entries = SnapshotEntries(cp)  # type: ignore[assignment]
+        self.runs = cp.runs()
+        return cp.offset
 
     def _apply(self, rec: dict[str, Any], offset: int) -> None:
         kind = rec["t"]
@@ -216,6 +239,7 @@ class Journal:
                 prev.attempts = max(prev.attempts, int(rec.get("attempt", 0)))
                 if prev.status != "done":
                     prev.status = "pending"
+                self.entries[item_id] = prev  # a checkpoint-backed mapping keeps only what is set
             else:
                 self.entries[item_id] = Entry("pending", rec.get("rhash", ""), int(rec.get("attempt", 0)), -1)
         elif kind == "item":
@@ -291,6 +315,9 @@ class Journal:
                 pass  # every record was written; only their durability across a power cut is lost
             os.close(self._fd)
             self._fd = None
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+            self.checkpoint = None
 
     # -- reading records back -------------------------------------------------------------
 
@@ -418,6 +445,10 @@ def iter_manifest(path: Path) -> tuple[dict[str, Any], _Items]:
     when the items are exhausted (or the iterator is closed).
     """
     path = Path(path)
+    if path.name == "manifest.json" and not path.exists():
+        segmented = _iter_segmented(path.parent)
+        if segmented is not None:
+            return segmented
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
@@ -443,6 +474,17 @@ def iter_manifest(path: Path) -> tuple[dict[str, Any], _Items]:
         fh.close()
         raise
     return header, _Items(_manifest_items(path, fh), fh)
+
+
+def _iter_segmented(root: Path) -> tuple[dict[str, Any], _Items] | None:
+    """A large output's manifest kept as segments (see _segments), read as if it were manifest.json."""
+    from ._segments import iter_segments, read_index
+
+    index = read_index(root)
+    if index is None:
+        return None
+    header: dict[str, Any] = {k: index[k] for k in ("version", "job", "summary") if k in index}
+    return header, _Items(iter_segments(root, index), open(os.devnull, "rb"))
 
 
 class _Items(Iterator[dict[str, Any]]):

@@ -35,6 +35,7 @@ from ._exceptions import (
 )
 from ._ids import safe_stem
 from ._job import MAX_CONCURRENCY, Endpoint, Item, Job, is_openai_host
+from ._layout import SEGMENTS, Layout, decide_layout
 from ._limiter import ConcurrencyController, RateLimiter
 from ._manifest import Journal, count_items, needs_run, utc_now, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
@@ -239,13 +240,17 @@ class _Runner:
         self._missing: set[str] = set()
         self.redact = Redactor()
         self._have: dict[str, tuple[list[dict[str, Any]], float | None]] = {}  # short items: images, cost so far
+        self._files_checked = False  # every done entry the checkpoint hasn't verified was checked
+        self._items_digest = hashlib.sha256()  # the job's (id, rhash) list: manifest.json's input
+        self.layout = Layout()
 
     # -- setup ------------------------------------------------------------------------------
 
     def _open_journal(self) -> Journal:
         if self.sharded is not None:
             self.sharded.rebuild_journal(self.out.journal)  # what every machine finished, for this shard
-        journal = Journal.open(self.out.journal)
+        # a local output resumes from its checkpoint; a shard's journal is rebuilt from segments each run
+        journal = Journal.open(self.out.journal, checkpoint=self.sharded is None)
         if journal.glued_lines:
             self.reporter.log(f"{self.out.journal}:{journal.glued_lines[0]}: {len(journal.glued_lines)} line(s) hold a "
                               f"record cut short by a full disk, then a whole one; the whole ones were kept",
@@ -276,8 +281,10 @@ class _Runner:
         """Done items whose files vanished or are short (a lost disk write) run again."""
         if not self.out.journal.exists():
             return
+        entries = getattr(self.journal.entries, "unverified", None)  # a checkpoint: only what it hasn't seen
+        self._files_checked = True
         with open(self.out.journal, "rb") as fh:
-            for item_id, entry in self.journal.entries.items():
+            for item_id, entry in (entries() if entries is not None else self.journal.entries.items()):
                 if entry.status != "done":
                     continue
                 rec = self.journal.record(item_id, fh)
@@ -312,6 +319,7 @@ class _Runner:
                     digest.update(fingerprint_line(item.id, item.rhash))
                 if shard is not None and not shard.contains(item.id):
                     continue
+                self._items_digest.update(f"{item.id}\t{item.rhash}\n".encode())
                 total += 1
                 if self._needs_run(item):
                     todo += 1
@@ -322,6 +330,9 @@ class _Runner:
                             f"--max-cost needs a price for every item; none matches model="
                             f"{item.body.get('model')!r} size={item.body.get('size')!r} "
                             f"quality={item.body.get('quality')!r}")])
+            if self.sharded is None:  # decided once per output (a shard's files follow the store's layout)
+                self.layout = decide_layout(self.out.root, total, fresh=not self.journal.runs)
+                self.out.layout = self.layout.images
             if self.sharded is not None and self.sharded.shard.count > 1:
                 self.sharded.check_plan("sha256:" + digest.hexdigest())
             if self.sharded is not None:
@@ -845,17 +856,29 @@ class _Runner:
     async def _finish(self, started: float) -> RunResult:
         with anyio.CancelScope(shield=True):
             job_meta = {"name": self.job.name, "file": str(self.job.path)}
+            manifest_ok = True
             try:
-                summary = await anyio.to_thread.run_sync(
-                    write_manifest, self.journal, self.out.manifest, job_meta, self.job.items)
+                kept = await anyio.to_thread.run_sync(self._unchanged_manifest) if not self.requests else None
+                if kept is not None:
+                    summary = kept
+                elif self.layout.manifest == SEGMENTS:
+                    from ._segments import write_segments
+
+                    summary = await anyio.to_thread.run_sync(
+                        write_segments, self.journal, self.out.root, job_meta, self.job.items)
+                else:
+                    summary = await anyio.to_thread.run_sync(
+                        write_manifest, self.journal, self.out.manifest, job_meta, self.job.items)
             except JobError as exc:  # changed during the run: its items are unknown, the journal is not
                 self.reporter.log(f"{self.out.manifest} not rewritten: {exc}", level="error")
+                manifest_ok = False
                 summary = self._journal_summary()
                 if self.fatal is None:
                     self.fatal = FatalError(str(exc), code="job_changed")
             except OSError as exc:
                 self.reporter.log(f"can't write {self.out.manifest}: {exc.strerror}; the journal is intact "
                                   f"and the next run rebuilds it", level="error")
+                manifest_ok = False
                 # the journal in memory still knows every result: count from it, not zeros
                 try:
                     summary = await anyio.to_thread.run_sync(count_items, self.journal, self.job.items)
@@ -869,6 +892,8 @@ class _Runner:
                                          "endpoints": self._endpoint_stats()})
                 except OSError:
                     pass
+            if self.sharded is None:
+                await anyio.to_thread.run_sync(self._save_checkpoint, summary, manifest_ok)
             merged = None
             if self.sharded is not None and self.claim_skipped and summary["pending"]:
                 try:  # a twin worker on this index may have finished what we skipped
@@ -933,6 +958,35 @@ class _Runner:
             summary["total"] += 1
             summary[entry.status if entry.status in ("done", "failed") else "pending"] += 1
         return summary
+
+    def _unchanged_manifest(self) -> dict[str, int] | None:
+        """manifest.json's summary if neither the job's items nor the journal changed since it was written."""
+        from ._checkpoint import manifest_current
+
+        return manifest_current(self.out.journal, self._manifest_file(), self._items_digest.hexdigest())
+
+    def _manifest_file(self) -> Path:
+        if self.layout.manifest == SEGMENTS:
+            from ._segments import INDEX, SEGMENT_DIR
+
+            return self.out.root / SEGMENT_DIR / INDEX
+        return self.out.manifest
+
+    def _save_checkpoint(self, summary: dict[str, int], manifest_ok: bool) -> None:
+        """Bring the checkpoint up to the journal's end (best effort: the journal stays the truth).
+
+        The manifest is stamped as current only when this run wrote (or kept) it.
+        """
+        from ._checkpoint import refresh, stamp_manifest
+
+        try:
+            self.journal.sync()
+        except OSError:
+            return
+        checked = (self.journal.loaded_end, self._missing) if self._files_checked else None
+        if refresh(self.out.journal, checked=checked) is not None:
+            if manifest_ok:
+                stamp_manifest(self.out.journal, self._manifest_file(), self._items_digest.hexdigest(), summary)
 
     def _endpoint_stats(self) -> dict[str, dict[str, Any]]:
         return {e.name: {**e.stats, "cost": round(e.stats["cost"], 6), "retired": e.retired,

@@ -96,7 +96,8 @@ def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
         elif kind == "run":
             runs.append(rec.get("at", ""))
     manifest = root / "manifest.json" if root is not None else None
-    current = _current_items(manifest) if manifest is not None and manifest.is_file() else None
+    segmented = root is not None and (root / "manifest.d" / "index.json").is_file()  # see _segments
+    current = _current_items(manifest) if manifest is not None and (manifest.is_file() or segmented) else None
     if current is not None:
         # the items of the job as the last run saw it: records of ids or requests it no longer has
         # (a changed --size makes new derived ids) are history, not items

@@ -2,6 +2,7 @@
 
 Layout of `OUT`:
     OUT/images/<stem>.<ext>        one file per image (`<stem>_<k>.<ext>` when n > 1)
+    OUT/images/<ab>/<stem>.<ext>   the same, in an output fanned out over subfolders (OUT/layout.json)
     OUT/images/.tmp-*              in-progress writes; removed by the next run
     OUT/manifest.jsonl             the journal (see _manifest)
     OUT/manifest.json              the manifest, rebuilt from the journal
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._exceptions import LockedError, OutputError, PermanentError
+from ._layout import image_subdir
 
 __all__ = ["OutputDir", "SavedImage", "sniff", "image_size", "truncation"]
 
@@ -140,6 +142,8 @@ class OutputDir:
         self.manifest = self.root / "manifest.json"
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None
+        self.layout = "flat"  # or "fanout": images/<ab>/<stem>.<ext> (see _layout; set by the runner)
+        self._subdirs: set[str] = set()
 
     def refuse_foreign(self) -> None:
         """Raise OutputError unless OUT is absent, empty, or a batcher output (as `export` does).
@@ -282,8 +286,11 @@ class OutputDir:
         return self._publish(tmp, stem, index, count, kind, data)
 
     def _publish(self, tmp: Path, stem: str, index: int, count: int, kind: str, data: bytes) -> SavedImage:
-        name = self.final_name(stem, index, count, kind)
+        name = image_subdir(stem, self.layout) + self.final_name(stem, index, count, kind)
         final = self.images / name
+        if "/" in name and name[:2] not in self._subdirs:
+            final.parent.mkdir(exist_ok=True)
+            self._subdirs.add(name[:2])
         # the rename is the commit: a reader sees the whole file under its final name or nothing
         os.replace(tmp, final)
         wh = image_size(data, kind)

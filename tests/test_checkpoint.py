@@ -1,0 +1,226 @@
+"""Resume from a checkpoint: the journal's tail only; a stale, lost or corrupt checkpoint is rebuilt."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from batcher import _checkpoint
+from batcher._checkpoint import Checkpoint, checkpoint_path, refresh
+from batcher._cli import main
+from batcher._manifest import Journal
+from batcher._simulator import SimulatorConfig, start_in_thread
+from batcher._status import status
+
+from helpers import KEY, write_job
+
+PROMPTS = [
+    {"id": "a", "prompt": "A calm lake at dawn"},
+    {"id": "b", "prompt": "Two foxes", "n": 2},
+    {"id": "bad", "prompt": "something forbidden here"},
+]
+
+
+@pytest.fixture
+def sim():
+    with start_in_thread(SimulatorConfig(policy_word="forbidden")) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def key(monkeypatch):
+    monkeypatch.setenv("BATCHER_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+def run(job: Path, out: Path, sim) -> int:
+    return main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet", "--timeout", "10"])
+
+
+def line(rec: dict) -> bytes:
+    return (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+
+
+def item(item_id: str, status: str = "done", rhash: str = "h1", **extra) -> dict:
+    return {"t": "item", "id": item_id, "rhash": rhash, "status": status, "images": [], "attempts": 1,
+            "error": None, **extra}
+
+
+def journal_of(tmp_path: Path, *recs: dict) -> Path:
+    path = tmp_path / "manifest.jsonl"
+    path.write_bytes(b"".join(line(r) for r in recs))
+    return path
+
+
+def test_open_reads_the_tail_only_and_applies_it(tmp_path):
+    path = journal_of(tmp_path, {"t": "run", "job": "t", "at": "x"}, item("a"), item("b", "failed",
+                      error={"kind": "transient"}))
+    assert refresh(path) == path.stat().st_size
+    # proof that the covered prefix is not replayed: a row changed behind the journal's back shows
+    with sqlite3.connect(checkpoint_path(path)) as db:
+        db.execute("UPDATE items SET attempts = 7 WHERE id = 'a'")
+    with open(path, "ab") as fh:
+        fh.write(line({"t": "attempt", "id": "b", "rhash": "h1", "attempt": 2}))
+        fh.write(line({"t": "attempt", "id": "a", "rhash": "h1", "attempt": 9}))
+        fh.write(line(item("c")))
+    journal = Journal.read(path, checkpoint=True)
+    assert journal.checkpoint is not None
+    assert journal.entries["a"].status == "done" and journal.entries["a"].attempts == 9
+    assert journal.entries["b"].status == "pending" and journal.entries["b"].attempts == 2
+    assert journal.entries["c"].status == "done" and journal.entries["c"].offset > 0
+    assert journal.entries.get("nope") is None
+    assert [r["t"] for r in journal.runs] == ["run"]
+    journal.checkpoint.close()
+
+
+def test_refresh_covers_the_tail_and_keeps_the_latest_state(tmp_path):
+    path = journal_of(tmp_path, item("a", "failed", error={"kind": "transient", "code": "timeout"}))
+    refresh(path)
+    with open(path, "ab") as fh:
+        fh.write(line(item("a", cost=0.5, endpoint="e")))
+        fh.write(b'{"t":"item","id":"torn"')  # a kill mid-write: not covered yet
+    end = refresh(path)
+    assert end == path.stat().st_size - len(b'{"t":"item","id":"torn"')
+    cp = Checkpoint.open(path)
+    assert cp is not None and cp.offset == end
+    assert cp.get("a")[0] == "done" and cp.get("torn") is None
+    cp.close()
+
+
+@pytest.mark.parametrize("damage", ["replaced", "shorter", "garbage", "lost"])
+def test_a_stale_or_corrupt_checkpoint_is_rebuilt_from_the_journal(tmp_path, damage):
+    path = journal_of(tmp_path, item("a"), item("b"))
+    refresh(path)
+    if damage == "replaced":  # same length, other bytes: the digests tell
+        path.write_bytes(path.read_bytes().replace(b'"id":"b"', b'"id":"c"'))
+    elif damage == "shorter":
+        path.write_bytes(line(item("a")))
+    elif damage == "garbage":
+        checkpoint_path(path).write_bytes(b"not a database" * 100)
+    else:
+        checkpoint_path(path).unlink()
+    expected = {"replaced": {"a", "c"}, "shorter": {"a"}}.get(damage, {"a", "b"})
+    journal = Journal.read(path, checkpoint=True)  # rebuilt from the journal, then used
+    assert journal.checkpoint is not None and journal.checkpoint.offset == path.stat().st_size
+    assert set(journal.entries) == expected and not journal.entries.tail
+    journal.checkpoint.close()
+    cp = Checkpoint.open(path)
+    assert {r[0] for r in cp.rows()} == expected
+    cp.close()
+
+
+def test_a_folder_where_no_checkpoint_can_be_written_replays_the_journal(tmp_path, monkeypatch):
+    path = journal_of(tmp_path, item("a"), item("b", "failed", error={"kind": "permanent"}))
+    monkeypatch.setattr(_checkpoint, "_SCHEMA", "CREATE TABLE broken (")  # as sqlite failing to create it
+    journal = Journal.read(path, checkpoint=True)
+    assert journal.checkpoint is None and not checkpoint_path(path).exists()
+    assert journal.entries["b"].status == "failed" and journal.entries["a"].status == "done"
+
+
+def test_a_long_tail_is_flushed_in_chunks_with_the_same_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(_checkpoint, "FLUSH", 1)  # every row written at once; later records look it up
+    path = journal_of(tmp_path, item("a", "failed", error={"kind": "transient"}),
+                      {"t": "attempt", "id": "a", "rhash": "h1", "attempt": 3}, item("b"),
+                      {"t": "attempt", "id": "b", "rhash": "h1", "attempt": 2})
+    refresh(path)
+    cp = Checkpoint.open(path)
+    assert cp.get("a")[:3] == ("pending", "h1", 3) and cp.get("b")[:3] == ("done", "h1", 2)
+    cp.close()
+
+
+def test_a_kill_during_refresh_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = journal_of(tmp_path, item("a"))
+    first = refresh(path)
+    with open(path, "ab") as fh:
+        fh.write(line(item("b")))
+    monkeypatch.setattr(_checkpoint, "_UPSERT", "INSERT INTO no_such_table VALUES (?)")  # fails mid-transaction
+    assert refresh(path) is None
+    cp = Checkpoint.open(path)
+    assert cp is not None and cp.offset == first and cp.get("b") is None and cp.get("a")[0] == "done"
+    cp.close()
+
+
+def test_a_torn_tail_is_cut_back_to_the_last_whole_line_not_to_the_checkpoint_start(tmp_path):
+    path = journal_of(tmp_path, item("a"))
+    refresh(path)
+    whole = path.stat().st_size
+    with open(path, "ab") as fh:
+        fh.write(b'{"t":"item","id":"b"')
+    journal = Journal.open(path, checkpoint=True)
+    journal.close()
+    assert path.stat().st_size == whole and journal.torn_line is not None
+
+
+def test_runs_build_and_use_it_and_status_agrees_with_a_full_replay(tmp_path, sim):
+    job = write_job(tmp_path / "job.yaml", PROMPTS, defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    assert run(job, out, sim) == 1  # one policy failure
+    assert checkpoint_path(out / "manifest.jsonl").is_file()
+    job = write_job(tmp_path / "job.yaml", [*PROMPTS, {"id": "c", "prompt": "A new one"}],
+                    defaults={"size": "16x16"})
+    assert run(job, out, sim) == 1
+    requests = sim.stats()["requests"]
+    assert run(job, out, sim) == 1 and sim.stats()["requests"] == requests  # nothing new to send
+    with_checkpoint = status(out)
+    cp = Checkpoint.open(out / "manifest.jsonl")
+    assert cp is not None and cp.offset == (out / "manifest.jsonl").stat().st_size
+    cp.close()
+    checkpoint_path(out / "manifest.jsonl").unlink()
+    replayed = status(out)
+    assert with_checkpoint == replayed
+    assert replayed["done"] == 3 and replayed["failed"] == 1 and replayed["images_on_disk"] == 4
+
+
+def test_unchanged_rerun_keeps_manifest_json_and_a_changed_job_rewrites_it(tmp_path, sim):
+    job = write_job(tmp_path / "job.yaml", PROMPTS[:2], defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    assert run(job, out, sim) == 0
+    assert run(job, out, sim) == 0  # verifies the first run's files
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert run(job, out, sim) == 0
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    write_job(tmp_path / "job.yaml", [PROMPTS[0]], defaults={"size": "16x16"})  # an item left the job
+    assert run(job, out, sim) == 0
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["summary"]["total"] == 1 and [i["id"] for i in doc["items"]] == ["a"]
+
+
+def test_files_lost_after_a_run_are_found_by_the_next_one(tmp_path, sim):
+    job = write_job(tmp_path / "job.yaml", PROMPTS[:2], defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    assert run(job, out, sim) == 0
+    cp = Checkpoint.open(out / "manifest.jsonl")
+    assert {r[0]: r[12] for r in cp.rows()} == {"a": 0, "b": 0}  # written, not yet seen by a later run
+    cp.close()
+    (out / "images" / "a.png").unlink()  # e.g. a power cut before the data reached the disk
+    requests = sim.stats()["requests"]
+    assert run(job, out, sim) == 0
+    assert sim.stats()["requests"] == requests + 1 and (out / "images" / "a.png").is_file()
+    cp = Checkpoint.open(out / "manifest.jsonl")
+    assert {r[0]: r[12] for r in cp.rows()} == {"a": 0, "b": 1}  # b checked; a is new again
+    cp.close()
+
+
+def test_a_manifest_that_could_not_be_written_is_not_stamped_current(tmp_path, sim, monkeypatch):
+    import errno
+
+    from batcher import _runner
+
+    job = write_job(tmp_path / "job.yaml", PROMPTS[:1], defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    assert run(job, out, sim) == 0
+    write_job(job, PROMPTS[:2], defaults={"size": "16x16"})
+    real = _runner.write_manifest
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_runner, "write_manifest", disk_full)
+    assert run(job, out, sim) == 4
+    monkeypatch.setattr(_runner, "write_manifest", real)
+    assert run(job, out, sim) == 0  # sends nothing, but must write the manifest the last run couldn't
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["summary"] == {"total": 2, "done": 2, "failed": 0, "pending": 0}
