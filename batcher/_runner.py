@@ -213,6 +213,11 @@ def _refuse_planned(root: Path) -> None:
                          f"(or the launcher's index variable with --shards N)")
 
 
+# Below this many journaled items a run checks every done item's files (a few ms per thousand);
+# above it only those no earlier run has checked, so a rerun's cost does not grow with what is done.
+FULL_FILE_CHECK_BELOW = 10_000
+
+
 class _Runner:
     def __init__(self, job: Job, options: RunOptions, out: OutputDir, reporter: Reporter,
                  sharded: Any = None) -> None:
@@ -282,6 +287,8 @@ class _Runner:
         if not self.out.journal.exists():
             return
         entries = getattr(self.journal.entries, "unverified", None)  # a checkpoint: only what it hasn't seen
+        if entries is not None and len(self.journal.entries) < FULL_FILE_CHECK_BELOW:
+            entries = None  # a small output checks every file every run: a file deleted by hand still runs again
         self._files_checked = True
         with open(self.out.journal, "rb") as fh:
             for item_id, entry in (entries() if entries is not None else self.journal.entries.items()):

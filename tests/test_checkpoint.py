@@ -224,3 +224,24 @@ def test_a_manifest_that_could_not_be_written_is_not_stamped_current(tmp_path, s
     assert run(job, out, sim) == 0  # sends nothing, but must write the manifest the last run couldn't
     doc = json.loads((out / "manifest.json").read_text())
     assert doc["summary"] == {"total": 2, "done": 2, "failed": 0, "pending": 0}
+
+
+def test_a_small_output_checks_every_file_every_run_large_ones_only_unchecked(tmp_path, sim, monkeypatch):
+    """A file deleted by hand after several reruns is still found below FULL_FILE_CHECK_BELOW items;
+    above it, items a run already checked are not stat'ed again (a rerun's cost must not grow with N)."""
+    import batcher._runner as runner
+
+    job = write_job(tmp_path / "job.yaml", PROMPTS[:2], defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    for _ in range(3):  # the second run checks the first's files; the third trusts the checkpoint
+        assert run(job, out, sim) == 0
+    (out / "images" / "a.png").unlink()
+    requests = sim.stats()["requests"]
+    assert run(job, out, sim) == 0
+    assert sim.stats()["requests"] == requests + 1 and (out / "images" / "a.png").is_file()
+    assert run(job, out, sim) == 0  # now a is checked again too
+    monkeypatch.setattr(runner, "FULL_FILE_CHECK_BELOW", 1)  # as if the output were large
+    (out / "images" / "a.png").unlink()
+    requests = sim.stats()["requests"]
+    assert run(job, out, sim) == 0
+    assert sim.stats()["requests"] == requests and not (out / "images" / "a.png").exists()
