@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default: the job's `output`, else output/<job name>)")
     r.add_argument("--base-url", help="API base URL (default: the job's, $BATCHER_BASE_URL, then the seed gateway)")
     r.add_argument("--api-key-env", metavar="NAME",
-                   help="environment variable holding the key (default: BATCHER_API_KEY, then OPENAI_API_KEY)")
+                   help="environment variable holding the key (default: BATCHER_API_KEY, then OPENAI_API_KEY for api.openai.com only)")
     r.add_argument("--concurrency", type=_concurrency,
                    help=f"requests in flight per endpoint, 1-{MAX_CONCURRENCY} (default: job's, else 16)")
     r.add_argument("--rpm", type=_positive_float, help="requests per minute to stay under (default: learn it)")
