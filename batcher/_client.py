@@ -28,7 +28,7 @@ import pybase64
 from . import __version__
 from ._dialect import DEFAULT_DIALECT, Dialect, DialectError
 from ._exceptions import PermanentError, RequestError, TransientError
-from ._policy import answer_refusal, classify
+from ._policy import RetryPolicy, answer_refusal, classify
 from ._writer import sniff, truncation
 
 __all__ = ["ImagesClient", "Generation", "GeneratedImage", "Timeouts", "REVISED_PROMPT_MAX"]
@@ -127,6 +127,11 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
 
 
 ON_SENT = "batcher.on_sent"  # a request extension: called when the request's headers are on the wire
+
+
+# a failed image download is fetched again (never generated again): the one backoff formula,
+# with a short ceiling since the image is already paid for and its URL may expire
+DOWNLOAD_RETRY = RetryPolicy(max_attempts=3, base=0.5, cap=5.0)
 
 
 async def _headers_sent(session: Any, ctx: Any, params: Any) -> None:
@@ -333,7 +338,7 @@ class ImagesClient:
             headers=headers,
         )
 
-    async def download(self, url: str, dest: Path, *, attempts: int = 3) -> None:
+    async def download(self, url: str, dest: Path, *, attempts: int = DOWNLOAD_RETRY.max_attempts) -> None:
         """Stream an image URL to `dest`, checking scheme, size, type and that the image is whole.
 
         Retried as a download (never by generating again), every attempt within one deadline
@@ -355,7 +360,7 @@ class ImagesClient:
                     raise
                 _unlink(dest)
                 if attempt < attempts:
-                    await anyio.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
+                    await anyio.sleep(DOWNLOAD_RETRY.delay(attempt, retry_after=last.retry_after))
         _unlink(dest)
         if scope.cancelled_caught:
             raise TransientError(f"image download from {urlsplit(url).hostname or '?'} not finished within "
