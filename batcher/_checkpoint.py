@@ -27,11 +27,11 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._manifest import Entry
+from ._records import Entry, replay
 
 __all__ = ["Checkpoint", "SnapshotEntries", "refresh", "checkpoint_path", "SCHEMA_VERSION"]
 
@@ -158,7 +158,7 @@ def _discard(path: Path) -> None:
             pass
 
 
-def _entry(row: tuple[Any, ...]) -> Entry:
+def _entry(row: Sequence[Any]) -> Entry:
     return Entry(row[0], row[1], row[2], row[3], row[4])
 
 
@@ -211,29 +211,49 @@ def _code(err: dict[str, Any]) -> Any:
     return err.get("code") or (f"http_{err['status']}" if err.get("status") else err.get("kind"))
 
 
-def _apply(rows: dict[str, list[Any]], rec: dict[str, Any], offset: int, lookup: Any) -> None:
-    """Apply one journal record to the tail's rows, by the rules of `Journal._apply`."""
-    kind = rec.get("t")
-    if kind == "attempt":
-        item_id = rec["id"]
-        prev = rows.get(item_id)
-        if prev is None:
-            found = lookup(item_id)
-            prev = list(found) if found is not None else None
-        if prev is not None and prev[1] == rec.get("rhash"):
-            prev[2] = max(prev[2], int(rec.get("attempt", 0)))
-            if prev[0] != "done":
-                prev[0] = "pending"
-            rows[item_id] = prev
-        else:
-            rows[item_id] = ["pending", rec.get("rhash", ""), int(rec.get("attempt", 0)), -1, None, None, None,
-                             None, None, 0, 0, 0]
-    elif kind == "item":
+_decode = json.JSONDecoder().decode
+_NO_DETAILS = (None, None, None, None, 0, 0, 0)  # code .. verified of an item with no item line yet
+
+
+class _Tail:
+    """The rows a refresh changes, before they are flushed; `current` finds an item's entry for `replay`."""
+
+    def __init__(self, lookup: Any) -> None:
+        self.rows: dict[str, list[Any]] = {}
+        self.lookup = lookup  # the checkpoint's row of an id (it sees the rows flushed in this transaction)
+        self.prev: Entry | None = None  # the entry `current` last gave, and its row
+        self.prev_row: list[Any] | None = None
+
+    def current(self, item_id: str) -> Entry | None:
+        row = self.rows.get(item_id)
+        if row is None:
+            found = self.lookup(item_id)
+            row = list(found) if found is not None else None
+        self.prev_row = row
+        self.prev = _entry(row) if row is not None else None
+        return self.prev
+
+
+def _apply(tail: _Tail, rec: dict[str, Any], offset: int) -> None:
+    """Apply one journal record to the tail's rows: `_records.replay`'s entry, plus the row's details.
+
+    The details (failure code and message, endpoint, cost, images, bytes, verified) come from an item
+    record; an attempt that continues an entry keeps its row's, a fresh one has none.
+    """
+    entry = replay(rec, offset, tail.current)  # for an attempt, tail.prev is what it continued, if anything
+    if entry is None:
+        return
+    head = [entry.status, entry.rhash, entry.attempts, entry.offset, entry.error_kind]
+    if rec["t"] == "item":
         err = rec.get("error") or {}
         images = rec.get("images") or []
-        rows[rec["id"]] = [rec["status"], rec.get("rhash", ""), int(rec.get("attempts", 0)), offset, err.get("kind"),
-                           _code(err), err.get("message"), rec.get("endpoint"), rec.get("cost"), len(images),
-                           sum(int(i.get("bytes") or 0) for i in images), 0]
+        head += (_code(err), err.get("message"), rec.get("endpoint"), rec.get("cost"), len(images),
+                 sum(int(i.get("bytes") or 0) for i in images), 0)
+    elif entry is tail.prev and tail.prev_row is not None:
+        head += tail.prev_row[5:]
+    else:
+        head += _NO_DETAILS
+    tail.rows[rec["id"]] = head
 
 
 def refresh(journal: Path, *, checked: tuple[int, set[str]] | None = None) -> int | None:
@@ -265,7 +285,8 @@ def refresh(journal: Path, *, checked: tuple[int, set[str]] | None = None) -> in
 def _refresh(cp: Checkpoint, checked: tuple[int, set[str]] | None) -> int | None:
     """Apply the journal past the checkpoint in one transaction, flushing rows as it goes (bounded memory)."""
     db = cp.db
-    rows: dict[str, list[Any]] = {}
+    changed = _Tail(cp.get)
+    rows = changed.rows
     runs: list[str] = []
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -276,15 +297,15 @@ def _refresh(cp: Checkpoint, checked: tuple[int, set[str]] | None) -> int | None
                 if not raw.endswith(b"\n"):
                     break  # a torn last line: covered once it is whole (or cut off by the next run)
                 try:
-                    rec = json.loads(raw)
-                except ValueError:
+                    rec = _decode(raw.decode())  # json.loads without its per-call encoding sniffing
+                except ValueError:  # UnicodeDecodeError included
                     break
                 if not isinstance(rec, dict):
                     break
                 if rec.get("t") in ("run", "end"):
                     runs.append(raw.decode().strip())
                 else:
-                    _apply(rows, rec, end, cp.get)  # sees the rows flushed earlier in this transaction
+                    _apply(changed, rec, end)  # sees the rows flushed earlier in this transaction
                     if len(rows) >= FLUSH:
                         _flush(db, rows)
                 end += len(raw)

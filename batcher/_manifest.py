@@ -1,8 +1,8 @@
 """The manifest: an append-only journal (`manifest.jsonl`) and the `manifest.json` built from it.
 
-Journal records, one JSON object per line:
+Journal records, one JSON object per line, are defined, built and replayed in `_records`:
     {"t": "run", "job": NAME, "job_file": PATH, "at": ISO, "pid": N}       a run started
-    {"t": "attempt", "id": ID, "rhash": H, "attempt": K, "at": ISO}         written BEFORE sending
+    {"t": "attempt", "id": ID, "rhash": H, "attempt": K, "endpoint": E, "at": ISO}   written BEFORE sending
     {"t": "item", "id": ID, "rhash": H, "status": "done"|"failed", ...}     an item finished
     {"t": "end", "at": ISO, "summary": {...}}                              a run ended
 
@@ -22,13 +22,12 @@ import json
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ._exceptions import ManifestError
+from ._records import Entry, check_fields, replay, utc_now
 
 __all__ = ["Journal", "Entry", "RecordLines", "needs_run", "write_manifest", "count_items", "iter_manifest", "utc_now", "MANIFEST_VERSION"]
 
@@ -38,21 +37,6 @@ _TORN_START = re.compile(rb'\{\s*(?:"(?:t(?:"\s*(?::|$))?)?)?$|\{\s*"t"\s*:')
 
 
 _write = os.write  # tests swap it to play a disk that fills up
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(slots=True)
-class Entry:
-    """What the journal says of one item."""
-
-    status: str  # done | failed | pending (attempted, never finished)
-    rhash: str
-    attempts: int
-    offset: int  # byte offset of the latest `item` line, or -1
-    error_kind: str | None = None
 
 
 class RecordLines:
@@ -118,20 +102,6 @@ def _glued_record(raw: bytes) -> tuple[int, dict[str, Any]] | None:
     return None
 
 
-def _check_fields(rec: dict[str, Any]) -> None:
-    """Raise ValueError when an item or attempt record does not have the types batcher writes."""
-    if not isinstance(rec.get("id"), str) or not isinstance(rec.get("rhash", ""), str):
-        raise ValueError("id and rhash must be strings")
-    count = rec.get("attempt" if rec["t"] == "attempt" else "attempts", 0)
-    if not isinstance(count, int) or isinstance(count, bool):
-        raise ValueError("attempts must be an integer")
-    if rec["t"] == "item":
-        if rec.get("status") not in ("done", "failed"):
-            raise ValueError("status must be done or failed")
-        if not isinstance(rec.get("error") or {}, dict) or not isinstance(rec.get("images") or [], list):
-            raise ValueError("error must be an object, images a list")
-
-
 def needs_run(entry: Entry | None, rhash: str, retry_failed: bool = False) -> bool:
     """Whether an item must be sent again, given what the journal says of it."""
     if entry is None or entry.rhash != rhash:
@@ -163,7 +133,7 @@ class Journal:
         self._lock = threading.Lock()
         self._dirty = False
         self._torn_at: int | None = None  # a failed append left bytes past this offset
-        self.mirror: Callable[[dict[str, Any]], None] | None = None  # e.g. a shard's segment writer
+        self.mirror: Callable[[Mapping[str, Any]], None] | None = None  # e.g. a shard's segment writer
         self.redact: Callable[[str], str] | None = None  # masks the run's keys in every line written
 
     @classmethod
@@ -228,31 +198,19 @@ class Journal:
         self.runs = cp.runs()
         return cp.offset
 
-    def _apply(self, rec: dict[str, Any], offset: int) -> None:
+    def _apply(self, rec: Mapping[str, Any], offset: int) -> None:
         kind = rec["t"]
         if kind in ("attempt", "item"):
-            _check_fields(rec)
-        if kind == "attempt":
-            item_id = rec["id"]
-            prev = self.entries.get(item_id)
-            if prev is not None and prev.rhash == rec.get("rhash"):
-                prev.attempts = max(prev.attempts, int(rec.get("attempt", 0)))
-                if prev.status != "done":
-                    prev.status = "pending"
-                self.entries[item_id] = prev  # a checkpoint-backed mapping keeps only what is set
-            else:
-                self.entries[item_id] = Entry("pending", rec.get("rhash", ""), int(rec.get("attempt", 0)), -1)
-        elif kind == "item":
-            err = rec.get("error") or {}
-            self.entries[rec["id"]] = Entry(
-                rec["status"], rec.get("rhash", ""), int(rec.get("attempts", 0)), offset, err.get("kind")
-            )
+            check_fields(rec)
+        entry = replay(rec, offset, self.entries.get)
+        if entry is not None:
+            self.entries[rec["id"]] = entry  # a checkpoint-backed mapping keeps only what is set
         elif kind in ("run", "end"):
-            self.runs.append(rec)
+            self.runs.append(dict(rec))
 
     # -- writing ------------------------------------------------------------------------
 
-    def append(self, rec: dict[str, Any]) -> None:
+    def append(self, rec: Mapping[str, Any]) -> None:
         """Append one record with a single write(2). Thread-safe.
 
         A failed write (disk full) may leave part of the line behind: it is cut off before this

@@ -37,9 +37,18 @@ from ._ids import safe_stem
 from ._job import MAX_CONCURRENCY, Endpoint, Item, Job, is_openai_host
 from ._layout import SEGMENTS, Layout, decide_layout
 from ._limiter import ConcurrencyController, RateLimiter
-from ._manifest import Journal, count_items, needs_run, utc_now, write_manifest
+from ._manifest import Journal, count_items, needs_run, write_manifest
 from ._plan import Budget, BudgetLimits, PriceTable, endpoint_prices, item_price
 from ._policy import POLICY_CODES, Fail, FailureState, Hold, Retire, RetryPolicy, decide
+from ._records import (
+    Record,
+    attempt_record,
+    done_record,
+    end_record,
+    failed_record,
+    run_record,
+    short_record,
+)
 from ._redact import Redactor
 from ._report import Reporter
 from ._route import BreakerPolicy, CircuitBreaker, Dispatcher, Task
@@ -351,8 +360,7 @@ class _Runner:
             self._redact_secrets()
             if self.options.limiter:
                 self._use_shared_limits()
-            self.journal.append({"t": "run", "job": self.job.name, "job_file": str(self.job.path),
-                                 "at": utc_now(), "pid": os.getpid()})
+            self.journal.append(run_record(self.job.name, str(self.job.path), os.getpid()))
             self.reporter.start(todo, total - todo)
             await self._pipeline()
             return await self._finish(started)
@@ -646,8 +654,7 @@ class _Runner:
         task.attempt += 1
         # journal first: a request that times out after it was sent may still be billed
         try:
-            self.journal.append({"t": "attempt", "id": item.id, "rhash": item.rhash, "attempt": task.attempt,
-                                 "endpoint": ep.name, "at": utc_now()})
+            self.journal.append(attempt_record(item.id, item.rhash, task.attempt, ep.name))
         except OSError as exc:
             self.budget.refund(wanted, cost)
             self._disk_trouble(exc)
@@ -784,7 +791,7 @@ class _Runner:
             note = f"can't write to {self.out.root}: {exc}; stopping"
         self._stop(FatalError(note, code="disk_error"), note)
 
-    async def _journal(self, rec: dict[str, Any]) -> bool:
+    async def _journal(self, rec: Record) -> bool:
         """Append a record; False (and the run stops) when the disk refused it."""
         try:
             await anyio.to_thread.run_sync(self.journal.append, rec)
@@ -805,25 +812,20 @@ class _Runner:
             for s, g in zip(saved, gen.images, strict=True)
         ]
         short = len(images) < item.images
-        error: dict[str, Any] | None = None
-        if short:
-            missing = item.images - len(images)
-            error = {"kind": "transient", "status": 200, "code": "short_answer",
-                     "message": f"got {len(images)} of {item.images} image(s); a rerun asks for the {missing} missing"}
-        rec: dict[str, Any] = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "failed" if short else "done",
-               "request": item.body, "created": gen.created, "images": images, "attempts": task.attempt,
-               "error": error, "request_id": gen.request_id, "endpoint": ep.name, "finished": utc_now()}
-        if short:
-            rec["short"] = {"wanted": item.images, "got": len(images)}
-        if item.vars:
-            rec["vars"] = item.vars
         cost = ep.prices.cost(item.body, len(saved))
+        rec_cost = round(cost + (cost_before or 0.0), 6) if cost is not None else None
+        if short:
+            rec = short_record(item.id, item.rhash, item.body, wanted=item.images, created=gen.created, images=images,
+                               attempts=task.attempt, request_id=gen.request_id, endpoint=ep.name, vars=item.vars,
+                               cost=rec_cost, usage=gen.usage)
+        else:
+            rec = done_record(item.id, item.rhash, item.body, created=gen.created, images=images,
+                              attempts=task.attempt, request_id=gen.request_id, endpoint=ep.name, vars=item.vars,
+                              cost=rec_cost, usage=gen.usage)
+        error = rec["error"]
         if cost is not None:
-            rec["cost"] = round(cost + (cost_before or 0.0), 6)
             self.cost += cost
             ep.stats["cost"] += cost
-        if gen.usage is not None:
-            rec["usage"] = gen.usage
         if not await self._journal(rec):
             self.dispatch.finished(task)  # not recorded: pending, sent again by the next run
             await self._unclaim(item.id, done=False)
@@ -843,11 +845,8 @@ class _Runner:
     async def _record_failure(self, ep: _EndpointRun, task: Task, exc: RequestError) -> None:
         item = task.item
         exc.message = self.redact(exc.message)
-        rec: dict[str, Any] = {"t": "item", "id": item.id, "rhash": item.rhash, "status": "failed", "request": item.body,
-               "created": None, "images": [], "attempts": task.attempt, "error": exc.as_record(),
-               "endpoint": ep.name, "finished": utc_now()}
-        if item.vars:
-            rec["vars"] = item.vars
+        rec = failed_record(item.id, item.rhash, item.body, attempts=task.attempt, error=exc.as_record(),
+                            endpoint=ep.name, vars=item.vars)
         recorded = await self._journal(rec)
         self.dispatch.finished(task)
         await self._unclaim(item.id, done=False)
@@ -895,8 +894,7 @@ class _Runner:
                     self.fatal = FatalError(str(exc), code="disk_error")
             if self.requests:
                 try:
-                    self.journal.append({"t": "end", "at": utc_now(), "summary": summary,
-                                         "endpoints": self._endpoint_stats()})
+                    self.journal.append(end_record(summary, self._endpoint_stats()))
                 except OSError:
                     pass
             if self.sharded is None:

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -472,7 +472,7 @@ class SegmentWriter:
 
     # -- writing ------------------------------------------------------------------------
 
-    def append(self, rec: dict[str, Any]) -> None:
+    def append(self, rec: Mapping[str, Any]) -> None:
         """Journal one record: one write(2) to the local buffer; ship a segment when due."""
         line = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         with self._lock:
@@ -489,7 +489,7 @@ class SegmentWriter:
         if due:
             self.flush()
 
-    def _count(self, rec: dict[str, Any]) -> None:
+    def _count(self, rec: Mapping[str, Any]) -> None:
         self.counts["records"] += 1
         if rec.get("t") == "attempt":
             self.counts["attempts"] += 1

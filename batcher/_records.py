@@ -1,0 +1,213 @@
+"""Journal records: their kinds, how they are built, and how a journal is replayed — in one place.
+
+Every line of `manifest.jsonl` is one record, a JSON object whose first key is `t`:
+
+    RunRecord      {"t": "run", ...}       a run started
+    AttemptRecord  {"t": "attempt", ...}   a request is about to be sent (written BEFORE sending)
+    ItemRecord     {"t": "item", ...}      an item finished: status "done", or "failed" with its error
+    EndRecord      {"t": "end", ...}       a run ended, with its summary
+
+The runner builds them only with the constructors below (`run_record`, `attempt_record`,
+`done_record`, `short_record`, `failed_record`, `end_record`), so the field names live here. They
+are plain dicts (TypedDicts), written as they are: the JSON on disk is what batcher always wrote.
+
+`replay` is the one rule for what a record does to its item's `Entry`; the in-memory replay
+(`_manifest.Journal`) and the checkpoint (`_checkpoint`) both apply records through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, NotRequired, TypedDict
+
+__all__ = [
+    "Entry", "RunRecord", "AttemptRecord", "ItemRecord", "EndRecord", "Record",
+    "run_record", "attempt_record", "done_record", "short_record", "failed_record", "end_record",
+    "short_error", "replay", "check_fields", "utc_now",
+]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- the record kinds (the key order is the order written: "t" must stay first, see _manifest) ----
+
+
+class RunRecord(TypedDict):
+    t: Literal["run"]
+    job: str
+    job_file: str
+    at: str
+    pid: int
+
+
+class AttemptRecord(TypedDict):
+    t: Literal["attempt"]
+    id: str
+    rhash: str
+    attempt: int
+    endpoint: str
+    at: str
+
+
+class ItemRecord(TypedDict):
+    t: Literal["item"]
+    id: str
+    rhash: str
+    status: Literal["done", "failed"]
+    request: dict[str, Any]
+    created: int | None
+    images: list[dict[str, Any]]
+    attempts: int
+    error: dict[str, Any] | None
+    request_id: NotRequired[str | None]  # answered items only
+    endpoint: str
+    finished: str
+    short: NotRequired[dict[str, int]]  # a short answer: {"wanted": N, "got": K}
+    vars: NotRequired[dict[str, Any]]  # the item's template variables, when it has any
+    cost: NotRequired[float]  # estimated, when the endpoint has prices
+    usage: NotRequired[dict[str, Any]]  # the answer's token usage, when it gave one
+
+
+class EndRecord(TypedDict):
+    t: Literal["end"]
+    at: str
+    summary: dict[str, int]
+    endpoints: dict[str, dict[str, Any]]
+
+
+Record = RunRecord | AttemptRecord | ItemRecord | EndRecord
+
+
+# -- building them -------------------------------------------------------------------------------
+
+
+def run_record(job: str, job_file: str, pid: int, at: str | None = None) -> RunRecord:
+    return {"t": "run", "job": job, "job_file": job_file, "at": at or utc_now(), "pid": pid}
+
+
+def attempt_record(item_id: str, rhash: str, attempt: int, endpoint: str, at: str | None = None) -> AttemptRecord:
+    return {"t": "attempt", "id": item_id, "rhash": rhash, "attempt": attempt, "endpoint": endpoint,
+            "at": at or utc_now()}
+
+
+def end_record(summary: dict[str, int], endpoints: dict[str, dict[str, Any]], at: str | None = None) -> EndRecord:
+    return {"t": "end", "at": at or utc_now(), "summary": summary, "endpoints": endpoints}
+
+
+def short_error(got: int, wanted: int) -> dict[str, Any]:
+    """The error of a short answer (fewer images than asked): transient, so a rerun asks for the rest."""
+    return {"kind": "transient", "status": 200, "code": "short_answer",
+            "message": f"got {got} of {wanted} image(s); a rerun asks for the {wanted - got} missing"}
+
+
+def done_record(item_id: str, rhash: str, request: dict[str, Any], *, created: int | None,
+                images: list[dict[str, Any]], attempts: int, request_id: str | None, endpoint: str,
+                vars: dict[str, Any] | None = None, cost: float | None = None,
+                usage: dict[str, Any] | None = None, finished: str | None = None) -> ItemRecord:
+    """An answered item with all its images."""
+    return _answered(item_id, rhash, request, None, created=created, images=images, attempts=attempts,
+                     request_id=request_id, endpoint=endpoint, vars=vars, cost=cost, usage=usage,
+                     finished=finished)
+
+
+def short_record(item_id: str, rhash: str, request: dict[str, Any], *, wanted: int, created: int | None,
+                 images: list[dict[str, Any]], attempts: int, request_id: str | None, endpoint: str,
+                 vars: dict[str, Any] | None = None, cost: float | None = None,
+                 usage: dict[str, Any] | None = None, finished: str | None = None) -> ItemRecord:
+    """An answer with fewer images than `wanted`: failed (transient), its images kept (they were paid)."""
+    return _answered(item_id, rhash, request, {"wanted": wanted, "got": len(images)}, created=created,
+                     images=images, attempts=attempts, request_id=request_id, endpoint=endpoint, vars=vars,
+                     cost=cost, usage=usage, finished=finished)
+
+
+def _answered(item_id: str, rhash: str, request: dict[str, Any], short: dict[str, int] | None, *,
+              created: int | None, images: list[dict[str, Any]], attempts: int, request_id: str | None,
+              endpoint: str, vars: dict[str, Any] | None, cost: float | None, usage: dict[str, Any] | None,
+              finished: str | None) -> ItemRecord:
+    rec: ItemRecord = {
+        "t": "item", "id": item_id, "rhash": rhash, "status": "failed" if short else "done", "request": request,
+        "created": created, "images": images, "attempts": attempts,
+        "error": short_error(short["got"], short["wanted"]) if short else None,
+        "request_id": request_id, "endpoint": endpoint, "finished": finished or utc_now(),
+    }
+    if short:
+        rec["short"] = short
+    if vars:
+        rec["vars"] = vars
+    if cost is not None:
+        rec["cost"] = cost
+    if usage is not None:
+        rec["usage"] = usage
+    return rec
+
+
+def failed_record(item_id: str, rhash: str, request: dict[str, Any], *, attempts: int, error: dict[str, Any],
+                  endpoint: str, vars: dict[str, Any] | None = None, finished: str | None = None) -> ItemRecord:
+    """An item that failed without an answer (`error` is `RequestError.as_record()`)."""
+    rec: ItemRecord = {"t": "item", "id": item_id, "rhash": rhash, "status": "failed", "request": request,
+                       "created": None, "images": [], "attempts": attempts, "error": error, "endpoint": endpoint,
+                       "finished": finished or utc_now()}
+    if vars:
+        rec["vars"] = vars
+    return rec
+
+
+# -- replaying them ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Entry:
+    """What the journal says of one item."""
+
+    status: str  # done | failed | pending (attempted, never finished)
+    rhash: str
+    attempts: int
+    offset: int  # byte offset of the latest `item` line, or -1
+    error_kind: str | None = None
+
+
+def replay(rec: Mapping[str, Any], offset: int, current: Callable[[str], Entry | None]) -> Entry | None:
+    """The entry of `rec`'s item (`rec["id"]`) once the record, read at byte `offset`, is applied; None
+    for a record about no item (run, end, or a kind this version does not know).
+
+    `current(id)` gives the item's entry before the record (None: none yet); it is called only for
+    an attempt. The rules:
+      - attempt, same request hash as the entry: the entry goes on — `attempts` is the larger of the
+        two, and it is `pending` again unless it is `done` (a done item re-sent keeps its result);
+        the entry returned is the one `current` gave, updated in place;
+      - attempt, new item or changed request: a fresh `pending` entry (no item line: offset -1);
+      - item: its status, hash, attempts, this offset and its error's kind, whatever came before.
+    Field types are not checked here (see `check_fields`); a missing `id` or `status` raises KeyError,
+    a non-integer count ValueError or TypeError.
+    """
+    kind = rec.get("t")
+    if kind == "item":
+        err = rec.get("error") or {}
+        return Entry(rec["status"], rec.get("rhash", ""), int(rec.get("attempts", 0)), offset, err.get("kind"))
+    if kind == "attempt":
+        prev = current(rec["id"])
+        if prev is not None and prev.rhash == rec.get("rhash"):
+            prev.attempts = max(prev.attempts, int(rec.get("attempt", 0)))
+            if prev.status != "done":
+                prev.status = "pending"
+            return prev
+        return Entry("pending", rec.get("rhash", ""), int(rec.get("attempt", 0)), -1)
+    return None
+
+
+def check_fields(rec: Mapping[str, Any]) -> None:
+    """Raise ValueError when an item or attempt record does not have the types batcher writes."""
+    if not isinstance(rec.get("id"), str) or not isinstance(rec.get("rhash", ""), str):
+        raise ValueError("id and rhash must be strings")
+    count = rec.get("attempt" if rec["t"] == "attempt" else "attempts", 0)
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise ValueError("attempts must be an integer")
+    if rec["t"] == "item":
+        if rec.get("status") not in ("done", "failed"):
+            raise ValueError("status must be done or failed")
+        if not isinstance(rec.get("error") or {}, dict) or not isinstance(rec.get("images") or [], list):
+            raise ValueError("error must be an object, images a list")
