@@ -27,13 +27,14 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ._records import Entry, replay
 
-__all__ = ["Checkpoint", "SnapshotEntries", "refresh", "checkpoint_path", "SCHEMA_VERSION"]
+__all__ = ["Checkpoint", "SnapshotEntries", "refresh", "checkpoint_path", "SCHEMA_VERSION", "stamp_current",
+           "open_readonly"]
 
 SCHEMA_VERSION = "2"
 PROBE = 4096  # bytes of the covered prefix digested at each end
@@ -373,3 +374,80 @@ def stamp_manifest(journal: Path, manifest: Path, items_digest: str, summary: di
     finally:
         cp.close()
 
+
+
+# -- the current items (what `batcher status` counts) ------------------------------------------
+
+_CURRENT = """
+CREATE TABLE IF NOT EXISTS current (id TEXT PRIMARY KEY, rhash TEXT, pos INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+
+def stamp_current(journal: Path, items_digest: str, items: Callable[[], Iterable[Any]]) -> None:
+    """Record the job's items (id, request hash, order) that manifest.json was written from.
+
+    `batcher status` counts these items only (a changed --size leaves old derived ids in the
+    journal: history, not items). Rewritten only when the items changed (`items_digest`), in one
+    transaction with its digest, so a kill leaves the previous table and digest together.
+    """
+    cp = Checkpoint.open(journal)
+    if cp is None:
+        return
+    db = cp.db
+    try:
+        if cp.meta("current") == items_digest:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(_CURRENT)
+            db.execute("DELETE FROM current")
+            batch: list[tuple[str, str | None, int]] = []
+            n = 0
+            for n, item in enumerate(items(), 1):
+                batch.append((item.id, item.rhash, n))
+                if len(batch) >= BATCH:
+                    db.executemany("INSERT OR REPLACE INTO current (id, rhash, pos) VALUES (?, ?, ?)", batch)
+                    batch.clear()
+            db.executemany("INSERT OR REPLACE INTO current (id, rhash, pos) VALUES (?, ?, ?)", batch)
+            total = db.execute("SELECT COUNT(*) FROM current").fetchone()[0]
+            db.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
+                           [("current", items_digest), ("current_total", str(total))])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    except Exception:  # best effort (sqlite, the disk, a job file changed since): status replays instead
+        return
+    finally:
+        cp.close()
+
+
+def open_readonly(journal: Path) -> tuple[sqlite3.Connection, int] | None:
+    """The journal's checkpoint opened read-only inside one read transaction, and the offset it covers.
+
+    None when there is none, or it doesn't match the journal (nothing is deleted or written: a
+    read-only caller such as `batcher status` falls back to replaying the journal).
+    """
+    path = checkpoint_path(journal)
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                             check_same_thread=False)
+    except sqlite3.Error:
+        return None
+    try:
+        db.execute("PRAGMA temp_store = MEMORY")
+        db.execute("PRAGMA cache_size = -16384")
+        db.execute("BEGIN")  # one snapshot for every query (a run may refresh it meanwhile)
+        meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
+        offset = int(meta["offset"])
+        with open(journal, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if meta.get("version") != SCHEMA_VERSION or offset > size or \
+                    _probes(fh, offset) != (meta["head"], meta["tail"]):
+                raise ValueError("stale")
+    except (sqlite3.Error, KeyError, ValueError, OSError):
+        db.close()
+        return None
+    return db, offset

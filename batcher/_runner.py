@@ -982,7 +982,7 @@ class _Runner:
 
         The manifest is stamped as current only when this run wrote (or kept) it.
         """
-        from ._checkpoint import refresh, stamp_manifest
+        from ._checkpoint import refresh, stamp_current, stamp_manifest
 
         try:
             self.journal.sync()
@@ -992,6 +992,8 @@ class _Runner:
         if refresh(self.out.journal, checked=checked) is not None:
             if manifest_ok:
                 stamp_manifest(self.out.journal, self._manifest_file(), self._items_digest.hexdigest(), summary)
+                # the items manifest.json holds, for `batcher status` (rewritten only when they changed)
+                stamp_current(self.out.journal, self._items_digest.hexdigest(), self.job.items)
 
     def _endpoint_stats(self) -> dict[str, dict[str, Any]]:
         return {e.name: {**e.stats, "cost": round(e.stats["cost"], 6), "retired": e.retired,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from ._exceptions import ManifestError
 from ._ids import request_hash
 from ._manifest import Journal, iter_manifest, iter_records
+from ._records import check_fields
 
 __all__ = ["status", "short_reason"]
 
@@ -33,6 +35,9 @@ def status(out: str | Path) -> dict[str, Any]:
     journal_path = root / "manifest.jsonl"
     if not journal_path.is_file():
         raise ManifestError(f"{root}: no batcher manifest here (missing {journal_path.name})")
+    fast = _from_checkpoint(root, journal_path)
+    if fast is not None:
+        return fast
     Journal.read(journal_path)  # raises a clear ManifestError on a corrupt journal
     return _status(journal_path, root)
 
@@ -150,6 +155,172 @@ def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
         "cost": round(cost, 6) if cost is not None else None,
         "endpoints": by_endpoint,
         "images_on_disk": images if root is not None else None,
+        "bytes_on_disk": nbytes,
+        "first_run": runs[0] if runs else None,
+        "last_run": runs[-1] if runs else None,
+        "runs": len(runs),
+    }
+
+
+# -- from the checkpoint: SQL aggregates, no replay ---------------------------------------------
+
+_DONE_OR_FAILED = "s.status IN ('done', 'failed')"
+FULL_FILE_CHECK_BELOW = 10_000  # = _runner.FULL_FILE_CHECK_BELOW (not imported: status starts without the HTTP stack)
+
+
+def _from_checkpoint(root: Path, journal: Path) -> dict[str, Any] | None:
+    """`_status` answered from `OUT/.checkpoint.sqlite` plus the journal's tail; None to replay instead.
+
+    Usable when the checkpoint matches the journal (see `_checkpoint`) and holds the items of the
+    manifest now on disk (stamped by the run that wrote it). Read-only: the tail since the
+    checkpoint is applied in memory (a temp table), never written back, so `status` works on a
+    read-only folder and never races a run's own refresh. Images on disk: below 10,000 items every
+    file is checked, as today; in a larger output, as in a rerun, the files a run has verified are
+    counted from the checkpoint (a file deleted by hand since is not noticed) and the few it has not
+    verified are checked here.
+    """
+    from ._checkpoint import open_readonly
+
+    opened = open_readonly(journal)
+    if opened is None:
+        return None
+    db, offset = opened
+    try:
+        return _aggregate(db, root, journal, offset)
+    except (sqlite3.Error, OSError, KeyError, TypeError, ValueError, AttributeError, ManifestError):
+        return None
+    finally:
+        db.close()
+
+
+def _manifest_matches(db: sqlite3.Connection, root: Path) -> int | None:
+    """The number of current items if the checkpoint's `current` table is that of the manifest on disk."""
+    meta = dict(db.execute("SELECT k, v FROM meta WHERE k IN ('manifest', 'current', 'current_total')").fetchall())
+    stamp = json.loads(meta["manifest"])
+    index = root / "manifest.d" / "index.json"  # see _segments
+    st = (index if index.is_file() else root / "manifest.json").stat()
+    if not isinstance(stamp, dict) or [stamp.get("items"), stamp.get("size"), stamp.get("mtime_ns")] != \
+            [meta.get("current"), st.st_size, st.st_mtime_ns]:
+        return None
+    return int(meta["current_total"])
+
+
+def _tail(db: sqlite3.Connection, journal: Path, offset: int) -> tuple[dict[str, list[Any]], list[str]] | None:
+    """The journal past the checkpoint, replayed by the checkpoint's rules into rows; None if unreadable."""
+    from ._checkpoint import _COLUMNS, _apply, _Tail
+
+    select = f"SELECT {', '.join(_COLUMNS)} FROM items WHERE id = ?"
+    changed = _Tail(lambda item_id: db.execute(select, (item_id,)).fetchone())
+    rows = changed.rows
+    runs: list[str] = []
+    with open(journal, "rb") as fh:
+        fh.seek(offset)
+        at = offset
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break  # a torn last line, as a replay tolerates it
+            try:
+                rec = json.loads(raw)
+            except (ValueError, RecursionError):
+                return None  # a replay says what is wrong
+            if not isinstance(rec, dict) or "t" not in rec:
+                return None
+            if rec["t"] in ("attempt", "item"):
+                check_fields(rec)
+                _apply(changed, rec, at)
+            elif rec["t"] == "run":
+                runs.append(rec.get("at", ""))
+            at += len(raw)
+    return rows, runs
+
+
+def _aggregate(db: sqlite3.Connection, root: Path, journal: Path, offset: int) -> dict[str, Any] | None:
+    from ._checkpoint import _COLUMNS
+
+    total = _manifest_matches(db, root)
+    if total is None:
+        return None
+    tail = _tail(db, journal, offset)
+    if tail is None:
+        return None
+    tail_rows, tail_runs = tail
+    db.create_function("short_reason", 1, short_reason, deterministic=True)
+    sources = ["main.items s"]
+    if tail_rows:
+        db.execute(f"CREATE TEMP TABLE tail (id TEXT PRIMARY KEY, {', '.join(_COLUMNS)})")
+        db.executemany(f"INSERT INTO temp.tail VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})",
+                       [(k, *v) for k, v in tail_rows.items()])
+        sources = ["main.items s", "temp.tail s"]
+
+    def query(select: str, where: str = "1", group: str = "") -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for src in sources:
+            skip = " AND s.id NOT IN (SELECT id FROM temp.tail)" if src.startswith("main") and tail_rows else ""
+            out += db.execute(f"SELECT {select} FROM main.current c JOIN {src} ON s.id = c.id "
+                              f"WHERE (c.rhash IS NULL OR c.rhash = s.rhash) AND ({where}){skip} {group}").fetchall()
+        return out
+
+    totals: dict[str, int] = {"done": 0, "failed": 0, "pending": 0}
+    made = 0
+    cost: float | None = None
+    for status_, count, images, done_cost in query(
+            "s.status, COUNT(*), SUM(s.images), SUM(s.cost)", group="GROUP BY s.status"):
+        totals[status_] = totals.get(status_, 0) + count
+        if status_ == "done":
+            made += images or 0
+            if done_cost is not None:
+                cost = (cost or 0.0) + done_cost
+    totals["pending"] = max(total - totals["done"] - totals["failed"], totals["pending"])
+
+    by_endpoint: dict[str, dict[str, Any]] = {}
+    for endpoint, status_, count, ep_cost, _pos in sorted(query(
+            "s.endpoint, s.status, COUNT(*), SUM(s.cost), MIN(c.pos)",
+            f"s.endpoint IS NOT NULL AND s.endpoint != '' AND {_DONE_OR_FAILED}",
+            "GROUP BY s.endpoint, s.status"), key=lambda r: r[4]):
+        counts = by_endpoint.setdefault(endpoint, {"done": 0, "failed": 0, "cost": None})
+        counts[status_] += count
+        if status_ == "done" and ep_cost is not None:
+            counts["cost"] = round((counts["cost"] or 0.0) + ep_cost, 6)
+
+    failures: dict[str, dict[str, Any]] = {}
+    for code, reason, count, _pos, message in sorted(query(
+            "s.code, short_reason(s.message), COUNT(*), MIN(c.pos), s.message", "s.status = 'failed'",
+            "GROUP BY 1, 2"), key=lambda r: r[3]):
+        group = failures.setdefault(str(code), {"count": 0, "example": message, "reasons": {}})
+        group["count"] += count
+        group["reasons"][reason] = group["reasons"].get(reason, 0) + count
+
+    images = nbytes = 0
+    if total >= FULL_FILE_CHECK_BELOW:
+        for verified_images, verified_bytes in query("SUM(s.images), SUM(s.bytes)",
+                                                     f"s.verified = 1 AND {_DONE_OR_FAILED}"):
+            images += verified_images or 0
+            nbytes += verified_bytes or 0
+    # below the size at which a run stops checking every file, status checks every file too
+    checked = "1" if total < FULL_FILE_CHECK_BELOW else "s.verified = 0"
+    unchecked = query("s.offset", f"{checked} AND s.images > 0 AND {_DONE_OR_FAILED}")
+    if unchecked:
+        with open(journal, "rb") as fh:
+            for (at,) in sorted(unchecked):
+                fh.seek(at)
+                for image in json.loads(fh.readline()).get("images") or []:
+                    path = root / image["file"]
+                    if path.is_file():
+                        images += 1
+                        nbytes += path.stat().st_size
+
+    runs = [rec["at"] if "at" in rec else "" for (raw,) in db.execute("SELECT rec FROM main.runs ORDER BY n")
+            for rec in (json.loads(raw),) if rec.get("t") == "run"] + tail_runs
+    return {
+        "out": str(root),
+        "total": total,
+        **totals,
+        "failures": {code: {**g, "reasons": dict(sorted(g["reasons"].items(), key=lambda kv: -kv[1]))}
+                     for code, g in sorted(failures.items(), key=lambda kv: -kv[1]["count"])},
+        "images": made,
+        "cost": round(cost, 6) if cost is not None else None,
+        "endpoints": by_endpoint,
+        "images_on_disk": images,
         "bytes_on_disk": nbytes,
         "first_run": runs[0] if runs else None,
         "last_run": runs[-1] if runs else None,
