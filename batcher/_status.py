@@ -165,6 +165,7 @@ def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
 # -- from the checkpoint: SQL aggregates, no replay ---------------------------------------------
 
 _DONE_OR_FAILED = "s.status IN ('done', 'failed')"
+MAX_ENDPOINTS = 64  # columns per endpoint in one pass; more (never seen) replays instead
 FULL_FILE_CHECK_BELOW = 10_000  # = _runner.FULL_FILE_CHECK_BELOW (not imported: status starts without the HTTP stack)
 
 
@@ -252,35 +253,61 @@ def _aggregate(db: sqlite3.Connection, root: Path, journal: Path, offset: int) -
                        [(k, *v) for k, v in tail_rows.items()])
         sources = ["main.items s", "temp.tail s"]
 
-    def query(select: str, where: str = "1", group: str = "") -> list[tuple[Any, ...]]:
+    def query(select: str, where: str = "1", group: str = "", args: list[Any] | None = None) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []
-        for src in sources:
+        for src in sources:  # the checkpoint's rows the tail did not replace, then the tail's
             skip = " AND s.id NOT IN (SELECT id FROM temp.tail)" if src.startswith("main") and tail_rows else ""
             out += db.execute(f"SELECT {select} FROM main.current c JOIN {src} ON s.id = c.id "
-                              f"WHERE (c.rhash IS NULL OR c.rhash = s.rhash) AND ({where}){skip} {group}").fetchall()
+                              f"WHERE (c.rhash IS NULL OR c.rhash = s.rhash) AND ({where}){skip} {group}",
+                              args or []).fetchall()
         return out
 
+    # one pass over the current items with conditional aggregates: no GROUP BY sort, so constant memory
+    endpoints = sorted({e for (e,) in db.execute("SELECT DISTINCT endpoint FROM main.items")} |
+                       {row[7] for row in tail_rows.values()} - {None, ""}, key=str)
+    if len(endpoints) > MAX_ENDPOINTS:
+        return None
+    df = _DONE_OR_FAILED
+    columns = ["SUM(s.status = 'done')", "SUM(s.status = 'failed')", "SUM(s.status = 'pending')",
+               "SUM(CASE WHEN s.status = 'done' THEN s.images END)",
+               "SUM(CASE WHEN s.status = 'done' THEN s.cost END)",
+               f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.images END)",
+               f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.bytes END)",
+               f"SUM(s.verified = 0 AND s.images > 0 AND {df})", f"SUM(s.images > 0 AND {df})"]
+    for _ in endpoints:
+        columns += ["SUM(s.endpoint = ? AND s.status = 'done')", "SUM(s.endpoint = ? AND s.status = 'failed')",
+                    "SUM(CASE WHEN s.endpoint = ? AND s.status = 'done' THEN s.cost END)",
+                    f"MIN(CASE WHEN s.endpoint = ? AND {df} THEN c.pos END)"]
+    args = [e for e in endpoints for _ in range(4)]
     totals: dict[str, int] = {"done": 0, "failed": 0, "pending": 0}
-    made = 0
+    made = images = nbytes = unverified = with_images = 0
     cost: float | None = None
-    for status_, count, images, done_cost in query(
-            "s.status, COUNT(*), SUM(s.images), SUM(s.cost)", group="GROUP BY s.status"):
-        totals[status_] = totals.get(status_, 0) + count
-        if status_ == "done":
-            made += images or 0
-            if done_cost is not None:
-                cost = (cost or 0.0) + done_cost
+    endpoint_rows: list[tuple[Any, ...]] = []
+    for row in query(", ".join(columns), args=args):
+        for k, key in enumerate(("done", "failed", "pending")):
+            totals[key] += row[k] or 0
+        made += row[3] or 0
+        if row[4] is not None:
+            cost = (cost or 0.0) + row[4]
+        images += row[5] or 0
+        nbytes += row[6] or 0
+        unverified += row[7] or 0
+        with_images += row[8] or 0
+        for i, endpoint in enumerate(endpoints):
+            done, failed, ep_cost, pos = row[9 + 4 * i : 13 + 4 * i]
+            if pos is not None:
+                endpoint_rows.append((pos, endpoint, done or 0, failed or 0, ep_cost))
     totals["pending"] = max(total - totals["done"] - totals["failed"], totals["pending"])
-
     by_endpoint: dict[str, dict[str, Any]] = {}
-    for endpoint, status_, count, ep_cost, _pos in sorted(query(
-            "s.endpoint, s.status, COUNT(*), SUM(s.cost), MIN(c.pos)",
-            f"s.endpoint IS NOT NULL AND s.endpoint != '' AND {_DONE_OR_FAILED}",
-            "GROUP BY s.endpoint, s.status"), key=lambda r: r[4]):
+    for _pos, endpoint, done, failed, ep_cost in sorted(endpoint_rows, key=lambda r: r[0]):
         counts = by_endpoint.setdefault(endpoint, {"done": 0, "failed": 0, "cost": None})
-        counts[status_] += count
-        if status_ == "done" and ep_cost is not None:
+        counts["done"] += done
+        counts["failed"] += failed
+        if ep_cost is not None:
             counts["cost"] = round((counts["cost"] or 0.0) + ep_cost, 6)
+    full_check = total < FULL_FILE_CHECK_BELOW  # a run checks every file of a small output: status too
+    if full_check:
+        images = nbytes = 0
 
     failures: dict[str, dict[str, Any]] = {}
     for code, reason, count, _pos, message in sorted(query(
@@ -290,15 +317,9 @@ def _aggregate(db: sqlite3.Connection, root: Path, journal: Path, offset: int) -
         group["count"] += count
         group["reasons"][reason] = group["reasons"].get(reason, 0) + count
 
-    images = nbytes = 0
-    if total >= FULL_FILE_CHECK_BELOW:
-        for verified_images, verified_bytes in query("SUM(s.images), SUM(s.bytes)",
-                                                     f"s.verified = 1 AND {_DONE_OR_FAILED}"):
-            images += verified_images or 0
-            nbytes += verified_bytes or 0
-    # below the size at which a run stops checking every file, status checks every file too
-    checked = "1" if total < FULL_FILE_CHECK_BELOW else "s.verified = 0"
-    unchecked = query("s.offset", f"{checked} AND s.images > 0 AND {_DONE_OR_FAILED}")
+    checked = "1" if full_check else "s.verified = 0"
+    unchecked = query("s.offset", f"{checked} AND s.images > 0 AND {df}") \
+        if (with_images if full_check else unverified) else []
     if unchecked:
         with open(journal, "rb") as fh:
             for (at,) in sorted(unchecked):
