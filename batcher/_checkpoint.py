@@ -73,6 +73,19 @@ def _probes(fh: Any, offset: int) -> tuple[str, str]:
     return head, tail
 
 
+def _covered_offset(db: sqlite3.Connection, journal: Path) -> int:
+    """The journal offset a checkpoint covers, if it still matches the journal (schema version,
+    size, and the digests of the covered part's head and tail); else ValueError("stale")."""
+    meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
+    offset = int(meta["offset"])
+    with open(journal, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if meta.get("version") != SCHEMA_VERSION or offset > size or \
+                _probes(fh, offset) != (meta["head"], meta["tail"]):
+            raise ValueError("stale")
+    return offset
+
+
 class Checkpoint:
     """An open, verified checkpoint of one journal."""
 
@@ -94,13 +107,7 @@ class Checkpoint:
             _discard(path)
             return None
         try:
-            meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
-            offset = int(meta["offset"])
-            with open(journal, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if meta.get("version") != SCHEMA_VERSION or offset > size or \
-                        _probes(fh, offset) != (meta["head"], meta["tail"]):
-                    raise ValueError("stale")
+            offset = _covered_offset(db, journal)
         except (sqlite3.Error, KeyError, ValueError, OSError):
             db.close()
             _discard(path)
@@ -440,13 +447,7 @@ def open_readonly(journal: Path) -> tuple[sqlite3.Connection, int] | None:
         db.execute("PRAGMA temp_store = MEMORY")
         db.execute("PRAGMA cache_size = -16384")
         db.execute("BEGIN")  # one snapshot for every query (a run may refresh it meanwhile)
-        meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
-        offset = int(meta["offset"])
-        with open(journal, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if meta.get("version") != SCHEMA_VERSION or offset > size or \
-                    _probes(fh, offset) != (meta["head"], meta["tail"]):
-                raise ValueError("stale")
+        offset = _covered_offset(db, journal)
     except (sqlite3.Error, KeyError, ValueError, OSError):
         db.close()
         return None
