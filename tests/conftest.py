@@ -22,3 +22,12 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    """The test key in BATCHER_API_KEY, and no OPENAI_API_KEY from the machine's environment."""
+    from helpers import KEY
+
+    monkeypatch.setenv("BATCHER_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)

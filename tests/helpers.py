@@ -94,3 +94,11 @@ def tiny_png() -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
+
+
+def run_main(job: Path, out: Path, sim, *extra) -> int:
+    """`batcher run JOB --out OUT` in this process against a running simulator; the exit code."""
+    from batcher._cli import main
+
+    return main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet", "--timeout", "10",
+                 *map(str, extra)])

@@ -10,12 +10,11 @@ import pytest
 
 from batcher import _checkpoint
 from batcher._checkpoint import Checkpoint, checkpoint_path, refresh
-from batcher._cli import main
 from batcher._manifest import Journal
 from batcher._simulator import SimulatorConfig, start_in_thread
 from batcher._status import status
 
-from helpers import KEY, write_job
+from helpers import run_main as run, write_job
 
 PROMPTS = [
     {"id": "a", "prompt": "A calm lake at dawn"},
@@ -30,14 +29,7 @@ def sim():
         yield running
 
 
-@pytest.fixture(autouse=True)
-def key(monkeypatch):
-    monkeypatch.setenv("BATCHER_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def run(job: Path, out: Path, sim) -> int:
-    return main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet", "--timeout", "10"])
+pytestmark = pytest.mark.usefixtures("api_key")
 
 
 def line(rec: dict) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from batcher._manifest import iter_manifest
 from batcher._layout import Layout, decide_layout, image_subdir, read_layout
 from batcher._simulator import SimulatorConfig, start_in_thread
 
-from helpers import KEY, write_job
+from helpers import run_main as run, write_job
 
 
 @pytest.fixture
@@ -22,15 +21,7 @@ def sim():
         yield running
 
 
-@pytest.fixture(autouse=True)
-def key(monkeypatch):
-    monkeypatch.setenv("BATCHER_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def run(job: Path, out: Path, sim, *extra: str) -> int:
-    return main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet", "--timeout", "10",
-                 *extra])
+pytestmark = pytest.mark.usefixtures("api_key")
 
 
 def files(out: Path) -> dict[str, str]:

@@ -14,7 +14,7 @@ from batcher._cli import main
 from batcher._plan import Budget, BudgetLimits, PriceTable, plan
 from batcher._simulator import SimulatorConfig, start_in_thread
 
-from helpers import KEY, by_id, manifest, write_job
+from helpers import run_main as run, by_id, manifest, write_job
 
 PRICING = [
     {"model": "grok-imagine", "per_image": 0.07},
@@ -34,15 +34,7 @@ def sim():
         yield running
 
 
-@pytest.fixture(autouse=True)
-def key(monkeypatch):
-    monkeypatch.setenv("BATCHER_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def run(job: Path, out: Path, sim, *extra: str) -> int:
-    return main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet", "--timeout", "10",
-                 *map(str, extra)])
+pytestmark = pytest.mark.usefixtures("api_key")
 
 
 # -- expansion -------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from helpers import KEY, write_job
+from helpers import run_main as run, write_job
 
 from batcher import RunOptions, load_job, run_sync
 from batcher._cli import main
@@ -22,18 +22,11 @@ def sim():
         yield running
 
 
-@pytest.fixture(autouse=True)
-def key(monkeypatch):
-    monkeypatch.setenv("BATCHER_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+pytestmark = pytest.mark.usefixtures("api_key")
 
 
 def cli(*args) -> int:
     return main([str(a) for a in args])
-
-
-def run(job, out, sim, *extra) -> int:
-    return cli("run", job, "--out", out, "--base-url", sim.base_url, "--quiet", "--timeout", "10", *extra)
 
 
 def rec(i: int, status: str = "done") -> dict:
@@ -189,7 +182,6 @@ def test_distinct_ids_pass_and_n_is_bounded(tmp_path):
     assert load_job(path).validate() == 3
     path.write_text('{"id": "x", "prompt": "a", "n": 1000000000}\n')
     assert any("n:" in p for p in _problems(path))
-
 
 
 # -- #4: the lock survives `rm OUT/.lock` ----------------------------------------------------

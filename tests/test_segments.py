@@ -14,7 +14,7 @@ from batcher._manifest import Journal, iter_manifest, write_manifest
 from batcher._simulator import SimulatorConfig, start_in_thread
 from batcher._status import status
 
-from helpers import KEY, write_job
+from helpers import run_main as run, KEY, write_job
 
 
 @pytest.fixture
@@ -33,11 +33,6 @@ def small(monkeypatch):
 
 def prompts(count: int, **edits) -> list:
     return [{"id": f"p{i}", "prompt": edits.get(f"p{i}", f"prompt {i}")} for i in range(count)]
-
-
-def run(job: Path, out: Path, sim, *extra: str) -> int:
-    return main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet", "--timeout", "10",
-                 *extra])
 
 
 def segment_files(out: Path) -> dict[str, int]:

@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import KEY, write_job
+from helpers import run_main as run, write_job
 
 from batcher import _status
 from batcher._checkpoint import checkpoint_path
@@ -30,15 +30,7 @@ def sim():
         yield running
 
 
-@pytest.fixture(autouse=True)
-def key(monkeypatch):
-    monkeypatch.setenv("BATCHER_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def run(job: Path, out: Path, sim, *extra) -> int:
-    return main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet", "--timeout", "10",
-                 *[str(x) for x in extra]])
+pytestmark = pytest.mark.usefixtures("api_key")
 
 
 def replayed(out: Path) -> dict:
