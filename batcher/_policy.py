@@ -42,8 +42,9 @@ class RetryPolicy:
     def delay(self, attempt: int, rng: random.Random | None = None, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt `attempt + 1`; the server's own figure wins when given
         (a finite, non-negative one, at most MAX_WAIT_S)."""
-        if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
-            return min(retry_after, MAX_WAIT_S)
+        told = None if retry_after is None else _seconds(retry_after)
+        if told is not None:
+            return told
         ceiling = min(self.cap, self.base * (2 ** max(attempt - 1, 0)))
         return (rng or random).uniform(0.0, ceiling)
 
