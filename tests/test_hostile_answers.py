@@ -83,8 +83,9 @@ def test_openai_key_is_not_sent_to_another_host(tmp_path, monkeypatch, capsys):
 
 
 def test_openai_key_is_the_fallback_for_openai_itself():
+    from batcher._endpoints import _key_names
     from batcher._job import Endpoint
-    from batcher._runner import RunOptions, _key_names
+    from batcher._runner import RunOptions
 
     assert _key_names(Endpoint(), RunOptions(), "https://api.openai.com/v1") == ["BATCHER_API_KEY", "OPENAI_API_KEY"]
     assert _key_names(Endpoint(), RunOptions(), "https://api.openai.com.evil.example/v1") == ["BATCHER_API_KEY"]

@@ -1,0 +1,151 @@
+"""Write → record: an answer's images onto disk (and the store), then its `item` record into the
+journal. Shared by every executor (the synchronous one in `_sync.py`, a provider batch's), so
+both keep the same invariants:
+
+- journal before send: `attempt` appends the attempt record (and raises) before a request leaves;
+- rename before record: `save` returns only images whose final names exist, whole (and, on a shard,
+  are published create-only); `answer` records them after that.
+
+>>> recorder = Recorder(out, journal, reporter, redact=redact, on_disk_trouble=control_disk_trouble)
+>>> saved = await recorder.save(client, safe_stem(item.id), gen, count=item.images)
+>>> await recorder.answer(ep, item, attempts, gen, saved, recorder.have.pop(item.id, ([], None)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._client import Generation, ImagesClient
+from ._exceptions import RequestError
+from ._job import Item
+from ._manifest import Journal
+from ._records import attempt_record, done_record, failed_record, short_record
+from ._redact import Redactor
+from ._report import Reporter
+from ._writer import OutputDir, SavedImage
+
+if TYPE_CHECKING:
+    from ._endpoints import EndpointRun
+
+Have = tuple[list[dict[str, Any]], float | None]  # a short item's images so far, and their cost
+
+
+class Recorder:
+    """The run's write → record stage, and the counters the summary reads (requests, images, cost)."""
+
+    def __init__(self, out: OutputDir, journal: Journal, reporter: Reporter, *, sharded: Any = None,
+                 redact: Redactor, on_disk_trouble: Callable[[OSError], None]) -> None:
+        self.out = out
+        self.journal = journal
+        self.reporter = reporter
+        self.sharded = sharded
+        self.redact = redact  # replaced once the run's keys are known
+        self.disk_trouble = on_disk_trouble  # called (and the run stops) when the disk refuses a write
+        self.requests = 0  # attempts journaled (each then sent)
+        self.images = 0  # images recorded by this run
+        self.cost = 0.0  # estimated cost of the images answered
+        self.have: dict[str, Have] = {}  # short items: images and cost so far (see load_short)
+
+    def load_short(self, item: Item) -> None:
+        """A short answer earlier (fewer images than n, recorded and paid): keep its images, so the
+        next request asks only for the missing ones and their numbering continues. Reads one line."""
+        short = self.journal.short_record(item.id, item.rhash, item.images)
+        if short is not None:
+            self.have[item.id] = (short["images"], short.get("cost"))
+
+    def wanted(self, item: Item) -> int:
+        """Images to ask for: the item's n, less those a short answer already brought."""
+        have = self.have.get(item.id)
+        return item.images - len(have[0]) if have else item.images
+
+    def attempt(self, item: Item, attempt: int, endpoint: str) -> None:
+        """Journal an attempt before its request leaves (a request that times out after it was sent
+        may still be billed). Raises OSError when the disk refused it: then send nothing."""
+        self.journal.append(attempt_record(item.id, item.rhash, attempt, endpoint))
+        self.requests += 1
+
+    async def append(self, rec: Mapping[str, Any]) -> bool:
+        """Append a record; False (and the run stops) when the disk refused it."""
+        try:
+            await anyio.to_thread.run_sync(self.journal.append, rec)
+        except OSError as exc:
+            self.disk_trouble(exc)
+            return False
+        return True
+
+    async def save(self, client: ImagesClient, stem: str, gen: Generation, first: int = 0,
+                   count: int | None = None) -> list[SavedImage]:
+        """Save the answer's images as numbers first+1, first+2, ... of `count` (the item's n: named by
+        the n asked for, which validation keeps unique, whatever number came; a short answer's images
+        keep the names the whole set would have). Raises RequestError (a bad image) or OSError."""
+        count = max(len(gen.images), count or 1)
+        saved: list[SavedImage] = []
+        for index, image in enumerate(gen.images, first):
+            if image.data is not None:
+                saved.append(await anyio.to_thread.run_sync(self.out.save_bytes, stem, index, count, image.data))
+                image.data = None  # on disk now: not held while the journal record is written
+            else:
+                assert image.url is not None
+                tmp = self.out.temp_path(stem)
+                await client.download(image.url, tmp)  # at once: URLs expire
+                saved.append(await anyio.to_thread.run_sync(self.out.adopt_file, tmp, stem, index, count))
+            if self.sharded is not None:
+                await anyio.to_thread.run_sync(self.sharded.publish, self.out.root, saved[-1].file)
+        return saved
+
+    async def answer(self, ep: EndpointRun, item: Item, attempts: int, gen: Generation, saved: list[SavedImage],
+                     have: Have = ([], None), *, extra: Mapping[str, Any] | None = None) -> bool:
+        """Record an answer whose images are saved; with fewer images than asked it is short: what
+        came is kept (it was paid) and the item stays failed (transient), so a rerun asks only for
+        the missing images. `have`: a short answer's images before this one. False: not recorded
+        (the disk refused; the run stops, the item stays pending)."""
+        model = ep.ep.model_sent(item.body.get("model", ""))
+        images = have[0] + [
+            {"file": s.file, "revised_prompt": g.revised_prompt, "sha256": s.sha256, "bytes": s.bytes,
+             "width": s.width, "height": s.height, "endpoint": ep.name, "model": model}
+            for s, g in zip(saved, gen.images, strict=True)
+        ]
+        short = len(images) < item.images
+        cost = ep.prices.cost(item.body, len(saved))
+        rec_cost = round(cost + (have[1] or 0.0), 6) if cost is not None else None
+        if short:
+            rec = short_record(item.id, item.rhash, item.body, wanted=item.images, created=gen.created, images=images,
+                               attempts=attempts, request_id=gen.request_id, endpoint=ep.name, vars=item.vars,
+                               cost=rec_cost, usage=gen.usage)
+        else:
+            rec = done_record(item.id, item.rhash, item.body, created=gen.created, images=images,
+                              attempts=attempts, request_id=gen.request_id, endpoint=ep.name, vars=item.vars,
+                              cost=rec_cost, usage=gen.usage)
+        error = rec["error"]
+        if cost is not None:  # paid whether or not the record makes it to disk
+            self.cost += cost
+            ep.stats["cost"] += cost
+        if not await self.append({**rec, **extra} if extra else rec):
+            return False
+        self.images += len(saved)
+        ep.stats["failed" if short else "done"] += 1
+        ep.stats["images"] += len(saved)
+        if error is not None:
+            self.reporter.images += len(saved)
+            self.reporter.item_finished(False)
+            self.reporter.log(f"{item.id}: short answer: {error['message']}", level="warning")
+        else:
+            self.reporter.item_finished(True, len(saved))
+        return True
+
+    async def failure(self, ep: EndpointRun, item: Item, attempts: int, exc: RequestError, *,
+                      extra: Mapping[str, Any] | None = None) -> bool:
+        """Record the item as failed with `exc` (its message redacted); False: not recorded."""
+        exc.message = self.redact(exc.message)
+        rec = failed_record(item.id, item.rhash, item.body, attempts=attempts, error=exc.as_record(),
+                            endpoint=ep.name, vars=item.vars)
+        if not await self.append({**rec, **extra} if extra else rec):
+            return False  # pending: the next run decides again
+        ep.stats["failed"] += 1
+        self.reporter.item_finished(False)
+        if exc.kind == "permanent":
+            self.reporter.log(f"{item.id}: failed: {exc.describe()}", level="warning")
+        return True
