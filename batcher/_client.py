@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import binascii
 import os
+import re
+import secrets
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import aiofiles
@@ -26,12 +29,13 @@ import orjson
 import pybase64
 
 from . import __version__
-from ._dialect import DEFAULT_DIALECT, Dialect, DialectError
+from ._dialect import DEFAULT_DIALECT, BatchShape, Dialect, DialectError, dig
 from ._exceptions import PermanentError, RequestError, TransientError
 from ._policy import RetryPolicy, answer_refusal, classify
 from ._writer import sniff, truncation
 
-__all__ = ["ImagesClient", "Generation", "GeneratedImage", "Timeouts", "REVISED_PROMPT_MAX"]
+__all__ = ["ImagesClient", "BatchClient", "BatchInfo", "BatchLine", "FileInfo", "Generation", "GeneratedImage",
+           "Timeouts", "REVISED_PROMPT_MAX", "read_answer", "read_document"]
 
 # What is kept of a `revised_prompt`: it is stored twice (journal and manifest) for every image,
 # so a server's 10 MB of text must not become 20 MB on disk per image. Longer ones are cut and marked.
@@ -111,9 +115,13 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = self._open()
         limits = request.extensions.get("timeout", {})
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.get("connect"), sock_read=limits.get("read"))
+        try:
+            data: Any = request.content or None
+        except httpx.RequestNotRead:  # a streamed body (a batch upload): passed through chunk by chunk
+            data = _chunks(request.stream)
         with _transport_errors():
             resp = await self._session.request(
-                request.method, str(request.url), data=request.content or None, allow_redirects=False,
+                request.method, str(request.url), data=data, allow_redirects=False,
                 headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
                 timeout=timeout, ssl=self._tls() if request.url.scheme == "https" else True,
                 trace_request_ctx=request.extensions.get(ON_SENT))
@@ -124,6 +132,12 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _chunks(stream: Any) -> AsyncIterator[bytes]:
+    # aiohttp sends an async iterable as is: with the Content-Length the caller set, not chunked
+    async for chunk in stream:
+        yield chunk
 
 
 ON_SENT = "batcher.on_sent"  # a request extension: called when the request's headers are on the wire
@@ -179,15 +193,9 @@ def _malformed(message: str, headers: Mapping[str, str] | None = None) -> Transi
                           headers=dict(headers or {}))
 
 
-class ImagesClient:
-    """One endpoint's HTTP client; the key lives only in memory, in the auth header.
-
-    >>> async with ImagesClient("http://127.0.0.1:8000/v1", api_key="sk-...") as client:
-    ...     gen = await client.generate({"model": "grok-imagine", "prompt": "a koi"})
-
-    `dialect` says how the endpoint wants the request (path, query, auth header, fields) and
-    `options` fill its templates, e.g. `{"api_version": "2025-04-01-preview"}` for azure-openai.
-    """
+class _Endpoint:
+    """What every client of one endpoint shares: the HTTP pool, the key (in memory only, in the
+    auth header), timeouts, and the image download (a `url` answer, synchronous or batched)."""
 
     def __init__(
         self,
@@ -195,10 +203,9 @@ class ImagesClient:
         api_key: str | None,
         *,
         dialect: Dialect = DEFAULT_DIALECT,
-        options: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
         timeouts: Timeouts = Timeouts(),
         max_connections: int = 64,
-        max_response_bytes: int = 256 * 1024 * 1024,
         max_download_bytes: int = 64 * 1024 * 1024,
         headers: Mapping[str, str] | None = None,
     ) -> None:
@@ -212,9 +219,7 @@ class ImagesClient:
         # (Accept only here, not on image downloads: an image host may negotiate on it)
         self._auth = {"Accept": "application/json", **(headers or {}), **dialect.auth_headers(api_key)}
         self.timeouts = timeouts
-        self.max_response_bytes = max_response_bytes
         self.max_download_bytes = max_download_bytes
-        self._parse_slots: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=None),
             headers={"User-Agent": f"batcher/{__version__}"},
@@ -224,7 +229,7 @@ class ImagesClient:
             transport=_AiohttpTransport(max_connections),
         )
 
-    async def __aenter__(self) -> ImagesClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -232,111 +237,6 @@ class ImagesClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-    async def generate(self, body: dict[str, Any], on_sent: Callable[[], None] | None = None) -> Generation:
-        """Send one generation request; raise a classified RequestError on any failure.
-
-        `body` holds batcher's canonical fields; the dialect turns it into what is sent.
-        `on_sent` is called when the request's headers are on the wire (the rate limiter's stamp).
-        """
-        try:
-            prepared = self.dialect.prepare(body, self.options)
-        except DialectError as exc:
-            raise PermanentError(str(exc), code="dialect_error") from None
-        url = f"{self.base_url}{prepared.path}"
-        headers = {**prepared.headers, **self._auth} if prepared.headers else self._auth
-        try:
-            async with self._http.stream("POST", url, params=prepared.params or None, json=prepared.body,
-                                         headers=headers, extensions={ON_SENT: on_sent} if on_sent else None) as resp:
-                _refuse_stream(resp)
-                raw = await self._read_capped(resp)
-        except httpx.TimeoutException as exc:
-            raise TransientError(f"timed out ({type(exc).__name__})", code="timeout") from None
-        except httpx.TransportError as exc:
-            raise TransientError(f"connection failed ({type(exc).__name__})", code="connection_error") from None
-        headers = {k.lower(): v for k, v in resp.headers.items()}
-        if resp.status_code != 200:
-            raise classify(resp.status_code, headers, bytes(raw))
-        n = int(body.get("n", 1))
-        if len(raw) < INLINE_PARSE_BYTES:
-            return self._parse(raw, headers, n)
-        # JSON, base64 and the image check of a large answer run in a worker thread, so the
-        # event loop keeps serving sockets and both cores work (orjson, pybase64 and crc32 are C);
-        # one parse per core at a time: more would only hold more parsed copies (2 × body each) at once
-        if self._parse_slots is None:
-            self._parse_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
-        return await anyio.to_thread.run_sync(self._parse, raw, headers, n, limiter=self._parse_slots)
-
-    async def _read_capped(self, resp: httpx.Response) -> bytearray:
-        """The body in one buffer, sized from Content-Length when given: no chunk list joined into a copy."""
-        declared = resp.headers.get("content-length")
-        size = int(declared) if declared and declared.isascii() and declared.isdigit() else None
-        if size is not None and size > self.max_response_bytes:
-            raise PermanentError(f"response of {declared} bytes exceeds the {self.max_response_bytes}-byte cap",
-                                 status=resp.status_code, code="response_too_large")
-        # trust a declared length only so far: a lying header must not reserve memory it never sends
-        buf = bytearray(min(size or 0, PREALLOCATE_MAX))
-        filled = 0
-        async for chunk in resp.aiter_bytes():
-            end = filled + len(chunk)
-            if end > self.max_response_bytes:
-                raise PermanentError(f"response exceeds the {self.max_response_bytes}-byte cap",
-                                     status=resp.status_code, code="response_too_large")
-            buf[filled:end] = chunk  # in place while it fits; grows past a wrong or absent length
-            filled = end
-        del buf[filled:]  # a body shorter than declared (a compressed one: httpx decoded it)
-        return buf
-
-    def _parse(self, raw: bytes | bytearray, headers: dict[str, str], n: int) -> Generation:
-        """A 200's body → decoded, whole images. Any answer that can't be read is malformed (transient).
-
-        Memory: the body (B), then its parsed document (≈ B) while `raw` is released, then each
-        image's base64 text is dropped as it is decoded (0.75 B): at most about 2 B per answer.
-        """
-        try:
-            doc = orjson.loads(raw)  # nesting deeper than 1024 is a JSONDecodeError, never a RecursionError
-        except (ValueError, RecursionError, MemoryError):
-            raise _malformed("body is not JSON", headers) from None
-        if not isinstance(doc, dict):
-            raise _malformed("body is not a JSON object", headers)
-        if doc.get("error") and not doc.get("data"):
-            raise classify(200, headers, bytes(raw))  # a 200 carrying an error object
-        if isinstance(raw, bytearray):
-            raw.clear()  # the caller's buffer: freed now, not when the answer is saved
-        self.dialect.read(doc, headers)  # e.g. xai's moderated images: a 200 that is a refusal
-        refusal = answer_refusal(doc, headers)  # the same, as other providers mark it
-        if refusal is not None:
-            raise refusal
-        data = doc.get("data")
-        if not isinstance(data, list) or not data:
-            raise _malformed("no 'data' list of images", headers)
-        if len(data) > n:
-            # never silently keep or drop paid images we did not ask for
-            raise PermanentError(f"server returned {len(data)} images for n={n}", status=200,
-                                 code="unexpected_image_count", headers=headers)
-        images = []
-        for i, entry in enumerate(data):
-            if not isinstance(entry, dict):
-                raise _malformed(f"data[{i}] is not an object", headers)
-            revised = _revised_prompt(entry.get("revised_prompt"))
-            b64, url = entry.pop("b64_json", None), entry.get("url")
-            # read what came back, not what was asked for: gateways swap formats, null a key
-            if isinstance(b64, str) and b64:
-                images.append(GeneratedImage(data=_decode_image(b64, i, headers), revised_prompt=revised))
-                del b64  # the text goes as soon as its bytes exist
-            elif isinstance(url, str) and url:
-                images.append(GeneratedImage(url=url, revised_prompt=revised))
-            else:
-                raise _malformed(f"data[{i}] has neither b64_json nor url", headers)
-        created = doc.get("created")
-        usage = doc.get("usage")
-        return Generation(
-            created=created if isinstance(created, int) and not isinstance(created, bool) else None,
-            images=images,
-            request_id=headers.get("x-request-id"),
-            usage=usage if isinstance(usage, dict) and _depth(usage) <= USAGE_MAX_DEPTH else None,
-            headers=headers,
-        )
 
     async def download(self, url: str, dest: Path, *, attempts: int = DOWNLOAD_RETRY.max_attempts) -> None:
         """Stream an image URL to `dest`, checking scheme, size, type and that the image is whole.
@@ -415,6 +315,154 @@ class ImagesClient:
             raise PermanentError("downloaded bytes are not a PNG, JPEG, WebP or GIF image", code="not_an_image")
 
 
+
+class ImagesClient(_Endpoint):
+    """One endpoint's HTTP client; the key lives only in memory, in the auth header.
+
+    >>> async with ImagesClient("http://127.0.0.1:8000/v1", api_key="sk-...") as client:
+    ...     gen = await client.generate({"model": "grok-imagine", "prompt": "a koi"})
+
+    `dialect` says how the endpoint wants the request (path, query, auth header, fields) and
+    `options` fill its templates, e.g. `{"api_version": "2025-04-01-preview"}` for azure-openai.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        dialect: Dialect = DEFAULT_DIALECT,
+        options: Mapping[str, str] | None = None,
+        timeouts: Timeouts = Timeouts(),
+        max_connections: int = 64,
+        max_response_bytes: int = 256 * 1024 * 1024,
+        max_download_bytes: int = 64 * 1024 * 1024,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, dialect=dialect, options=options, timeouts=timeouts,
+                         max_connections=max_connections, max_download_bytes=max_download_bytes, headers=headers)
+        self.max_response_bytes = max_response_bytes
+        self._parse_slots: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
+
+    async def generate(self, body: dict[str, Any], on_sent: Callable[[], None] | None = None) -> Generation:
+        """Send one generation request; raise a classified RequestError on any failure.
+
+        `body` holds batcher's canonical fields; the dialect turns it into what is sent.
+        `on_sent` is called when the request's headers are on the wire (the rate limiter's stamp).
+        """
+        try:
+            prepared = self.dialect.prepare(body, self.options)
+        except DialectError as exc:
+            raise PermanentError(str(exc), code="dialect_error") from None
+        url = f"{self.base_url}{prepared.path}"
+        headers = {**prepared.headers, **self._auth} if prepared.headers else self._auth
+        try:
+            async with self._http.stream("POST", url, params=prepared.params or None, json=prepared.body,
+                                         headers=headers, extensions={ON_SENT: on_sent} if on_sent else None) as resp:
+                _refuse_stream(resp)
+                raw = await self._read_capped(resp)
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"timed out ({type(exc).__name__})", code="timeout") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"connection failed ({type(exc).__name__})", code="connection_error") from None
+        headers = {k.lower(): v for k, v in resp.headers.items()}
+        if resp.status_code != 200:
+            raise classify(resp.status_code, headers, bytes(raw))
+        n = int(body.get("n", 1))
+        if len(raw) < INLINE_PARSE_BYTES:
+            return self._parse(raw, headers, n)
+        # JSON, base64 and the image check of a large answer run in a worker thread, so the
+        # event loop keeps serving sockets and both cores work (orjson, pybase64 and crc32 are C);
+        # one parse per core at a time: more would only hold more parsed copies (2 × body each) at once
+        if self._parse_slots is None:
+            self._parse_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
+        return await anyio.to_thread.run_sync(self._parse, raw, headers, n, limiter=self._parse_slots)
+
+    async def _read_capped(self, resp: httpx.Response) -> bytearray:
+        """The body in one buffer, sized from Content-Length when given: no chunk list joined into a copy."""
+        declared = resp.headers.get("content-length")
+        size = int(declared) if declared and declared.isascii() and declared.isdigit() else None
+        if size is not None and size > self.max_response_bytes:
+            raise PermanentError(f"response of {declared} bytes exceeds the {self.max_response_bytes}-byte cap",
+                                 status=resp.status_code, code="response_too_large")
+        # trust a declared length only so far: a lying header must not reserve memory it never sends
+        buf = bytearray(min(size or 0, PREALLOCATE_MAX))
+        filled = 0
+        async for chunk in resp.aiter_bytes():
+            end = filled + len(chunk)
+            if end > self.max_response_bytes:
+                raise PermanentError(f"response exceeds the {self.max_response_bytes}-byte cap",
+                                     status=resp.status_code, code="response_too_large")
+            buf[filled:end] = chunk  # in place while it fits; grows past a wrong or absent length
+            filled = end
+        del buf[filled:]  # a body shorter than declared (a compressed one: httpx decoded it)
+        return buf
+
+    def _parse(self, raw: bytes | bytearray, headers: dict[str, str], n: int) -> Generation:
+        return read_answer(raw, headers, n, self.dialect)
+
+def read_answer(raw: bytes | bytearray, headers: dict[str, str], n: int,
+                dialect: Dialect = DEFAULT_DIALECT) -> Generation:
+    """A 200's body → decoded, whole images. Any answer that can't be read is malformed (transient).
+
+    The one reading of an answer: a synchronous one, and each line of a batch's results.
+    Memory: the body (B), then its parsed document (≈ B) while `raw` is released, then each
+    image's base64 text is dropped as it is decoded (0.75 B): at most about 2 B per answer.
+    """
+    try:
+        doc = orjson.loads(raw)  # nesting deeper than 1024 is a JSONDecodeError, never a RecursionError
+    except (ValueError, RecursionError, MemoryError):
+        raise _malformed("body is not JSON", headers) from None
+    if not isinstance(doc, dict):
+        raise _malformed("body is not a JSON object", headers)
+    if doc.get("error") and not doc.get("data"):
+        raise classify(200, headers, bytes(raw))  # a 200 carrying an error object
+    if isinstance(raw, bytearray):
+        raw.clear()  # the caller's buffer: freed now, not when the answer is saved
+    return read_document(doc, headers, n, dialect)
+
+
+def read_document(doc: dict[str, Any], headers: dict[str, str], n: int,
+                  dialect: Dialect = DEFAULT_DIALECT) -> Generation:
+    """`read_answer` for an answer already decoded from JSON (a batch result line's body)."""
+    if doc.get("error") and not doc.get("data"):
+        raise classify(200, headers, orjson.dumps(doc))
+    dialect.read(doc, headers)  # e.g. xai's moderated images: a 200 that is a refusal
+    refusal = answer_refusal(doc, headers)  # the same, as other providers mark it
+    if refusal is not None:
+        raise refusal
+    data = doc.get("data")
+    if not isinstance(data, list) or not data:
+        raise _malformed("no 'data' list of images", headers)
+    if len(data) > n:
+        # never silently keep or drop paid images we did not ask for
+        raise PermanentError(f"server returned {len(data)} images for n={n}", status=200,
+                             code="unexpected_image_count", headers=headers)
+    images = []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise _malformed(f"data[{i}] is not an object", headers)
+        revised = _revised_prompt(entry.get("revised_prompt"))
+        b64, url = entry.pop("b64_json", None), entry.get("url")
+        # read what came back, not what was asked for: gateways swap formats, null a key
+        if isinstance(b64, str) and b64:
+            images.append(GeneratedImage(data=_decode_image(b64, i, headers), revised_prompt=revised))
+            del b64  # the text goes as soon as its bytes exist
+        elif isinstance(url, str) and url:
+            images.append(GeneratedImage(url=url, revised_prompt=revised))
+        else:
+            raise _malformed(f"data[{i}] has neither b64_json nor url", headers)
+    created = doc.get("created")
+    usage = doc.get("usage")
+    return Generation(
+        created=created if isinstance(created, int) and not isinstance(created, bool) else None,
+        images=images,
+        request_id=headers.get("x-request-id"),
+        usage=usage if isinstance(usage, dict) and _depth(usage) <= USAGE_MAX_DEPTH else None,
+        headers=headers,
+    )
+
+
 def _refuse_stream(resp: httpx.Response) -> None:
     """A streamed answer was generated (and billed): fail the item for good, never send it again."""
     ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -471,3 +519,388 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+# -- provider Batch APIs ------------------------------------------------------------------------
+
+TERMINAL_STATES = frozenset({"completed", "failed", "expired", "cancelled"})
+# A control answer (a file or batch object, a page of a list) larger than this is hostile.
+MAX_CONTROL_BYTES = 16 * 1024 * 1024
+UPLOAD_CHUNK = 1 << 20
+MAX_LINE_BYTES = 256 * 1024 * 1024  # one result line: n images as base64 (the synchronous answer's cap)
+MAX_PAGES = 100_000  # a list that never ends (a cursor that cycles) stops here
+_ID_HEAD = 4096  # how much of an over-long line is searched for its id
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """An uploaded file as the provider describes it."""
+
+    id: str
+    filename: str | None = None
+    bytes: int | None = None
+    created_at: int | None = None
+    purpose: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """A provider batch, in OpenAI's terms whatever the provider (`status` in OpenAI's state names).
+
+    With a provider whose results are a paged list (xai), `output_file_id` is the batch's id:
+    `BatchClient.lines` reads either.
+    """
+
+    id: str
+    status: str
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int | None = None
+    expires_at: int | None = None
+    completed_at: int | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        """The batch will not change any more: completed, failed, expired or cancelled."""
+        return self.status in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One result of a batch: a generation read like a synchronous answer, or a classified error."""
+
+    custom_id: str | None
+    generation: Generation | None = None
+    error: RequestError | None = None
+
+
+class BatchClient(_Endpoint):
+    """One endpoint's Files + Batches APIs, in the shapes its dialect's `BatchShape` says.
+
+    >>> async with BatchClient(base_url, api_key) as client:
+    ...     f = await client.upload(Path("chunk-0001.jsonl"), "chunk-0001.jsonl")
+    ...     b = await client.create_batch(f.id, window="24h", metadata={"batcher_chunk": "k1"})
+    ...     async for line in client.lines((await client.batch(b.id)).output_file_id): ...
+
+    Every failure raises a classified RequestError (401/403 fatal, 429 and 5xx and timeouts
+    transient, 404 and other 4xx permanent); nothing is retried here: the executor decides.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        dialect: Dialect = DEFAULT_DIALECT,
+        options: Mapping[str, Any] | None = None,
+        timeouts: Timeouts = Timeouts(),
+        headers: Mapping[str, str] | None = None,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        max_download_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        super().__init__(base_url, api_key, dialect=dialect, options=options, timeouts=timeouts,
+                         max_connections=8, max_download_bytes=max_download_bytes, headers=headers)
+        self.shape: BatchShape = dialect.batch
+        self.max_line_bytes = max_line_bytes
+        key = re.escape(self.shape.result_id_key.rsplit(".", 1)[-1].encode())
+        self._id_in_head = re.compile(rb'"' + key + rb'"\s*:\s*("(?:[^"\\]|\\.){1,1024}")')
+
+    # -- files ------------------------------------------------------------------------------
+
+    async def upload(self, path: Path, filename: str) -> FileInfo:
+        """Upload a JSONL file (multipart, `purpose=batch`), streamed from disk in 1 MiB chunks."""
+        boundary = f"batcher-{secrets.token_hex(16)}"
+        safe_name = "".join(c if c.isprintable() and c not in '"\\' else "_" for c in filename) or "batch.jsonl"
+        head = b""
+        if self.shape.send_purpose:
+            head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
+                     f"batch\r\n").encode()
+        head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{safe_name}\"\r\n"
+                 f"Content-Type: application/jsonl\r\n\r\n").encode("utf-8")
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        size = (await anyio.Path(path).stat()).st_size
+
+        async def body() -> AsyncIterator[bytes]:
+            yield head
+            sent = 0
+            async with aiofiles.open(path, "rb") as fh:  # read in aiofiles' worker thread, not on the loop
+                while chunk := await fh.read(UPLOAD_CHUNK):
+                    sent += len(chunk)
+                    if sent > size:
+                        break
+                    yield chunk
+            if sent != size:  # the declared length would be a lie: the server would misread the body
+                raise _FileChanged(f"{path} changed size while uploading ({size} → {sent} bytes)")
+            yield tail
+
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                   "Content-Length": str(len(head) + size + len(tail))}
+        try:
+            doc = await self._call("POST", self.shape.files, content=body(), headers=headers)
+        except _FileChanged as exc:
+            raise TransientError(str(exc), code="file_changed") from None
+        return _file_info(doc)
+
+    async def files(self, purpose: str = "batch") -> AsyncIterator[FileInfo]:
+        """Every uploaded file of `purpose`, newest first, page by page (OpenAI's `after` cursor)."""
+        params = {"purpose": purpose, "order": "desc", "limit": str(self.shape.page_limit)}
+        async for entry in self._pages(self.shape.files, params, "data", "after", None, "has_more", "id"):
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                yield _file_info(entry)
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete an uploaded file (an orphaned chunk, or one whose batch has ended)."""
+        await self._call("DELETE", self.shape.path(self.shape.file, file_id))
+
+    # -- batches ----------------------------------------------------------------------------
+
+    async def create_batch(self, input_file_id: str, *, window: str, metadata: Mapping[str, str]) -> BatchInfo:
+        """Create a batch of the uploaded file's requests, tagged with `metadata` (the chunk key)."""
+        body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": self.shape.endpoint,
+                                "metadata": dict(metadata)}
+        if self.shape.send_window:
+            body["completion_window"] = window
+        return self._batch_info(await self._call("POST", self.shape.batches, json=body))
+
+    async def batch(self, batch_id: str) -> BatchInfo:
+        return self._batch_info(await self._call("GET", self.shape.path(self.shape.batch, batch_id)))
+
+    async def batches(self) -> AsyncIterator[BatchInfo]:
+        """Every batch of the account, newest first, page by page."""
+        shape = self.shape
+        async for entry in self._pages(shape.batches, {"limit": str(shape.page_limit)}, shape.batches_list_key,
+                                       shape.cursor_param, shape.next_key, shape.more_key, shape.id_key):
+            yield self._batch_info(entry)
+
+    async def cancel_batch(self, batch_id: str) -> BatchInfo:
+        return self._batch_info(await self._call("POST", self.shape.path(self.shape.cancel, batch_id)))
+
+    # -- results ----------------------------------------------------------------------------
+
+    async def lines(self, file_id: str) -> AsyncIterator[BatchLine]:
+        """Each result of an output or error file (or of a paged results list), read as it streams in.
+
+        A line longer than `max_line_bytes` is not held: it becomes a permanent `line_too_long`
+        error for its custom_id (found in its first bytes), or for None when it can't be found.
+        """
+        if self.shape.results is not None:
+            path = self.shape.path(self.shape.results, file_id)
+            async for entry in self._pages(path, {"limit": str(self.shape.page_limit)}, "results",
+                                           self.shape.cursor_param, self.shape.next_key, self.shape.more_key,
+                                           self.shape.result_id_key):
+                yield _result(entry, self.shape, self.dialect)
+            return
+        url = f"{self.base_url}{self.shape.path(self.shape.content, file_id)}"
+        try:
+            async with self._http.stream("GET", url, headers=self._auth) as resp:
+                if resp.status_code != 200:
+                    raise classify(resp.status_code, {k.lower(): v for k, v in resp.headers.items()},
+                                   bytes(await self._read_capped(resp, MAX_CONTROL_BYTES)))
+                buf, head, too_long = bytearray(), b"", False
+                async for chunk in resp.aiter_bytes():
+                    start = 0
+                    while True:
+                        nl = chunk.find(b"\n", start)
+                        stop = len(chunk) if nl < 0 else nl
+                        if not too_long:
+                            buf += chunk[start:stop]
+                            if len(buf) > self.max_line_bytes:  # stop holding it; keep only where its id is
+                                head, too_long = bytes(buf[:_ID_HEAD]), True
+                                buf = bytearray()
+                        if nl < 0:
+                            break
+                        if too_long:
+                            yield self._too_long(head)
+                        elif buf.strip():
+                            yield await self._line(buf)
+                        buf, too_long, start = bytearray(), False, nl + 1
+                if too_long:
+                    yield self._too_long(head)
+                elif buf.strip():
+                    yield await self._line(buf)
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"reading file {file_id} timed out ({type(exc).__name__})", code="timeout") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"reading file {file_id} failed ({type(exc).__name__})",
+                                 code="connection_error") from None
+
+    async def _line(self, raw: bytearray) -> BatchLine:
+        if len(raw) < INLINE_PARSE_BYTES:
+            return _result_line(bytes(raw), self.shape, self.dialect)
+        # base64 decoding and the image check of a large line run in a worker thread (C code: both cores work)
+        return await anyio.to_thread.run_sync(_result_line, bytes(raw), self.shape, self.dialect)
+
+    def _too_long(self, head: bytes) -> BatchLine:
+        match = self._id_in_head.search(head)
+        custom_id = None
+        if match is not None:
+            try:
+                found = orjson.loads(match[1])
+                custom_id = found if isinstance(found, str) else None
+            except ValueError:
+                pass
+        return BatchLine(custom_id, error=PermanentError(
+            f"result line longer than {self.max_line_bytes} bytes", code="line_too_long"))
+
+    # -- the wire ---------------------------------------------------------------------------
+
+    async def _call(self, method: str, path: str, *, json: Any = None, params: Mapping[str, str] | None = None,
+                    content: Any = None, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """One control request → its JSON object; every failure a classified RequestError."""
+        url = f"{self.base_url}{path}"
+        try:
+            async with self._http.stream(method, url, json=json, params=params, content=content,
+                                         headers={**(headers or {}), **self._auth}) as resp:
+                raw = await self._read_capped(resp, MAX_CONTROL_BYTES)
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"{method} {path} timed out ({type(exc).__name__})", code="timeout") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"{method} {path} failed ({type(exc).__name__})", code="connection_error") from None
+        headers_in = {k.lower(): v for k, v in resp.headers.items()}
+        if resp.status_code != 200:
+            raise classify(resp.status_code, headers_in, bytes(raw))
+        try:
+            doc = orjson.loads(raw)
+        except ValueError:
+            raise _malformed(f"{method} {path}: body is not JSON", headers_in) from None
+        if not isinstance(doc, dict):
+            raise _malformed(f"{method} {path}: body is not a JSON object", headers_in)
+        return doc
+
+    async def _read_capped(self, resp: httpx.Response, cap: int) -> bytearray:
+        buf = bytearray()
+        async for chunk in resp.aiter_bytes():
+            if len(buf) + len(chunk) > cap:
+                raise PermanentError(f"answer exceeds the {cap}-byte cap", status=resp.status_code,
+                                     code="response_too_large")
+            buf += chunk
+        return buf
+
+    async def _pages(self, path: str, params: dict[str, str], list_key: str, cursor_param: str,
+                     next_key: str | None, more_key: str | None, id_key: str) -> AsyncIterator[Any]:
+        """Every entry of a paged list. The cursor is the answer's `next_key`, or (None) the last
+        entry's id while `more_key` is true; a list that repeats a cursor ends there."""
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            doc = await self._call("GET", path, params=params)
+            entries = doc.get(list_key)
+            if not isinstance(entries, list):
+                raise _malformed(f"GET {path}: no '{list_key}' list")
+            for entry in entries:
+                yield entry
+            if next_key is not None:
+                cursor = dig(doc, next_key)
+            elif doc.get(more_key or "") is True and entries:
+                cursor = dig(entries[-1], id_key)
+            else:
+                cursor = None
+            if not isinstance(cursor, str) or not cursor or cursor in seen or not entries:
+                return
+            seen.add(cursor)
+            params = {**params, cursor_param: cursor}
+
+    def _batch_info(self, doc: Any) -> BatchInfo:
+        shape = self.shape
+        ident = dig(doc, shape.id_key)
+        if not isinstance(ident, str) or not ident:
+            raise _malformed(f"batch object without a string '{shape.id_key}'")
+        metadata = dig(doc, "metadata")
+        errors = dig(doc, shape.errors_key)
+        return BatchInfo(
+            id=ident,
+            status=shape.state(doc),
+            input_file_id=_text(dig(doc, shape.input_file_key)),
+            # paged results are read by batch id: lines() takes it where others take a file id
+            output_file_id=ident if shape.results is not None else _text(dig(doc, shape.output_file_key)),
+            error_file_id=_text(dig(doc, shape.error_file_key)),
+            created_at=_when(dig(doc, shape.created_key)),
+            expires_at=_when(dig(doc, shape.expires_key)),
+            completed_at=_when(dig(doc, shape.completed_at_key)),
+            total=_count(dig(doc, shape.total_key)),
+            completed=_count(dig(doc, shape.completed_key)),
+            failed=_count(dig(doc, shape.failed_key)),
+            metadata={k: v for k, v in metadata.items() if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(metadata, dict) else {},
+            errors=[e for e in errors if isinstance(e, dict)][:100] if isinstance(errors, list) else [],
+        )
+
+
+class _FileChanged(Exception):
+    pass
+
+
+def _file_info(doc: Mapping[str, Any]) -> FileInfo:
+    ident = doc.get("id")
+    if not isinstance(ident, str) or not ident:
+        raise _malformed("file object without a string 'id'")
+    size = doc.get("bytes")
+    return FileInfo(id=ident, filename=_text(doc.get("filename")),
+                    bytes=size if isinstance(size, int) and not isinstance(size, bool) else None,
+                    created_at=_when(doc.get("created_at")), purpose=_text(doc.get("purpose")))
+
+
+def _result_line(raw: bytes, shape: BatchShape, dialect: Dialect) -> BatchLine:
+    try:
+        doc = orjson.loads(raw)
+    except ValueError:
+        return BatchLine(None, error=_malformed("result line is not JSON"))
+    return _result(doc, shape, dialect)
+
+
+def _result(doc: Any, shape: BatchShape, dialect: Dialect) -> BatchLine:
+    """One result line → a generation read exactly like a synchronous answer, or its classified error."""
+    if not isinstance(doc, dict):
+        return BatchLine(None, error=_malformed("result line is not a JSON object"))
+    custom_id = _text(dig(doc, shape.result_id_key))
+    error = dig(doc, shape.result_error_key)
+    if error:
+        # the provider never ran it (batch_expired, batch_cancelled, …): it goes into a later batch
+        code = _text(error.get("code")) if isinstance(error, dict) else None
+        message = _text(error.get("message")) if isinstance(error, dict) else _text(error)
+        return BatchLine(custom_id, error=TransientError(message or "the batch did not run this request",
+                                                         code=code or "batch_error"))
+    request_id = _text(dig(doc, shape.result_request_id_key))
+    headers = {"x-request-id": request_id} if request_id else {}
+    status = dig(doc, shape.result_status_key) if shape.result_status_key else 200
+    body = dig(doc, shape.result_body_key)
+    if not isinstance(status, int) or isinstance(status, bool):
+        return BatchLine(custom_id, error=_malformed("result line without an HTTP status", headers))
+    if status != 200:
+        return BatchLine(custom_id, error=classify(status, headers, orjson.dumps(body) if body is not None else b""))
+    if not isinstance(body, dict):
+        return BatchLine(custom_id, error=_malformed("result line without a response body", headers))
+    data = body.get("data")
+    # n comes from the answer itself: the executor compares it with the item's n (a short answer is its call)
+    n = max(1, len(data)) if isinstance(data, list) else 1
+    try:
+        return BatchLine(custom_id, generation=read_document(body, headers, n, dialect))
+    except RequestError as exc:
+        return BatchLine(custom_id, error=exc)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _when(value: Any) -> int | None:
+    """A Unix time in seconds, from an integer or an RFC 3339 string (xAI's times)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value == value and abs(value) < 1e12:
+        return int(value)
+    if isinstance(value, str) and value:
+        try:
+            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            return None
+    return None

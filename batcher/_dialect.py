@@ -31,6 +31,9 @@ from ._exceptions import PermanentError
 
 __all__ = [
     "Dialect",
+    "BatchShape",
+    "OPENAI_BATCH",
+    "XAI_BATCH",
     "PreparedRequest",
     "DialectError",
     "DialectSpecError",
@@ -102,6 +105,112 @@ _BODY_PLACEHOLDERS = {"model": "model", "deployment": "model"}
 
 
 @dataclass(frozen=True)
+class BatchShape:
+    """How one provider's Files + Batches APIs look on the wire: paths, field names, states, limits.
+
+    The client reads every provider through this table (no per-provider code path); the values
+    come from each provider's documentation (docs/_incoming/wire.md). Dotted keys (`a.b`) reach
+    into nested objects. Paths are relative to the endpoint's base URL; `{id}` is filled in.
+    """
+
+    files: str = "/files"
+    file: str = "/files/{id}"
+    content: str = "/files/{id}/content"
+    batches: str = "/batches"
+    batch: str = "/batches/{id}"
+    cancel: str = "/batches/{id}/cancel"
+    results: str | None = None  # a paged results list (xAI) instead of output/error files
+    endpoint: str = "/v1/images/generations"  # the `url` of every input line and the batch's endpoint
+    send_purpose: bool = True  # the upload's `purpose=batch` form field
+    send_window: bool = True  # `completion_window` on create
+    # the batch object
+    id_key: str = "id"
+    status_key: str | None = "status"  # None: derived from the counts (pending_key)
+    states: Mapping[str, str] = field(default_factory=dict, hash=False)  # provider's name → OpenAI's
+    total_key: str = "request_counts.total"
+    completed_key: str = "request_counts.completed"
+    failed_key: str = "request_counts.failed"
+    pending_key: str | None = None
+    cancelled_key: str | None = None
+    created_key: str = "created_at"
+    expires_key: str = "expires_at"
+    completed_at_key: str = "completed_at"
+    input_file_key: str = "input_file_id"
+    output_file_key: str = "output_file_id"
+    error_file_key: str = "error_file_id"
+    errors_key: str = "errors.data"
+    # lists: `{list_key: [...]}`; the next page is asked with `cursor_param=<cursor>`, where the
+    # cursor is `next_key` of the answer, or (next_key None) the last item's id while `more_key` is true
+    batches_list_key: str = "data"
+    cursor_param: str = "after"
+    next_key: str | None = None
+    more_key: str | None = "has_more"
+    page_limit: int = 100
+    # one result: in an output/error file line, or an entry of the paged results list
+    result_id_key: str = "custom_id"
+    result_status_key: str | None = "response.status_code"
+    result_body_key: str = "response.body"
+    result_request_id_key: str | None = "response.request_id"
+    result_error_key: str = "error"  # an object {code, message}, or a string (the message)
+    # limits of one batch, and how long result image URLs live (None: not documented)
+    max_requests: int = 50_000
+    max_bytes: int = 200 * 1024 * 1024
+    url_ttl: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "states", MappingProxyType(dict(self.states)))
+
+    def path(self, template: str, ident: str = "") -> str:
+        """`template` with `{id}` filled in, quoted: an id can never add a path segment."""
+        return template.replace("{id}", quote(ident, safe=""))
+
+    def state(self, doc: Mapping[str, Any]) -> str:
+        """The batch's state in OpenAI's names (validating … cancelled), from its status or its counts."""
+        if self.status_key is not None:
+            raw = dig(doc, self.status_key)
+            raw = raw if isinstance(raw, str) else "unknown"
+            return self.states.get(raw, raw)
+        pending, total = count(doc, self.pending_key), count(doc, self.total_key)
+        if pending > 0 or total == 0:
+            return "in_progress"
+        return "cancelled" if count(doc, self.cancelled_key) > 0 else "completed"
+
+
+def dig(doc: Any, key: str | None) -> Any:
+    """`doc["a"]["b"]` for key `a.b`; None when any step is missing or not an object."""
+    if key is None:
+        return None
+    for part in key.split("."):
+        if not isinstance(doc, Mapping):
+            return None
+        doc = doc.get(part)
+    return doc
+
+
+def count(doc: Any, key: str | None) -> int:
+    """A non-negative integer count at `key`, 0 when absent or not an integer."""
+    value = dig(doc, key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+# OpenAI's Files + Batches APIs (https://platform.openai.com/docs/api-reference/batch).
+OPENAI_BATCH = BatchShape()
+# xAI: the OpenAI-compatible Files API carries the JSONL; the batch object, its cancel, list and
+# results are xAI's own (https://docs.x.ai/developers/advanced-api-usage/batch-api): counts in
+# `state`, no status string, results paged at /batches/{id}/results, image URLs live 1 hour.
+XAI_BATCH = BatchShape(
+    cancel="/batches/{id}:cancel", results="/batches/{id}/results", send_purpose=False, send_window=False,
+    id_key="batch_id", status_key=None, total_key="state.num_requests", completed_key="state.num_success",
+    failed_key="state.num_error", pending_key="state.num_pending", cancelled_key="state.num_cancelled",
+    created_key="create_time", expires_key="expire_time", completed_at_key="complete_time",
+    input_file_key="input_file_id", output_file_key="", error_file_key="", errors_key="errors",
+    batches_list_key="batches", cursor_param="pagination_token", next_key="pagination_token", more_key=None,
+    result_id_key="batch_request_id", result_status_key=None, result_body_key="batch_result.response.image",
+    result_request_id_key=None, result_error_key="error_message", url_ttl=3600.0,
+)
+
+
+@dataclass(frozen=True)
 class Dialect:
     """One provider's variant of the Images API. Never mutates what it is given.
 
@@ -123,6 +232,7 @@ class Dialect:
     check_body: CheckHook | None = field(default=None, compare=False, repr=False)
     check_answer: ReadHook | None = field(default=None, compare=False, repr=False)
     base: str | None = None  # the dialect this one extends, for reports only
+    batch: BatchShape = OPENAI_BATCH  # its Files + Batches APIs
 
     def __post_init__(self) -> None:
         # frozen all the way down: a shared built-in can't be edited through one of its users
@@ -280,7 +390,7 @@ DIALECTS: Mapping[str, Dialect] = MappingProxyType({d.name: d for d in (
             query={"api-version": "{api_version}"}, auth_header="api-key", auth_prefix="",
             base="openai-compatible"),
     Dialect("xai", drop=frozenset({"size", "quality", "style"}), max_n=10, shape=_xai_shape,
-            check_body=_xai_problems, check_answer=_xai_answer, base="openai-compatible"),
+            check_body=_xai_problems, check_answer=_xai_answer, base="openai-compatible", batch=XAI_BATCH),
 )})
 
 
