@@ -122,6 +122,21 @@ def _add_simulator_options(p: argparse.ArgumentParser, prefix: str = "") -> None
                         "the client must use the same dialect)")
     g.add_argument(f"--{prefix}fail-all-after", type=float, default=None, metavar="SECONDS",
                    help="an outage: answer every generation request 500 from SECONDS after start")
+    g.add_argument(f"--{prefix}batch-time-scale", type=float, default=2.0 / 86400.0, metavar="S",
+                   help="batch APIs: real seconds per simulated second (default: a 24h batch runs in ~2 s)")
+    g.add_argument(f"--{prefix}batch-validation-fail", action="store_true",
+                   help="batch APIs: every batch fails validation (status failed, with errors)")
+    g.add_argument(f"--{prefix}batch-expire-after", type=float, default=None, metavar="SIM_SECONDS",
+                   help="batch APIs: batches expire this many simulated seconds after creation, keeping what "
+                        "completed (the rest: batch_expired error lines)")
+    g.add_argument(f"--{prefix}batch-upload-fault", choices=("5xx", "hang"), default=None,
+                   help="batch APIs: the first upload(s) answer 500 or hang (the file is stored all the same)")
+    g.add_argument(f"--{prefix}batch-create-fault", choices=("5xx", "hang"), default=None,
+                   help="batch APIs: the first create(s) answer 500 or hang (the batch is created all the same)")
+    g.add_argument(f"--{prefix}batch-fault-count", type=int, default=1, metavar="K",
+                   help="batch APIs: how many uploads / creates get --batch-*-fault (default 1)")
+    g.add_argument(f"--{prefix}batch-url-ttl", type=float, default=None, metavar="SECONDS",
+                   help="batch APIs: result image URLs stop working SECONDS after they are made")
     g.add_argument(f"--{prefix}answer-fault", choices=_ANSWER_FAULTS, default=None,
                    help="answer wrong the way foreign servers do: short (half the images), policy-200 "
                         "(refusals in a 200), echo-key (errors quote the key), prism-422 / fastapi-422")
@@ -149,6 +164,13 @@ def _simulator_config(args: argparse.Namespace, prefix: str = "", **extra: Any) 
         answer_fault=get("answer_fault"),
         limit_style=get("limit_style"),
         lone_429_at=get("lone_429_at"),
+        batch_time_scale=get("batch_time_scale"),
+        batch_validation_fail=get("batch_validation_fail"),
+        batch_expire_after=get("batch_expire_after"),
+        batch_upload_fault=get("batch_upload_fault"),
+        batch_create_fault=get("batch_create_fault"),
+        batch_fault_count=get("batch_fault_count"),
+        batch_url_ttl=get("batch_url_ttl"),
         **extra,
     )
 

@@ -40,6 +40,8 @@ import anyio.from_thread
 import anyio.lowlevel
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
+from ._simbatch import MAX_UPLOAD, UPLOAD_PATHS, BatchAPI
+
 __all__ = ["SimulatorConfig", "Simulator", "ANSWER_FAULTS", "RunningSimulator", "start_in_thread", "main_serve"]
 
 MAX_HEAD = 64 * 1024
@@ -111,12 +113,29 @@ class SimulatorConfig:
     truncated_rate: float = 0.0
     revised_prompt_chars: int | None = None
     drip_bytes_per_s: float | None = None
+    # provider Batch APIs (issue 16, batcher/_simbatch.py): real seconds per simulated second (the
+    # default runs a "24h" batch's requests within ~2 s), and faults: a batch that fails validation,
+    # expiry this many simulated seconds after creation (partial output + batch_expired error lines),
+    # "5xx" or "hang" answers to the first `batch_fault_count` uploads / creates (the file or batch
+    # is stored before the failure answer), result image URLs that stop working after N real seconds
+    batch_time_scale: float = 2.0 / 86400.0
+    batch_validation_fail: bool = False
+    batch_expire_after: float | None = None
+    batch_upload_fault: str | None = None
+    batch_create_fault: str | None = None
+    batch_fault_count: int = 1
+    batch_url_ttl: float | None = None
 
     def __post_init__(self) -> None:
         if self.answer_fault is not None and self.answer_fault not in ANSWER_FAULTS:
             raise ValueError(f"unknown answer fault {self.answer_fault!r} (known: {', '.join(ANSWER_FAULTS)})")
         if self.dialect not in DIALECT_NAMES:
             raise ValueError(f"unknown simulator dialect {self.dialect!r} (known: {', '.join(DIALECT_NAMES)})")
+        for name in ("batch_upload_fault", "batch_create_fault"):
+            if getattr(self, name) not in (None, "5xx", "hang"):
+                raise ValueError(f"unknown {name} {getattr(self, name)!r} (known: 5xx, hang)")
+        if not self.batch_time_scale > 0:
+            raise ValueError("batch_time_scale must be positive")
         if self.limit_style not in LIMIT_STYLES:
             raise ValueError(f"unknown limit style {self.limit_style!r} (known: {', '.join(LIMIT_STYLES)})")
 
@@ -300,6 +319,8 @@ class Simulator:
         self._blob_token = f"batcher-sim-blob-{secrets.token_hex(16)}-"
         self._blob_marks = re.compile(b'"' + self._blob_token.encode() + rb'(\d+)"')
         self._files_bytes = 0
+        self._expiry: dict[str, float] = {}  # image token → when its URL stops working (batch_url_ttl)
+        self.batches = BatchAPI(self)
         self._counts: dict[str, int] = {}
         self._faults: dict[str, int] = {}
         self._generations: dict[str, int] = {}
@@ -320,6 +341,8 @@ class Simulator:
                                          0)
             self._generations = {}
             self._accepted_log.clear()
+            if hasattr(self, "batches"):
+                self.batches.reset()
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters (copies: safe to keep and to read from another thread)."""
@@ -333,6 +356,7 @@ class Simulator:
             out["max_window_requests"] = self._counts["max_window_requests"]
             out["downloads"] = self._counts["downloads"]
             out["last_headers"] = dict(self._last_headers)
+            out["batch"] = self.batches.counters()
             return out
 
     def _bump(self, key: str, n: int = 1) -> None:
@@ -387,12 +411,15 @@ class Simulator:
                 self._pad_chunks.popitem(last=False)
         return cached
 
-    def _store(self, data: bytes) -> str:
+    def _store(self, data: bytes, ttl: float | None = None) -> str:
         token = secrets.token_hex(16) + ".png"
         self._files[token] = data
+        if ttl is not None:
+            self._expiry[token] = time.monotonic() + ttl
         self._files_bytes += len(data)
         while len(self._files) > MAX_FILES or self._files_bytes > MAX_FILE_BYTES:
-            _, old = self._files.popitem(last=False)
+            token, old = self._files.popitem(last=False)
+            self._expiry.pop(token, None)
             self._files_bytes -= len(old)
         return f"{self.base_url}/files/{token}"
 
@@ -410,7 +437,9 @@ class Simulator:
             self.base_url = f"http://{shown}:{bound}{root}"
             self._started = time.monotonic()
             task_status.started(self.base_url)
-            await listener.serve(self._handle)
+            async with anyio.create_task_group() as tg:
+                self.batches.tasks = tg  # batches run here, beside the connections
+                await listener.serve(self._handle)
 
     async def _handle(self, stream: SocketStream) -> None:
         try:
@@ -468,7 +497,7 @@ class Simulator:
         if not raw_length.isascii() or not raw_length.isdigit():
             raise _Reply(400, "invalid Content-Length")
         length = int(raw_length)
-        if length > MAX_BODY:
+        if length > (MAX_UPLOAD if method == "POST" and target.split("?")[0] in UPLOAD_PATHS else MAX_BODY):
             raise _Reply(413, "request body too large")
         if len(buf) < length and headers.get("expect", "").lower() == "100-continue":
             await stream.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -496,8 +525,13 @@ class Simulator:
             return await self._generate(stream, req, closing, deployment=unquote(azure[1]))
         if req.method == "POST" and req.path in GENERATION_PATHS and self.config.dialect != "azure-openai":
             return await self._generate(stream, req, closing)
+        if self.batches.handles(req):
+            return await self.batches.route(stream, req, closing)
         if req.method == "GET" and req.path.startswith(("/v1/files/", "/files/")):
-            data = self._files.get(req.path.rsplit("/", 1)[-1])
+            token = req.path.rsplit("/", 1)[-1]
+            data = self._files.get(token)
+            if data is not None and self._expiry.get(token, math.inf) <= time.monotonic():
+                data = None  # a batch result URL past its lifetime
             if data is None:
                 await self._send(stream, 404, closing, self._error(404, "file not found or expired",
                                                                    "invalid_request_error", "not_found"))
@@ -545,7 +579,9 @@ class Simulator:
         return out
 
     async def _generate(self, stream: SocketStream, req: _Request, extra: dict[str, str],
-                        deployment: str | None = None) -> bool:
+                        deployment: str | None = None, in_batch: bool = False) -> bool:
+        """Answer one generation request. `in_batch`: a line of a batch (no rate limit, no latency;
+        faults that need a connection become 5xx answers; result URLs live `batch_url_ttl`)."""
         cfg = self.config
         self._bump("requests")
         with self._lock:
@@ -629,6 +665,8 @@ class Simulator:
             if roll >= rate:
                 roll -= rate
                 continue
+            if in_batch and kind != "5xx":
+                kind = "5xx"  # a batch line has no connection to drop, hang or cut: it fails
             with self._lock:
                 self._faults[kind] += 1
             if kind == "drop":
@@ -666,7 +704,8 @@ class Simulator:
 
         # Rate limits: admission time is now (body read, no await since), before the latency sleep.
         now = time.monotonic()
-        waits = {kind: w.wait(now, 1 if kind == "requests" else n) for kind, w in self._windows.items()}
+        windows = {} if in_batch else self._windows  # batch requests don't count against the limits
+        waits = {kind: w.wait(now, 1 if kind == "requests" else n) for kind, w in windows.items()}
         if any(wait > 0 for wait in waits.values()):
             kind, wait = max(waits.items(), key=lambda kv: kv[1])
             self._bump("rate_limited")
@@ -676,14 +715,14 @@ class Simulator:
                                    f"Please try again in {ms}ms.", kind, "rate_limit_exceeded",
                               more={"retry-after-ms": str(ms), "retry-after": str(max(1, math.ceil(wait))),
                                     **self._limit_headers(now)})
-        for kind, window in self._windows.items():
+        for kind, window in windows.items():
             window.admit(now, 1 if kind == "requests" else n)
         counted = self._limit_headers(now)  # the count as of this admission, as servers report it
         self._note_accepted(now)
         self._in_flight_images += n
 
         try:
-            delay = cfg.latency_ms + (self._rng.uniform(-1.0, 1.0) * cfg.latency_jitter_ms
+            delay = 0.0 if in_batch else cfg.latency_ms + (self._rng.uniform(-1.0, 1.0) * cfg.latency_jitter_ms
                                       if cfg.latency_jitter_ms else 0.0)
             if delay > 0:
                 await anyio.sleep(delay / 1000.0)
@@ -717,7 +756,7 @@ class Simulator:
                 if cfg.gateway_quirks:
                     entry["url"] = None
             else:
-                entry["url"] = self._store(image)
+                entry["url"] = self._store(image, cfg.batch_url_ttl if in_batch else None)
                 if cfg.gateway_quirks:
                     entry["b64_json"] = None
             entry["revised_prompt"] = (f"A detailed rendering of: {prompt}" if cfg.revised_prompt_chars is None
