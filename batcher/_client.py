@@ -662,8 +662,9 @@ class BatchClient(_Endpoint):
 
     async def create_batch(self, input_file_id: str, *, window: str, metadata: Mapping[str, str]) -> BatchInfo:
         """Create a batch of the uploaded file's requests, tagged with `metadata` (the chunk key)."""
+        tags = orjson.dumps(dict(metadata)).decode() if self.shape.metadata_as_json else dict(metadata)
         body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": self.shape.endpoint,
-                                "metadata": dict(metadata)}
+                                self.shape.metadata_key: tags}
         if self.shape.send_window:
             body["completion_window"] = window
         return self._batch_info(await self._call("POST", self.shape.batches, json=body))
@@ -810,7 +811,12 @@ class BatchClient(_Endpoint):
         ident = dig(doc, shape.id_key)
         if not isinstance(ident, str) or not ident:
             raise _malformed(f"batch object without a string '{shape.id_key}'")
-        metadata = dig(doc, "metadata")
+        metadata = dig(doc, shape.metadata_key)
+        if shape.metadata_as_json and isinstance(metadata, str):
+            try:
+                metadata = orjson.loads(metadata)
+            except ValueError:
+                metadata = None  # a batch named by someone else: no tags
         errors = dig(doc, shape.errors_key)
         return BatchInfo(
             id=ident,

@@ -139,6 +139,8 @@ class BatchShape:
     output_file_key: str = "output_file_id"
     error_file_key: str = "error_file_id"
     errors_key: str = "errors.data"
+    metadata_key: str = "metadata"  # the batch's tags (batcher's chunk key)
+    metadata_as_json: bool = False  # carried as one JSON string (xAI has only a batch `name`)
     # lists: `{list_key: [...]}`; the next page is asked with `cursor_param=<cursor>`, where the
     # cursor is `next_key` of the answer, or (next_key None) the last item's id while `more_key` is true
     batches_list_key: str = "data"
@@ -204,6 +206,7 @@ XAI_BATCH = BatchShape(
     failed_key="state.num_error", pending_key="state.num_pending", cancelled_key="state.num_cancelled",
     created_key="create_time", expires_key="expire_time", completed_at_key="complete_time",
     input_file_key="input_file_id", output_file_key="", error_file_key="", errors_key="errors",
+    metadata_key="name", metadata_as_json=True,
     batches_list_key="batches", cursor_param="pagination_token", next_key="pagination_token", more_key=None,
     result_id_key="batch_request_id", result_status_key=None, result_body_key="batch_result.response.image",
     result_request_id_key=None, result_error_key="error_message", url_ttl=3600.0,
