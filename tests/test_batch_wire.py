@@ -358,3 +358,20 @@ def test_hostile_batch_objects_sparse_nested_and_unnamed():
         lines = anyio.run(main)
     assert [type(line.error) for line in lines] == [TransientError] * 3
     assert [line.custom_id for line in lines] == [None, None, None]  # a nesting bomb is not parsed at all
+
+
+def test_hostile_over_long_lines_are_never_held_and_name_their_item_when_they_can():
+    big = "A" * 5000
+    content = (json.dumps({"custom_id": "first", "response": {"status_code": 200, "body": {"pad": big}}}) + "\n"
+               + json.dumps({"response": {"status_code": 200, "body": {"pad": big}}}) + "\n"  # no custom_id at all
+               + json.dumps({"response": {"body": {"pad": big}}, "custom_id": "late"}) + "\n"  # id past the head
+               + json.dumps({"custom_id": "fine", "response": {"status_code": 500, "body": {}}})).encode()
+    with hostile({"/v1/files/f/content": content}) as server:
+        async def main():
+            with anyio.fail_after(30):
+                async with BatchClient(f"{server.url}/v1", KEY, max_line_bytes=1000) as client:
+                    return await collect(client, "f")
+        lines = anyio.run(main)
+    assert [line.custom_id for line in lines] == ["first", None, None, "fine"]
+    assert [line.error.code for line in lines[:3]] == ["line_too_long"] * 3
+    assert isinstance(lines[3].error, TransientError) and lines[3].error.status == 500  # the last, unterminated
