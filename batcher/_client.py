@@ -622,7 +622,7 @@ class BatchClient(_Endpoint):
             head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
                      f"batch\r\n").encode()
         head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{safe_name}\"\r\n"
-                 f"Content-Type: application/jsonl\r\n\r\n").encode("utf-8")
+                 f"Content-Type: application/jsonl\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
         size = (await anyio.Path(path).stat()).st_size
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import anyio
@@ -35,9 +34,9 @@ def write_jsonl(path: Path, n: int, *, fmt: str | None = "b64_json", policy: set
     return path
 
 
-def run(fn, config: SimulatorConfig = SimulatorConfig(api_key=KEY), **client_kw):
+def run(fn, config: SimulatorConfig | None = None, **client_kw):
     """Start a simulator, run `fn(client, sim)` in a fresh event loop (bounded: 60 s), stop it."""
-    with start_in_thread(config) as sim:
+    with start_in_thread(config or SimulatorConfig(api_key=KEY)) as sim:
         async def main():
             with anyio.fail_after(60):
                 async with BatchClient(sim.base_url, client_kw.pop("api_key", KEY), **client_kw) as client:
@@ -47,9 +46,11 @@ def run(fn, config: SimulatorConfig = SimulatorConfig(api_key=KEY), **client_kw)
 
 async def until_terminal(client: BatchClient, batch_id: str, limit_s: float = 20.0) -> BatchInfo:
     with anyio.fail_after(limit_s):
-        while not (info := await client.batch(batch_id)).terminal:
+        for _ in range(int(limit_s / 0.05) + 1):  # polls a server: bounded in count and time
+            if (info := await client.batch(batch_id)).terminal:
+                return info
             await anyio.sleep(0.05)
-    return info
+    raise AssertionError(f"batch {batch_id} not terminal after {limit_s}s")
 
 
 async def collect(client: BatchClient, file_id: str | None) -> list[BatchLine]:
@@ -174,7 +175,9 @@ def test_cancel_keeps_completed_results(tmp_path):
     async def go(client, sim):
         batch = await submit(client, path)
         with anyio.fail_after(20):
-            while (await client.batch(batch.id)).completed < 1:
+            for _ in range(400):
+                if (await client.batch(batch.id)).completed >= 1:
+                    break
                 await anyio.sleep(0.05)
         assert (await client.cancel_batch(batch.id)).status in ("cancelling", "cancelled")
         done = await until_terminal(client, batch.id)
