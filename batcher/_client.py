@@ -611,6 +611,19 @@ class BatchClient(_Endpoint):
         key = re.escape(self.shape.result_id_key.rsplit(".", 1)[-1].encode())
         self._id_in_head = re.compile(rb'"' + key + rb'"\s*:\s*("(?:[^"\\]|\\.){1,1024}")')
 
+    def input_line(self, custom_id: str, body: Mapping[str, Any]) -> bytes:
+        """One line of a batch input file for an item: its request exactly as `ImagesClient` would send it
+        (the dialect's renames and drops applied), newline-terminated.
+
+        Raises PermanentError for a body the dialect can't send (the item fails, as synchronously).
+        """
+        try:
+            prepared = self.dialect.prepare(body, self.options)
+        except DialectError as exc:
+            raise PermanentError(str(exc), code="dialect_error") from None
+        return orjson.dumps({"custom_id": custom_id, "method": "POST", "url": self.shape.endpoint,
+                             "body": prepared.body}) + b"\n"
+
     # -- files ------------------------------------------------------------------------------
 
     async def upload(self, path: Path, filename: str) -> FileInfo:

@@ -310,6 +310,22 @@ def test_xai_shape_upload_create_state_paged_results_and_cancel_path(tmp_path):
     run(go, SimulatorConfig(api_key=KEY, dialect="xai"), dialect=get_dialect("xai"))
 
 
+def test_input_lines_are_the_dialects_request(tmp_path):
+    async def go(client, sim):
+        line = json.loads(client.input_line("item-9", {"model": "grok-imagine", "prompt": "koi", "size": "1536x1024"}))
+        assert line == {"custom_id": "item-9", "method": "POST", "url": ENDPOINT,
+                        "body": {"model": "grok-imagine", "prompt": "koi", "aspect_ratio": "3:2"}}
+        with pytest.raises(PermanentError):
+            client.input_line("item-10", {"model": "m", "prompt": "koi", "n": 11})  # xai takes at most 10
+        path = tmp_path / "in.jsonl"
+        path.write_bytes(b"".join(client.input_line(f"i{k}", {"model": "m", "prompt": f"koi {k}", "size": "1024x1024"})
+                                  for k in range(2)))
+        done = await until_terminal(client, (await submit(client, path)).id)
+        assert (done.status, done.completed) == ("completed", 2)  # the simulator's xai rules accept them
+
+    run(go, SimulatorConfig(api_key=KEY, dialect="xai"), dialect=get_dialect("xai"))
+
+
 def test_xai_moderated_image_in_a_result_is_a_policy_refusal(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", 2, xai=True, policy={0})
 
