@@ -394,3 +394,18 @@ def test_hostile_over_long_lines_are_never_held_and_name_their_item_when_they_ca
     assert [line.custom_id for line in lines] == ["first", None, None, "fine"]
     assert [line.error.code for line in lines[:3]] == ["line_too_long"] * 3
     assert isinstance(lines[3].error, TransientError) and lines[3].error.status == 500  # the last, unterminated
+
+
+def test_batch_url_answers_outlive_the_synchronous_image_cache(tmp_path, monkeypatch):
+    import batcher._simulator as simulator
+
+    monkeypatch.setattr(simulator, "MAX_FILES", 2)  # as if many more images than the cache holds
+    path = write_jsonl(tmp_path / "in.jsonl", 5, fmt="url")
+
+    async def go(client, sim):
+        done = await until_terminal(client, (await submit(client, path)).id)
+        for k, line in enumerate(await collect(client, done.output_file_id)):
+            await client.download(line.generation.images[0].url, tmp_path / f"{k}.png")
+        return len(list(tmp_path.glob("*.png")))
+
+    assert run(go) == 5
