@@ -243,17 +243,33 @@ def test_result_urls_expire_after_the_ttl(tmp_path):
 
 # -- failures of the calls themselves ----------------------------------------------------------
 
-def test_upload_5xx_is_transient_and_the_file_may_exist(tmp_path):
+@pytest.mark.parametrize("fault", ["5xx", "hang"])
+def test_a_failed_upload_is_transient_and_the_file_may_exist(tmp_path, fault):
     path = write_jsonl(tmp_path / "in.jsonl", 1)
 
     async def go(client, sim):
         with pytest.raises(TransientError) as exc:
             await client.upload(path, "in.jsonl")
-        assert exc.value.status == 500
+        assert exc.value.code == ("timeout" if fault == "hang" else "server_error")
         assert len([f async for f in client.files()]) == 1  # an orphan: the executor deletes it
         assert (await client.upload(path, "in.jsonl")).id  # only the first upload fails
 
-    run(go, SimulatorConfig(api_key=KEY, batch_upload_fault="5xx"))
+    run(go, SimulatorConfig(api_key=KEY, batch_upload_fault=fault, hang_s=5.0), timeouts=Timeouts(read=0.5))
+
+
+def test_create_refusals_are_permanent(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", 1)
+
+    async def go(client, sim):
+        uploaded = await client.upload(path, "in.jsonl")
+        with pytest.raises(PermanentError) as exc:
+            await client.create_batch(uploaded.id, window="24h", metadata={f"k{i}": "v" for i in range(17)})
+        assert (exc.value.status, exc.value.code) == (400, "invalid_value")
+        with pytest.raises(PermanentError):
+            await client.create_batch("file-missing", window="24h", metadata={})
+        assert [b async for b in client.batches()] == []
+
+    run(go)
 
 
 @pytest.mark.parametrize("fault", ["5xx", "hang"])
