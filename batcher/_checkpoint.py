@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequen
 from pathlib import Path
 from typing import Any
 
-from ._records import Entry, replay
+from ._records import RUN_KINDS, Entry, replay
 
 __all__ = ["Checkpoint", "SnapshotEntries", "refresh", "checkpoint_path", "SCHEMA_VERSION", "stamp_current",
            "open_readonly"]
@@ -310,7 +310,7 @@ def _refresh(cp: Checkpoint, checked: tuple[int, set[str]] | None) -> int | None
                     break
                 if not isinstance(rec, dict):
                     break
-                if rec.get("t") in ("run", "end"):
+                if rec.get("t") in RUN_KINDS:
                     runs.append(raw.decode().strip())
                 else:
                     _apply(changed, rec, end)  # sees the rows flushed earlier in this transaction

@@ -6,6 +6,7 @@ A job is read twice at most: once to validate (every problem reported as
 
 from __future__ import annotations
 
+import copy
 import difflib
 import itertools
 import json
@@ -58,9 +59,21 @@ class RateLimit:
     ipm: float | None = None
 
 
+@dataclass(frozen=True)
+class BatchSettings:
+    """An endpoint's provider Batch API use (`batch: true` or a mapping of these); see `_batch`."""
+
+    max_requests: int | None = None  # per batch; None: the provider's limit (OpenAI: 50,000)
+    max_bytes: int | None = None  # per input file; None: the provider's limit (OpenAI: 200 MB)
+    window: str = "24h"  # the completion window asked for
+    poll: float | None = None  # seconds between polls; None: 1 s, then ×1.5 up to 60 s
+    discount: float = 0.5  # batch price = price × (1 − discount), unless the endpoint has `batch_price`
+
+
+BATCH_KEYS = ("max_requests", "max_bytes", "window", "poll", "discount")
 BUILTIN_DIALECTS = tuple(DIALECTS)
 ENDPOINT_KEYS = ("name", "base_url", "api_key_env", "dialect", "models", "concurrency", "rate_limit", "price",
-                 "options", "headers")
+                 "options", "headers", "batch", "batch_price")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Headers batcher sets itself: the auth header (per dialect), the body's framing, what it accepts.
@@ -83,6 +96,8 @@ class Endpoint:
     price: list[dict[str, Any]] | None = None  # pricing rows; None: the job's `pricing`
     options: dict[str, str] = field(default_factory=dict)  # dialect placeholders, e.g. api_version
     headers: dict[str, str] = field(default_factory=dict)  # header name -> environment variable with its value
+    batch: BatchSettings | None = None  # send through the provider's Batch API (None: synchronous requests)
+    batch_price: list[dict[str, Any]] | None = None  # pricing rows in batch mode; None: price × (1 − discount)
     line: int = 0
 
     def serves(self, model: Any) -> bool:
@@ -153,6 +168,13 @@ class Job:
             raise JobError(f"{self.path}: no endpoint named {', '.join(map(repr, unknown))} "
                            f"(the job has {', '.join(known)})")
         self.active = frozenset(wanted) if wanted else None
+
+    def batch_mode(self) -> Job:
+        """A copy with every endpoint in batch mode (`--batch`): its own `batch:` settings, else the defaults."""
+        job = copy.copy(self)
+        job.endpoints = [e if e.batch is not None else replace(e, batch=BatchSettings())
+                         for e in self.endpoints]
+        return job
 
     def live_endpoints(self) -> list[Endpoint]:
         return [e for e in self.endpoints if self.active is None or e.name in self.active]
@@ -614,11 +636,15 @@ def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], si
                 continue
         elif k == "rate_limit":
             v = _rate_limit(v, fname, lines.get(k, line), problems, f"{where}.rate_limit")
-        elif k == "price":
+        elif k in ("price", "batch_price"):
             if _is_number(v) and v >= 0:
                 v = [{"per_image": v}]
             else:
-                v = _price_rows(v, fname, lines.get(k, line), f"{where}.price", problems, None)
+                v = _price_rows(v, fname, lines.get(k, line), f"{where}.{k}", problems, None)
+        elif k == "batch":
+            v = _batch_settings(v, problem)
+            if v is False:
+                continue
         elif k == "options":
             if not isinstance(v, dict) or not all(isinstance(a, str) and isinstance(b, (str, int, float))
                                                   and not isinstance(b, bool) for a, b in v.items()):
@@ -640,6 +666,48 @@ def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], si
         if "base_url" not in val:
             problems.append(Problem(fname, line, f"{where}.base_url", "missing"))
     return Endpoint(**out)
+
+
+def _batch_settings(val: Any, problem: Callable[[str, str], None]) -> BatchSettings | None | bool:
+    """`batch: true|false` or a mapping of BATCH_KEYS; False when it is wrong (the problem is noted)."""
+    if val is True:
+        return BatchSettings()
+    if val is False or val is None:
+        return None
+    if not isinstance(val, dict):
+        problem("batch", f"must be true, false, or a mapping ({', '.join(BATCH_KEYS)})")
+        return False
+    out: dict[str, Any] = {}
+    ok = True
+    for k, v in val.items():
+        if k in ("max_requests", "max_bytes"):
+            if not _is_int(v) or v < 1:
+                problem("batch", f"{k} must be a positive integer")
+                ok = False
+                continue
+        elif k == "window":
+            if not isinstance(v, str) or not re.match(r"^[1-9][0-9]*[hd]$", v):
+                problem("batch", "window must be a duration such as 24h")
+                ok = False
+                continue
+        elif k == "poll":
+            if not _is_number(v) or not 0 < v <= 86400:
+                problem("batch", "poll must be a number of seconds (0 < poll ≤ 86400)")
+                ok = False
+                continue
+            v = float(v)
+        elif k == "discount":
+            if not _is_number(v) or not 0 <= v < 1:
+                problem("batch", "discount must be a fraction from 0 to below 1 (0.5: half the price)")
+                ok = False
+                continue
+            v = float(v)
+        else:
+            problem("batch", f"unknown key {k!r} ({', '.join(BATCH_KEYS)})")
+            ok = False
+            continue
+        out[k] = v
+    return BatchSettings(**out) if ok else False
 
 
 def _endpoint_headers(val: Any, problem: Callable[[str, str], None]) -> dict[str, str] | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import ManifestError
-from ._records import Entry, check_fields, replay, utc_now
+from ._records import RUN_KINDS, Entry, check_fields, replay, utc_now
 
 __all__ = ["Journal", "Entry", "RecordLines", "needs_run", "write_manifest", "count_items", "iter_manifest", "utc_now", "MANIFEST_VERSION"]
 
@@ -205,7 +205,7 @@ class Journal:
         entry = replay(rec, offset, self.entries.get)
         if entry is not None:
             self.entries[rec["id"]] = entry  # a checkpoint-backed mapping keeps only what is set
-        elif kind in ("run", "end"):
+        elif kind in RUN_KINDS:
             self.runs.append(dict(rec))
 
     # -- writing ------------------------------------------------------------------------

@@ -47,9 +47,17 @@ class PriceTable:
 
 
 def endpoint_prices(job: Job) -> dict[str, PriceTable]:
-    """Each endpoint's price table, built once: its own `price`, else the job's `pricing`."""
-    default = PriceTable(job.pricing)
-    return {e.name: PriceTable(e.price) if e.price is not None else default for e in job.endpoints}
+    """Each endpoint's price table, built once: its own `price`, else the job's `pricing`; an endpoint in
+    batch mode is priced at its `batch_price`, else at that price less its batch discount (default 50%:
+    what OpenAI's and xAI's Batch APIs charge)."""
+    tables: dict[str, PriceTable] = {}
+    for e in job.endpoints:
+        rows = e.price if e.price is not None else job.pricing
+        if e.batch is not None:
+            rows = e.batch_price if e.batch_price is not None else [
+                {**r, "per_image": float(r["per_image"]) * (1 - e.batch.discount)} for r in rows or ()]
+        tables[e.name] = PriceTable(rows or ())
+    return tables
 
 
 def item_price(job: Job, item: Item, tables: dict[str, PriceTable]) -> float | None:

@@ -7,6 +7,17 @@ Every line of `manifest.jsonl` is one record, a JSON object whose first key is `
     ItemRecord     {"t": "item", ...}      an item finished: status "done", or "failed" with its error
     EndRecord      {"t": "end", ...}       a run ended, with its summary
 
+A provider batch (see `_batch`) adds records about a *chunk* (the items of one batch), each written
+BEFORE the step it names is taken, so a kill at any point leaves a state the next run completes:
+
+    ChunkRecord    {"t": "chunk", ...}     the chunk's input file is on disk and its items' attempts are
+                                           journaled (attempt records carrying "batch": key); next: upload
+    UploadRecord   {"t": "upload", ...}    the provider holds the input file (its id); next: create
+    BatchRecord    {"t": "batch", ...}     the provider created the batch (its id); next: poll
+    BatchState     {"t": "batch_state"}    the batch's state and counts changed (what `status` shows)
+    ClosedRecord   {"t": "closed", ...}    every line of the ended batch was recorded; its unanswered
+                                           items are pending again
+
 The runner builds them only with the constructors below (`run_record`, `attempt_record`,
 `done_record`, `short_record`, `failed_record`, `end_record`), so the field names live here. They
 are plain dicts (TypedDicts), written as they are: the JSON on disk is what batcher always wrote.
@@ -26,6 +37,8 @@ __all__ = [
     "Entry", "RunRecord", "AttemptRecord", "ItemRecord", "EndRecord", "Record",
     "run_record", "attempt_record", "done_record", "short_record", "failed_record", "end_record",
     "short_error", "replay", "check_fields", "utc_now",
+    "ChunkRecord", "UploadRecord", "BatchRecord", "BatchStateRecord", "ClosedRecord", "RUN_KINDS", "BATCH_KINDS",
+    "chunk_record", "upload_record", "batch_record", "batch_state_record", "closed_record",
 ]
 
 
@@ -51,6 +64,7 @@ class AttemptRecord(TypedDict):
     attempt: int
     endpoint: str
     at: str
+    batch: NotRequired[str]  # sent in this chunk of a provider batch
 
 
 class ItemRecord(TypedDict):
@@ -70,6 +84,7 @@ class ItemRecord(TypedDict):
     vars: NotRequired[dict[str, Any]]  # the item's template variables, when it has any
     cost: NotRequired[float]  # estimated, when the endpoint has prices
     usage: NotRequired[dict[str, Any]]  # the answer's token usage, when it gave one
+    batch: NotRequired[str]  # answered in this chunk of a provider batch
 
 
 class EndRecord(TypedDict):
@@ -79,7 +94,57 @@ class EndRecord(TypedDict):
     endpoints: dict[str, dict[str, Any]]
 
 
-Record = RunRecord | AttemptRecord | ItemRecord | EndRecord
+class ChunkRecord(TypedDict):
+    t: Literal["chunk"]
+    key: str  # unique per chunk; also the batch's metadata tag and the uploaded file's name
+    endpoint: str
+    base_url: str  # where the batch lives (no key: `batcher cancel` reads it from key_env again)
+    key_env: str | None
+    input: str  # the input file, relative to the output folder
+    requests: int
+    images: int
+    bytes: int
+    at: str
+
+
+class UploadRecord(TypedDict):
+    t: Literal["upload"]
+    key: str
+    file_id: str
+    at: str
+
+
+class BatchRecord(TypedDict):
+    t: Literal["batch"]
+    key: str
+    batch_id: str
+    created_at: int | None
+    expires_at: int | None
+    at: str
+
+
+class BatchStateRecord(TypedDict):
+    t: Literal["batch_state"]
+    key: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+    at: str
+
+
+class ClosedRecord(TypedDict):
+    t: Literal["closed"]
+    key: str
+    status: str  # the batch's last state (completed, expired, cancelled, failed) or "abandoned"
+    at: str
+
+
+BATCH_KINDS = ("chunk", "upload", "batch", "batch_state", "closed")
+RUN_KINDS = ("run", "end", *BATCH_KINDS)  # records about the run, not about one item: kept in order as they are
+
+Record = (RunRecord | AttemptRecord | ItemRecord | EndRecord | ChunkRecord | UploadRecord | BatchRecord
+          | BatchStateRecord | ClosedRecord)
 
 
 # -- building them -------------------------------------------------------------------------------
@@ -89,9 +154,38 @@ def run_record(job: str, job_file: str, pid: int, at: str | None = None) -> RunR
     return {"t": "run", "job": job, "job_file": job_file, "at": at or utc_now(), "pid": pid}
 
 
-def attempt_record(item_id: str, rhash: str, attempt: int, endpoint: str, at: str | None = None) -> AttemptRecord:
-    return {"t": "attempt", "id": item_id, "rhash": rhash, "attempt": attempt, "endpoint": endpoint,
-            "at": at or utc_now()}
+def attempt_record(item_id: str, rhash: str, attempt: int, endpoint: str, at: str | None = None,
+                   batch: str | None = None) -> AttemptRecord:
+    """`batch`: the chunk key when the attempt goes out in a provider batch."""
+    rec: AttemptRecord = {"t": "attempt", "id": item_id, "rhash": rhash, "attempt": attempt, "endpoint": endpoint,
+                          "at": at or utc_now()}
+    if batch is not None:
+        rec["batch"] = batch
+    return rec
+
+
+def chunk_record(key: str, endpoint: str, base_url: str, key_env: str | None, input: str, requests: int,
+                 images: int, size: int) -> ChunkRecord:
+    return {"t": "chunk", "key": key, "endpoint": endpoint, "base_url": base_url, "key_env": key_env,
+            "input": input, "requests": requests, "images": images, "bytes": size, "at": utc_now()}
+
+
+def upload_record(key: str, file_id: str) -> UploadRecord:
+    return {"t": "upload", "key": key, "file_id": file_id, "at": utc_now()}
+
+
+def batch_record(key: str, batch_id: str, created_at: int | None, expires_at: int | None) -> BatchRecord:
+    return {"t": "batch", "key": key, "batch_id": batch_id, "created_at": created_at, "expires_at": expires_at,
+            "at": utc_now()}
+
+
+def batch_state_record(key: str, status: str, total: int, completed: int, failed: int) -> BatchStateRecord:
+    return {"t": "batch_state", "key": key, "status": status, "total": total, "completed": completed,
+            "failed": failed, "at": utc_now()}
+
+
+def closed_record(key: str, status: str) -> ClosedRecord:
+    return {"t": "closed", "key": key, "status": status, "at": utc_now()}
 
 
 def end_record(summary: dict[str, int], endpoints: dict[str, dict[str, Any]], at: str | None = None) -> EndRecord:

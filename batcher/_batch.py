@@ -1,0 +1,634 @@
+"""Provider Batch APIs: a second executor of the same item lifecycle.
+
+A *chunk* is the items of one provider batch. Its life, each step journaled before it is taken
+(records in `_records`), so a kill anywhere leaves a state the next run completes:
+
+    1. write   OUT/batches/KEY.jsonl (the input file sent) and KEY.items.jsonl (what each line is),
+               fsync both, journal each item's attempt (with "batch": KEY), then the `chunk` record
+    2. upload  unless the journal has its file id: first look for a file named batcher-KEY.jsonl at
+               the provider (a kill after an upload that was never journaled), else upload; `upload`
+    3. create  unless the journal has its batch id: first look for a batch tagged with KEY in its
+               metadata (a kill, or a timeout, after a create), else create; `batch`
+    4. poll    state changes are journaled (`batch_state`) for `batcher status`
+    5. collect an ended batch's output and error files are read line by line; each line's answer
+               is saved and recorded exactly like a synchronous one (`_commit.Recorder`), its error
+               classified by `_policy.decide`; then `closed`: the items without a line are pending again
+
+An item is in one place at a time: items of an open chunk are never sent synchronously nor put in
+another chunk (`BatchBook.at_provider`). Re-collecting after a kill skips lines already recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+
+from ._exceptions import BatcherError, FatalError, PermanentError, RequestError, TransientError
+from ._ids import safe_stem
+from ._job import BatchSettings, Item
+from ._policy import Fail, FailureState, Retry, RetryPolicy, decide
+from ._records import (
+    BATCH_KINDS,
+    attempt_record,
+    batch_record,
+    batch_state_record,
+    chunk_record,
+    closed_record,
+    failed_record,
+    upload_record,
+)
+
+__all__ = ["Chunk", "BatchBook", "BatchExecutor", "chunks_of", "BATCH_DIR", "POLL_FIRST", "POLL_MAX"]
+
+BATCH_DIR = "batches"
+METADATA_KEY = "batcher_chunk"
+POLL_FIRST = 1.0  # seconds before the first poll; then ×1.5 per poll up to POLL_MAX (`poll:` fixes it)
+POLL_MAX = 60.0
+LOOKUP_SLACK = 600  # seconds: a batch or file made this long before its chunk record is not ours
+STEP_RETRY = RetryPolicy(max_attempts=5, base=1.0, cap=30.0)  # upload / create / retrieve, within one run
+
+
+@dataclass
+class Chunk:
+    """What the journal says of one chunk (see the module's docstring for its steps)."""
+
+    key: str
+    endpoint: str
+    base_url: str
+    key_env: str | None
+    input: str
+    requests: int
+    images: int
+    bytes: int
+    at: str
+    file_id: str | None = None
+    batch_id: str | None = None
+    created_at: int | None = None
+    expires_at: int | None = None
+    status: str | None = None  # the provider's state, as last seen
+    counts: dict[str, int] = field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+    closed: str | None = None  # the state it ended in, once collected
+
+    @property
+    def filename(self) -> str:
+        return f"batcher-{self.key}.jsonl"
+
+    @property
+    def started(self) -> float:
+        """The chunk record's time (seconds since the epoch)."""
+        from datetime import datetime
+
+        try:
+            return datetime.fromisoformat(self.at.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return 0.0
+
+    def as_row(self) -> dict[str, Any]:
+        """One line of `batcher status`."""
+        return {"key": self.key, "batch_id": self.batch_id, "endpoint": self.endpoint,
+                "state": self.closed and f"{self.closed} (collected)" or self.status or
+                ("created" if self.batch_id else "uploaded" if self.file_id else "prepared"),
+                "requests": self.requests, "images": self.images, **self.counts,
+                "created": self.created_at, "expires": self.expires_at}
+
+
+def chunks_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Chunk]:
+    """Replay the journal's batch records (in order) into chunks, by key."""
+    chunks: dict[str, Chunk] = {}
+    for rec in records:
+        kind = rec.get("t")
+        if kind not in BATCH_KINDS:
+            continue
+        if kind == "chunk":
+            chunks[rec["key"]] = Chunk(rec["key"], rec["endpoint"], rec["base_url"], rec.get("key_env"), rec["input"],
+                                       int(rec["requests"]), int(rec["images"]), int(rec["bytes"]), rec["at"])
+            continue
+        chunk = chunks.get(rec.get("key", ""))
+        if chunk is None:
+            continue  # a step of a chunk whose record was lost: nothing to resume from
+        if kind == "upload":
+            chunk.file_id = rec["file_id"]
+        elif kind == "batch":
+            chunk.batch_id = rec["batch_id"]
+            chunk.created_at, chunk.expires_at = rec.get("created_at"), rec.get("expires_at")
+        elif kind == "batch_state":
+            chunk.status = rec["status"]
+            chunk.counts = {k: int(rec.get(k, 0)) for k in ("total", "completed", "failed")}
+        elif kind == "closed":
+            chunk.closed = rec["status"]
+    return chunks
+
+
+@dataclass(frozen=True)
+class ChunkItem:
+    """One line of a chunk's `KEY.items.jsonl`: the item as it was sent."""
+
+    id: str
+    rhash: str
+    request: dict[str, Any]  # the item's canonical body (what records name)
+    wanted: int  # images asked for in this batch (a short answer earlier: only the rest)
+    attempt: int
+    vars: dict[str, Any] | None
+    file: str
+    line: int
+
+    def item(self) -> Item:
+        return Item(self.id, self.request, self.rhash, self.file, self.line, vars=self.vars)
+
+
+def read_chunk_items(root: Path, chunk: Chunk) -> dict[str, ChunkItem]:
+    path = root / _items_path(chunk.input)
+    items: dict[str, ChunkItem] = {}
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                d = json.loads(raw)
+                items[d["id"]] = ChunkItem(d["id"], d["rhash"], d["request"], int(d["wanted"]), int(d["attempt"]),
+                                           d.get("vars"), d.get("file", ""), int(d.get("line", 0)))
+    except FileNotFoundError:
+        raise BatcherError(f"{path}: missing; the chunk {chunk.key} (batch {chunk.batch_id or 'not created'}) "
+                           f"can't be matched to its items. Restore the file, or cancel the batch and move "
+                           f"the output's journal away to start over") from None
+    except (ValueError, KeyError, TypeError):
+        raise BatcherError(f"{path}: not a chunk file batcher wrote (edited?)") from None
+    return items
+
+
+def _items_path(input_rel: str) -> str:
+    return input_rel[: -len(".jsonl")] + ".items.jsonl" if input_rel.endswith(".jsonl") else input_rel + ".items"
+
+
+class BatchBook:
+    """The output's chunks and which items are at the provider (those of chunks not yet collected)."""
+
+    def __init__(self, root: Path, records: Iterable[Mapping[str, Any]]) -> None:
+        self.root = root
+        self.chunks = chunks_of(records)
+        self.at_provider: dict[str, str] = {}  # item id -> chunk key
+        for chunk in self.open():
+            for item_id in read_chunk_items(root, chunk):
+                self.at_provider[item_id] = chunk.key
+
+    def open(self) -> list[Chunk]:
+        return [c for c in self.chunks.values() if c.closed is None]
+
+
+def line_url(base_url: str, path: str) -> str:
+    """The `url` of a batch line: the request's path as the provider names it (`/v1/images/generations`)."""
+    return urlsplit(base_url).path.rstrip("/") + path
+
+
+class _ChunkWriter:
+    """Streams one chunk's input and items files (never the whole chunk in memory)."""
+
+    def __init__(self, root: Path, key: str, limit_requests: int, limit_bytes: int) -> None:
+        self.key = key
+        self.rel = f"{BATCH_DIR}/{key}.jsonl"
+        self.path = root / self.rel
+        self.items_path = root / _items_path(self.rel)
+        self.path.parent.mkdir(exist_ok=True)
+        self._input = open(self.path.with_name(f".tmp-{key}.jsonl"), "wb")
+        self._items = open(self.items_path.with_name(f".tmp-{key}.items.jsonl"), "wb")
+        self.limit_requests, self.limit_bytes = limit_requests, limit_bytes
+        self.requests = self.images = self.bytes = 0
+        self.attempts: list[tuple[str, str, int]] = []  # (id, rhash, attempt): journaled once the files are whole
+
+    def fits(self, line: bytes) -> bool:
+        return self.requests < self.limit_requests and self.bytes + len(line) <= self.limit_bytes
+
+    def add(self, line: bytes, ci: ChunkItem) -> None:
+        self._input.write(line)
+        self._items.write(json.dumps({"id": ci.id, "rhash": ci.rhash, "wanted": ci.wanted, "attempt": ci.attempt,
+                                      "vars": ci.vars, "file": ci.file, "line": ci.line, "request": ci.request},
+                                     ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        self.requests += 1
+        self.images += ci.wanted
+        self.bytes += len(line)
+        self.attempts.append((ci.id, ci.rhash, ci.attempt))
+
+    def seal(self) -> None:
+        """Both files whole and durable under their final names (before the chunk record names them)."""
+        for fh, final in ((self._input, self.path), (self._items, self.items_path)):
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            os.replace(fh.name, final)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def discard(self) -> None:
+        for fh in (self._input, self._items):
+            fh.close()
+            Path(fh.name).unlink(missing_ok=True)
+
+
+class BatchExecutor:
+    """Submit items as provider batches, poll them, and collect their answers into the output.
+
+    The run gives it its parts: the journal, the output, the Recorder (write → record), the reporter,
+    the endpoints that run in batch mode (each an `EndpointRun` with `batch_client`), the budget and
+    the retry policy; `stop(fatal, note)` stops the run, `stopping()` tells whether it is stopping.
+    """
+
+    def __init__(self, run: Any, endpoints: list[Any], *, wait: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.run = run
+        self.endpoints = {e.name: e for e in endpoints}
+        self.wait = wait
+        self.clock = clock
+        self.book = BatchBook(run.out.root, run.journal.runs)
+        self.resubmit: list[Item] = []  # items whose batch line failed transiently (or never came)
+        self.submitted = self.collected = 0
+        self._attempts_of: dict[str, int] = {}
+
+    # -- which items are ours ------------------------------------------------------------------
+
+    def takes(self, item: Item) -> bool:
+        """Whether this executor handles `item` (a batch endpoint can send it) — or it is at the provider."""
+        return item.id in self.book.at_provider or self._endpoint_for(item) is not None
+
+    def _endpoint_for(self, item: Item) -> Any:
+        for ep in self.endpoints.values():
+            if ep.retired is None and self.run.job.can_send(ep.ep, item.body):
+                return ep
+        return None
+
+    def pending_at_provider(self) -> int:
+        return len(self.book.at_provider)
+
+    # -- the executor's life -------------------------------------------------------------------
+
+    async def execute(self, items: Iterator[Item]) -> None:
+        """Resume open chunks, submit `items` (not at the provider), then wait for and collect every batch
+        (with `wait=False`: one look, collecting what ended, then return)."""
+        for chunk in self.book.open():
+            if self.run.stopping:
+                return
+            await self._advance(chunk)
+        await self._submit(items)
+        delay = None
+        while not self.run.stopping:
+            await self._poll_all()
+            if self.resubmit and not self.run.stopping:
+                again, self.resubmit = self.resubmit, []
+                await self._submit(iter(again))
+            live = [c for c in self.book.open() if c.batch_id is not None]
+            if not self.book.open() or not self.wait:
+                return
+            if not live:  # open chunks not created (a step failed): the next run takes them on
+                return
+            delay = self._next_delay(delay)
+            await self.run.sleep(delay)
+
+    def _next_delay(self, previous: float | None) -> float:
+        polls = [ep.ep.batch.poll for ep in self.endpoints.values() if ep.ep.batch and ep.ep.batch.poll]
+        if polls:
+            return float(min(polls))
+        return POLL_FIRST if previous is None else min(previous * 1.5, POLL_MAX)
+
+    # -- 1. write ----------------------------------------------------------------------------
+
+    async def _submit(self, items: Iterator[Item]) -> None:
+        """Group items into chunks per (endpoint, model) and send each chunk as it fills."""
+        writers: dict[tuple[str, Any], _ChunkWriter] = {}
+        try:
+            for item in items:
+                if self.run.stopping:
+                    break
+                if item.id in self.book.at_provider:
+                    continue
+                ep = self._endpoint_for(item)
+                if ep is None:
+                    continue  # no batch endpoint can send it (the synchronous path takes it)
+                ci, line = self._line(ep, item)
+                if ci is None:
+                    continue
+                cost = ep.prices.cost(item.body, ci.wanted)
+                if not self.run.budget.reserve(ci.wanted, cost):
+                    note = (f"budget reached ({self.run.budget.describe()}): {ci.wanted} more image(s) would "
+                            f"exceed it; stopping, unsubmitted items stay pending")
+                    self.run.stop(FatalError(note, code="budget_exhausted"), note)
+                    break
+                group = (ep.name, item.body.get("model"))
+                writer = writers.get(group)
+                if writer is not None and not writer.fits(line):
+                    del writers[group]
+                    await self._send_chunk(ep, writer)
+                    writer = None
+                if writer is None:
+                    limits = _limits(ep)
+                    writer = writers[group] = await anyio.to_thread.run_sync(
+                        _ChunkWriter, self.run.out.root, _new_key(), *limits)
+                writer.add(line, ci)
+            for (name, _model), writer in list(writers.items()):
+                del writers[(name, _model)]
+                await self._send_chunk(self.endpoints[name], writer)
+        finally:
+            for writer in writers.values():
+                writer.discard()  # not journaled: its items stay pending
+
+    def _line(self, ep: Any, item: Item) -> tuple[ChunkItem | None, bytes]:
+        entry = self.run.journal.entries.get(item.id)
+        prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
+        have = self.run.have_of(item)  # a short answer earlier: only the missing images
+        wanted = item.images - len(have[0])
+        body = ep.ep.body_for(item.body)
+        if wanted != item.images:
+            body["n"] = wanted
+        dialect = self.run.job.dialect_of(ep.ep)
+        try:
+            prepared = dialect.prepare(body, ep.ep.options)
+        except ValueError as exc:  # DialectError
+            self.run.log(f"{item.id}: can't be expressed for endpoint {ep.name!r}: {exc}", level="warning")
+            return None, b""
+        line = json.dumps({"custom_id": item.id, "method": "POST", "url": line_url(ep.base_url, prepared.path),
+                           "body": prepared.body}, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        ci = ChunkItem(item.id, item.rhash, item.body, wanted, prior + 1, item.vars, item.file, item.line)
+        return ci, line
+
+    async def _send_chunk(self, ep: Any, writer: _ChunkWriter) -> None:
+        if writer.requests == 0:
+            writer.discard()
+            return
+        await anyio.to_thread.run_sync(writer.seal)
+        key = writer.key
+
+        rec = chunk_record(key, ep.name, ep.base_url, ep.key_env, writer.rel, writer.requests, writer.images,
+                           writer.bytes)
+
+        def journal_chunk() -> None:
+            journal = self.run.journal
+            for item_id, rhash, attempt in writer.attempts:
+                journal.append(attempt_record(item_id, rhash, attempt, ep.name, batch=key))
+            journal.sync()  # every attempt is durable before the chunk that sends them is
+            journal.append(rec)
+            journal.sync()
+
+        try:
+            await anyio.to_thread.run_sync(journal_chunk)
+        except OSError as exc:
+            self.run.disk_trouble(exc)
+            return
+        chunk = chunks_of([rec])[key]
+        self.book.chunks[key] = chunk
+        for item_id, _rhash, _attempt in writer.attempts:
+            self.book.at_provider[item_id] = key
+        self.submitted += writer.requests
+        ep.stats["requests"] += writer.requests
+        self.run.log(f"batch chunk {key}: {writer.requests} request(s), {writer.images} image(s), "
+                     f"{writer.bytes / 1e6:.1f} MB for endpoint {ep.name!r}")
+        await self._advance(chunk)
+
+    # -- 2. upload, 3. create ------------------------------------------------------------------
+
+    async def _advance(self, chunk: Chunk) -> None:
+        """Take the chunk through upload and create, finding a step the journal missed before redoing it."""
+        ep = self.endpoints.get(chunk.endpoint)
+        if ep is None:
+            if chunk.batch_id is None:
+                self.run.log(f"batch chunk {chunk.key}: endpoint {chunk.endpoint!r} is not in this run; "
+                             f"left for a run that has it", level="warning")
+            return
+        try:
+            if chunk.file_id is None:
+                info = await self._step(ep, "upload", lambda: self._find_or_upload(ep, chunk))
+                if info is None:
+                    return
+                if not await self._journal(upload_record(chunk.key, info.id)):
+                    return
+                chunk.file_id = info.id
+            if chunk.batch_id is None:
+                batch = await self._step(ep, "create", lambda: self._find_or_create(ep, chunk))
+                if batch is None:
+                    return
+                if not await self._journal(batch_record(chunk.key, batch.id, batch.created_at, batch.expires_at)):
+                    return
+                chunk.batch_id, chunk.created_at, chunk.expires_at = batch.id, batch.created_at, batch.expires_at
+                self.run.log(f"batch chunk {chunk.key}: batch {batch.id} created ({chunk.requests} request(s))")
+                await self._note_state(chunk, batch)
+        except PermanentError as exc:
+            await self._reject(ep, chunk, exc)
+
+    async def _find_or_upload(self, ep: Any, chunk: Chunk) -> Any:
+        client = ep.batch_client
+        found = []
+        async for f in client.files():
+            if f.created_at is not None and f.created_at < chunk.started - LOOKUP_SLACK:
+                break  # newest first: older files are not this chunk's
+            if f.filename == chunk.filename:
+                found.append(f)
+        whole = [f for f in found if f.bytes in (None, chunk.bytes)]
+        keep = whole[0] if whole else None
+        for orphan in found:
+            if orphan is not keep:  # a second upload of the same chunk (or a torn one): never used
+                try:
+                    await client.delete_file(orphan.id)
+                except RequestError:
+                    pass
+        if keep is not None:
+            return keep
+        return await client.upload(self.run.out.root / chunk.input, chunk.filename)
+
+    async def _find_or_create(self, ep: Any, chunk: Chunk) -> Any:
+        client = ep.batch_client
+        found = await self._find_batch(ep, chunk)
+        if found is not None:
+            return found
+        settings: BatchSettings = ep.ep.batch
+        try:
+            return await client.create_batch(chunk.file_id, window=settings.window,
+                                             metadata={METADATA_KEY: chunk.key,
+                                                       "batcher_job": self.run.job.name[:512]})
+        except TransientError:
+            # the create may have happened (a timeout, a 5xx after the batch was made): look before retrying
+            found = await self._find_batch(ep, chunk)
+            if found is not None:
+                return found
+            raise
+
+    async def _find_batch(self, ep: Any, chunk: Chunk) -> Any:
+        async for b in ep.batch_client.batches():
+            if b.created_at is not None and b.created_at < chunk.started - LOOKUP_SLACK:
+                return None
+            if b.metadata.get(METADATA_KEY) == chunk.key:
+                return b
+        return None
+
+    async def _step(self, ep: Any, what: str, call: Callable[[], Any]) -> Any:
+        """A control-plane call retried on transient failures (STEP_RETRY); fatal ones stop the run.
+        None: given up for this run (the chunk stays open; the next run goes on from the journal)."""
+        for attempt in range(1, STEP_RETRY.max_attempts + 1):
+            if self.run.stopping:
+                return None
+            try:
+                return await call()
+            except FatalError as exc:
+                self.run.stop(exc, f"fatal: {what} on endpoint {ep.name!r}: {exc.describe()}; "
+                                   f"submitted batches stay at the provider, the rest pending")
+                return None
+            except TransientError as exc:
+                if attempt == STEP_RETRY.max_attempts:
+                    self.run.log(f"endpoint {ep.name!r}: batch {what} failed {attempt} times "
+                                 f"(last: {exc.describe()}); the next run tries again", level="warning")
+                    return None
+                await self.run.sleep(STEP_RETRY.delay(attempt, exc.retry_after, self.run.rng))
+        return None
+
+    async def _reject(self, ep: Any, chunk: Chunk, exc: PermanentError) -> None:
+        """The provider refused the chunk itself (a 400 on upload or create): every item fails with it."""
+        self.run.log(f"batch chunk {chunk.key}: refused by endpoint {ep.name!r}: {exc.describe()}; its "
+                     f"{chunk.requests} item(s) fail", level="error")
+        items = await anyio.to_thread.run_sync(read_chunk_items, self.run.out.root, chunk)
+        for ci in items.values():
+            if not await self.run.recorder.failure(ep, ci.item(), ci.attempt, exc, extra={"batch": chunk.key}):
+                return
+        await self._close(chunk, "rejected")
+
+    # -- 4. poll -------------------------------------------------------------------------------
+
+    async def _poll_all(self) -> None:
+        for chunk in list(self.book.open()):
+            if self.run.stopping:
+                return
+            ep = self.endpoints.get(chunk.endpoint)
+            if ep is None or chunk.batch_id is None:
+                continue
+            info = await self._step(ep, "retrieve", lambda ep=ep, chunk=chunk: ep.batch_client.batch(chunk.batch_id))
+            if info is None:
+                continue
+            await self._note_state(chunk, info)
+            if info.terminal:
+                await self._collect(ep, chunk, info)
+
+    async def _note_state(self, chunk: Chunk, info: Any) -> None:
+        counts = {"total": info.total, "completed": info.completed, "failed": info.failed}
+        if info.status == chunk.status and counts == chunk.counts:
+            return
+        chunk.status, chunk.counts = info.status, counts
+        await self._journal(batch_state_record(chunk.key, info.status, info.total, info.completed, info.failed))
+        done = sum(c.counts["completed"] + c.counts["failed"] for c in self.book.open())
+        total = sum(c.requests for c in self.book.open())
+        self.run.log(f"batch {chunk.batch_id} ({chunk.endpoint}): {info.status}, {info.completed} completed, "
+                     f"{info.failed} failed of {info.total or chunk.requests}; all open batches: {done}/{total}")
+
+    # -- 5. collect ----------------------------------------------------------------------------
+
+    async def _collect(self, ep: Any, chunk: Chunk, info: Any) -> None:
+        """Record every line of an ended batch; items without one are pending again."""
+        items = await anyio.to_thread.run_sync(read_chunk_items, self.run.out.root, chunk)
+        answered: set[str] = set()
+        entries = self.run.journal.entries
+        for file_id in (info.output_file_id, info.error_file_id):
+            if file_id is None:
+                continue
+            try:
+                async for line in self._lines(ep, file_id):
+                    ci = items.get(line.custom_id) if line.custom_id is not None else None
+                    if ci is None or ci.id in answered:
+                        continue  # not one of ours, or said twice: the first line counts
+                    answered.add(ci.id)
+                    entry = entries.get(ci.id)
+                    if entry is not None and entry.offset >= 0 and entry.status != "pending" \
+                            and entry.attempts == ci.attempt and entry.rhash == ci.rhash:
+                        continue  # recorded by an earlier collection that was cut short
+                    if not await self._record_line(ep, chunk, ci, line):
+                        return  # the run stops (disk); the chunk stays open and is collected again
+            except RequestError as exc:
+                self.run.log(f"batch {chunk.batch_id}: can't read its results ({exc.describe()}); the next "
+                             f"run tries again", level="warning")
+                if exc.kind == "fatal":
+                    self.run.stop(exc, f"fatal: reading batch results: {exc.describe()}")
+                return
+        if self.run.stopping and self.run.interrupted:
+            return
+        for item_id, ci in items.items():
+            if item_id not in answered:
+                self.resubmit_item(ci)
+        await self._close(chunk, info.status)
+        self.collected += 1
+
+    async def _lines(self, ep: Any, file_id: str) -> AsyncIterator[Any]:
+        async for line in ep.batch_client.lines(file_id):
+            yield line
+
+    async def _record_line(self, ep: Any, chunk: Chunk, ci: ChunkItem, line: Any) -> bool:
+        item = ci.item()
+        extra = {"batch": chunk.key}
+        if line.generation is not None:
+            have = self.run.have_of(item)
+            try:
+                saved = await self.run.recorder.save(ep.batch_client, safe_stem(item.id), line.generation,
+                                                     first=len(have[0]), count=item.images)
+            except RequestError as exc:  # a result URL that expired or a truncated image: transient
+                return await self._line_failed(ep, ci, exc, extra)
+            except OSError as exc:
+                self.run.disk_trouble(exc)
+                return False
+            return bool(await self.run.recorder.answer(ep, item, ci.attempt, line.generation, saved, have,
+                                                       extra=extra))
+        exc = line.error if line.error is not None else TransientError("no answer in the batch", code="no_answer")
+        return await self._line_failed(ep, ci, exc, extra)
+
+    async def _line_failed(self, ep: Any, ci: ChunkItem, exc: RequestError, extra: dict[str, Any]) -> bool:
+        state = FailureState(tries=ci.attempt, stopping=False, policy_violations=self.run.policy_violations,
+                             max_policy_violations=self.run.options.max_policy_violations, endpoint_healthy=True)
+        decision = decide(exc, state, self.run.policy, self.run.rng)
+        if isinstance(decision, Retry):
+            self.resubmit_item(ci)
+            return True
+        if isinstance(decision, Fail) and decision.stop is not None:
+            self.run.stop(exc, decision.stop)
+        exc.message = self.run.redact(exc.message)
+        return bool(await self.run.recorder.failure(ep, ci.item(), ci.attempt, exc, extra=extra))
+
+    def resubmit_item(self, ci: ChunkItem) -> None:
+        """Back to pending; sent again in a later chunk of this run (attempts permitting)."""
+        self.resubmit.append(ci.item())
+
+    async def _close(self, chunk: Chunk, status: str) -> None:
+        if not await self._journal(closed_record(chunk.key, status)):
+            return
+        chunk.closed = status
+        for item_id in [i for i, k in self.book.at_provider.items() if k == chunk.key]:
+            del self.book.at_provider[item_id]
+
+    async def _journal(self, rec: Any) -> bool:
+        ok = await self.run.recorder.append(rec)
+        if ok:
+            try:
+                await anyio.to_thread.run_sync(self.run.journal.sync)
+            except OSError as exc:
+                self.run.disk_trouble(exc)
+                return False
+        return bool(ok)
+
+
+def _limits(ep: Any) -> tuple[int, int]:
+    """Requests and bytes per chunk: the job's `batch:` settings, else the dialect's provider limits."""
+    settings: BatchSettings = ep.ep.batch
+    shape = getattr(ep.batch_client, "shape", None)
+    max_requests = settings.max_requests or getattr(shape, "max_requests", None) or 50_000
+    max_bytes = settings.max_bytes or getattr(shape, "max_bytes", None) or 200 * 1024 * 1024
+    return int(max_requests), int(max_bytes)
+
+
+def _new_key() -> str:
+    """A chunk's key: unique across outputs that share an account (it tags the batch and names the file)."""
+    return f"{time.strftime('%Y%m%d')}-{secrets.token_hex(6)}"
+
+
+def is_finite_poll(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
