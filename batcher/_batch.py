@@ -44,7 +44,6 @@ from ._records import (
     batch_state_record,
     chunk_record,
     closed_record,
-    failed_record,
     upload_record,
 )
 
@@ -96,7 +95,7 @@ class Chunk:
     def as_row(self) -> dict[str, Any]:
         """One line of `batcher status`."""
         return {"key": self.key, "batch_id": self.batch_id, "endpoint": self.endpoint,
-                "state": self.closed and f"{self.closed} (collected)" or self.status or
+                "state": (self.closed and f"{self.closed} (collected)") or self.status or
                 ("created" if self.batch_id else "uploaded" if self.file_id else "prepared"),
                 "requests": self.requests, "images": self.images, **self.counts,
                 "created": self.created_at, "expires": self.expires_at}

@@ -6,7 +6,7 @@ A job is read twice at most: once to validate (every problem reported as
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 import difflib
 import itertools
 import json
@@ -171,7 +171,7 @@ class Job:
 
     def batch_mode(self) -> Job:
         """A copy with every endpoint in batch mode (`--batch`): its own `batch:` settings, else the defaults."""
-        job = copy.copy(self)
+        job = _copy.copy(self)
         job.endpoints = [e if e.batch is not None else replace(e, batch=BatchSettings())
                          for e in self.endpoints]
         return job
@@ -668,7 +668,7 @@ def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], si
     return Endpoint(**out)
 
 
-def _batch_settings(val: Any, problem: Callable[[str, str], None]) -> BatchSettings | None | bool:
+def _batch_settings(val: Any, problem: Callable[[str, str], None]) -> BatchSettings | bool | None:
     """`batch: true|false` or a mapping of BATCH_KEYS; False when it is wrong (the problem is noted)."""
     if val is True:
         return BatchSettings()
