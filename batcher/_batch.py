@@ -65,6 +65,7 @@ class Chunk:
     endpoint: str
     base_url: str
     key_env: str | None
+    dialect: str
     input: str
     requests: int
     images: int
@@ -109,7 +110,8 @@ def chunks_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Chunk]:
         if kind not in BATCH_KINDS:
             continue
         if kind == "chunk":
-            chunks[rec["key"]] = Chunk(rec["key"], rec["endpoint"], rec["base_url"], rec.get("key_env"), rec["input"],
+            chunks[rec["key"]] = Chunk(rec["key"], rec["endpoint"], rec["base_url"], rec.get("key_env"),
+                                       rec.get("dialect", "openai-compatible"), rec["input"],
                                        int(rec["requests"]), int(rec["images"]), int(rec["bytes"]), rec["at"])
             continue
         chunk = chunks.get(rec.get("key", ""))
@@ -365,8 +367,8 @@ class BatchExecutor:
         await anyio.to_thread.run_sync(writer.seal)
         key = writer.key
 
-        rec = chunk_record(key, ep.name, ep.base_url, ep.key_env, writer.rel, writer.requests, writer.images,
-                           writer.bytes)
+        rec = chunk_record(key, ep.name, ep.base_url, ep.key_env, ep.ep.dialect, writer.rel, writer.requests,
+                           writer.images, writer.bytes)
 
         def journal_chunk() -> None:
             journal = self.run.journal
@@ -631,3 +633,64 @@ def _new_key() -> str:
 
 def is_finite_poll(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def run_records(journal: Path) -> list[dict[str, Any]]:
+    """The journal's records about the run (run, end, batch steps), read-only: from the checkpoint's copy
+    plus the journal's tail when a checkpoint matches, else from the whole journal."""
+    from ._checkpoint import open_readonly
+    from ._manifest import RecordLines
+    from ._records import RUN_KINDS
+
+    records: list[dict[str, Any]] = []
+    start = 0
+    opened = open_readonly(journal)
+    if opened is not None:
+        db, start = opened
+        try:
+            records = [json.loads(r) for (r,) in db.execute("SELECT rec FROM runs ORDER BY n")]
+        finally:
+            db.close()
+    with open(journal, "rb") as fh:
+        fh.seek(start)
+        for _begin, _end, rec in RecordLines(fh, str(journal)):
+            if rec.get("t") in RUN_KINDS:
+                records.append(rec)
+    return records
+
+
+def batch_rows(journal: Path) -> list[dict[str, Any]]:
+    """`batcher status`'s batches: one row per chunk, oldest first."""
+    return [c.as_row() for c in chunks_of(run_records(journal)).values()]
+
+
+async def cancel(out: Path) -> list[dict[str, Any]]:
+    """Cancel every batch of `out` still at the provider; what a batch finished is kept there and collected by
+    the next run. The key comes from the environment variable the run used (recorded by name), never from disk."""
+    from ._client import BatchClient
+    from ._dialect import get_dialect
+
+    journal = out / "manifest.jsonl"
+    if not journal.is_file():
+        raise BatcherError(f"{out}: no batcher manifest here (missing {journal.name})")
+    rows: list[dict[str, Any]] = []
+    for chunk in chunks_of(run_records(journal)).values():
+        if chunk.closed is not None or chunk.batch_id is None or chunk.status in ("cancelling", "cancelled"):
+            continue
+        env = chunk.key_env or "BATCHER_API_KEY"
+        key = os.environ.get(env)
+        if not key:
+            rows.append({"batch_id": chunk.batch_id, "state": chunk.status or "unknown",
+                         "error": f"no key: set {env}"})
+            continue
+        try:
+            dialect = get_dialect(chunk.dialect)
+        except ValueError:
+            dialect = get_dialect("openai-compatible")  # a dialect declared in the job: its batch API is OpenAI's
+        async with BatchClient(chunk.base_url, key, dialect=dialect) as client:
+            try:
+                info = await client.cancel_batch(chunk.batch_id)
+                rows.append({"batch_id": chunk.batch_id, "state": info.status})
+            except RequestError as exc:
+                rows.append({"batch_id": chunk.batch_id, "state": chunk.status or "unknown", "error": exc.describe()})
+    return rows

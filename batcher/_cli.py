@@ -35,6 +35,7 @@ EPILOG = """exit codes:
   2   invalid job file or usage; nothing was sent
   3   another batcher run holds the output folder
   4   aborted by a fatal error (auth, quota, disk); untouched items stay pending
+  5   batch mode with --no-wait: work is still at the provider; a later run collects it
   130 interrupted (SIGINT/SIGTERM); rerun to resume
 """
 
@@ -218,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no work beyond N images in this run; then stop with exit 4, the rest pending")
     r.add_argument("--max-cost", type=_positive_float, metavar="X",
                    help="start no work beyond an estimated cost X in this run (needs the job's `pricing`)")
+    r.add_argument("--batch", action="store_true",
+                   help="send every endpoint's items through the provider's Batch API (about half the price, "
+                        "results within the window, 24h by default); the job's `batch:` per endpoint does the same")
+    r.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="batch mode: submit (and collect what has ended), then return: exit 5 while work is at "
+                        "the provider; a later run collects it")
     r.add_argument("--force", action="store_true", help="use an OUT that holds another job's manifest")
     r.add_argument("--grace", type=_non_negative_float, default=DEFAULTS.grace_period,
                    help="seconds in-flight requests may finish after SIGINT/SIGTERM (default %(default)g)")
@@ -245,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--endpoint", action="append", default=[], metavar="NAME",
                     help="plan for only this of the job's endpoints; repeatable")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.add_argument("--batch", action="store_true", help="price every endpoint in batch mode (as run --batch)")
     pl.add_argument("--shards", type=_positive_int, metavar="N",
                     help="fix the split of the job into N shards: writes OUT/plan.json (needs --out)")
     for name in ("model", "size", "quality"):
@@ -270,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--include-failed", action="store_true", help="also export failed items with their error")
     ex.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
                     help="webdataset: samples per tar shard (default 1000)")
+
+    c = sub.add_parser("cancel", help="cancel an output's batches at the provider (what they finished is kept)")
+    c.add_argument("out", help="output folder of a `run --batch`")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
 
     rp = sub.add_parser("report", help="write OUT/report.html: a static gallery of the items")
     rp.add_argument("out", help="output folder of a run")
@@ -307,6 +319,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, _overrides(args))
     job.use_endpoints(args.endpoint)
+    if args.batch:
+        job = job.batch_mode()
     if args.shards is not None:
         return _plan_shards(job, args)
     info = plan(job, args.out, retry_failed=args.retry_failed)
@@ -414,6 +428,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if info.get("shards"):
         sh = info["shards"]
         print(f"  shards: {len(sh['committed'])} of {sh['planned']} committed")
+    if info.get("batches"):
+        print(f"  {'batch':<32} {'endpoint':<12} {'state':<24} {'completed':>9} {'failed':>7} {'total':>7}  "
+              f"{'created':<20} expires")
+        for b in info["batches"]:
+            print(f"  {b['batch_id'] or '(' + b['key'] + ')':<32} {b['endpoint']:<12} {b['state']:<24} "
+                  f"{b['completed']:>9} {b['failed']:>7} {b['total'] or b['requests']:>7}  "
+                  f"{_when(b['created']):<20} {_when(b['expires'])}")
     print(f"  {info['images_on_disk']} image(s), {info['bytes_on_disk']:,} bytes on disk; "
           f"{info['runs']} run(s), first {info['first_run']}, last {info['last_run']}")
     for code, group in info["failures"].items():
@@ -427,6 +448,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
         if len(reasons) > 5:
             print(f"    … and {len(reasons) - 5} more reason(s)")
     return EXIT_OK
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from ._batch import cancel
+
+    rows = anyio.run(cancel, Path(args.out))
+    if args.json:
+        print(json.dumps(rows))
+        return EXIT_OK
+    if not rows:
+        print(f"{args.out}: no batch at the provider")
+    for row in rows:
+        print(f"  {row['batch_id']}: {row['state']}" + (f" ({row['error']})" if row.get("error") else ""))
+    print("  what they finished is collected by the next `batcher run`")
+    return EXIT_OK
+
+
+def _when(epoch: Any) -> str:
+    """A provider's Unix time as UTC text ('-' when unknown)."""
+    from datetime import UTC, datetime
+
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -490,7 +535,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts, retry_failed=args.retry_failed, force=args.force,
         max_policy_violations=args.max_policy_violations, grace_period=args.grace, handle_signals=True,
         max_images=args.max_images, max_cost=args.max_cost, endpoints=tuple(args.endpoint),
-        shard=_shard_for(args), limiter=args.limiter, work_dir=args.work_dir,
+        shard=_shard_for(args), limiter=args.limiter, work_dir=args.work_dir, batch=args.batch, wait=args.wait,
     )
     if args.simulate:
         from dataclasses import replace
@@ -513,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "plan": _cmd_plan, "status": _cmd_status,
-               "merge": _cmd_merge, "export": _cmd_export, "report": _cmd_report, "simulate": _cmd_simulate}
+               "merge": _cmd_merge, "export": _cmd_export, "report": _cmd_report, "simulate": _cmd_simulate,
+               "cancel": _cmd_cancel}
     try:
         return handler[args.command](args)
     except JobValidationError as exc:

@@ -100,6 +100,7 @@ class ChunkRecord(TypedDict):
     endpoint: str
     base_url: str  # where the batch lives (no key: `batcher cancel` reads it from key_env again)
     key_env: str | None
+    dialect: str
     input: str  # the input file, relative to the output folder
     requests: int
     images: int
@@ -164,10 +165,10 @@ def attempt_record(item_id: str, rhash: str, attempt: int, endpoint: str, at: st
     return rec
 
 
-def chunk_record(key: str, endpoint: str, base_url: str, key_env: str | None, input: str, requests: int,
-                 images: int, size: int) -> ChunkRecord:
+def chunk_record(key: str, endpoint: str, base_url: str, key_env: str | None, dialect: str, input: str,
+                 requests: int, images: int, size: int) -> ChunkRecord:
     return {"t": "chunk", "key": key, "endpoint": endpoint, "base_url": base_url, "key_env": key_env,
-            "input": input, "requests": requests, "images": images, "bytes": size, "at": utc_now()}
+            "dialect": dialect, "input": input, "requests": requests, "images": images, "bytes": size, "at": utc_now()}
 
 
 def upload_record(key: str, file_id: str) -> UploadRecord:

@@ -52,9 +52,11 @@ from ._writer import DISK_ERRNOS, OutputDir
 __all__ = [
     "RunOptions", "RunResult", "run", "run_sync", "resolve_out", "DEFAULT_BASE_URL",
     "EXIT_OK", "EXIT_FAILED", "EXIT_INVALID", "EXIT_LOCKED", "EXIT_ABORTED", "EXIT_INTERRUPTED",
+    "EXIT_AT_PROVIDER",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_AT_PROVIDER = 5  # batch mode without waiting: items are still at the provider
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class RunOptions:
     work_dir: str | None = None  # a sharded or object-storage run's local work folder
     max_images: int | None = None  # this run starts no work beyond these (exit 4, rest pending)
     max_cost: float | None = None
+    batch: bool = False  # every endpoint through the provider's Batch API (the job's `batch:` does it per endpoint)
+    wait: bool = True  # batch mode: wait for the batches and collect them (False: submit, exit 5 while at the provider)
 
     def __post_init__(self) -> None:
         if self.concurrency is not None and not 1 <= self.concurrency <= MAX_CONCURRENCY:

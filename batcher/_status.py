@@ -35,11 +35,14 @@ def status(out: str | Path) -> dict[str, Any]:
     journal_path = root / "manifest.jsonl"
     if not journal_path.is_file():
         raise ManifestError(f"{root}: no batcher manifest here (missing {journal_path.name})")
+    from ._batch import batch_rows
+
     fast = _from_checkpoint(root, journal_path)
-    if fast is not None:
-        return fast
-    Journal.read(journal_path)  # raises a clear ManifestError on a corrupt journal
-    return _status(journal_path, root)
+    if fast is None:
+        Journal.read(journal_path)  # raises a clear ManifestError on a corrupt journal
+    info = fast if fast is not None else _status(journal_path, root)
+    info["batches"] = batch_rows(journal_path)  # provider batches (`run --batch`), as the journal last saw them
+    return info
 
 
 def short_reason(message: Any, limit: int = 80) -> str:
