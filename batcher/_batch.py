@@ -26,17 +26,16 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 
 from ._exceptions import BatcherError, FatalError, PermanentError, RequestError, TransientError
 from ._ids import safe_stem
 from ._job import BatchSettings, Item
-from ._policy import Fail, FailureState, Retry, RetryPolicy, decide
+from ._policy import POLICY_CODES, Fail, FailureState, Retry, RetryPolicy, decide
 from ._records import (
     BATCH_KINDS,
     attempt_record,
@@ -184,11 +183,6 @@ class BatchBook:
         return [c for c in self.chunks.values() if c.closed is None]
 
 
-def line_url(base_url: str, path: str) -> str:
-    """The `url` of a batch line: the request's path as the provider names it (`/v1/images/generations`)."""
-    return urlsplit(base_url).path.rstrip("/") + path
-
-
 class _ChunkWriter:
     """Streams one chunk's input and items files (never the whole chunk in memory)."""
 
@@ -244,16 +238,18 @@ class BatchExecutor:
     the retry policy; `stop(fatal, note)` stops the run, `stopping()` tells whether it is stopping.
     """
 
-    def __init__(self, run: Any, endpoints: list[Any], *, wait: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.run = run
+    def __init__(self, endpoints: list[Any], *, job: Any, root: Path, journal: Any, recorder: Any, control: Any,
+                 reporter: Any, budget: Any, policy: RetryPolicy, rng: Any, max_policy_violations: int,
+                 wait: bool = True) -> None:
         self.endpoints = {e.name: e for e in endpoints}
+        self.job, self.root, self.journal, self.recorder = job, root, journal, recorder
+        self.control, self.reporter, self.budget = control, reporter, budget
+        self.policy, self.rng, self.max_policy_violations = policy, rng, max_policy_violations
+        self.policy_violations = 0
         self.wait = wait
-        self.clock = clock
-        self.book = BatchBook(run.out.root, run.journal.runs)
+        self.book = BatchBook(root, journal.runs)
         self.resubmit: list[Item] = []  # items whose batch line failed transiently (or never came)
         self.submitted = self.collected = 0
-        self._attempts_of: dict[str, int] = {}
 
     # -- which items are ours ------------------------------------------------------------------
 
@@ -263,9 +259,17 @@ class BatchExecutor:
 
     def _endpoint_for(self, item: Item) -> Any:
         for ep in self.endpoints.values():
-            if ep.retired is None and self.run.job.can_send(ep.ep, item.body):
+            if ep.retired is None and self.job.can_send(ep.ep, item.body):
                 return ep
         return None
+
+    def _have(self, item: Item) -> tuple[list[dict[str, Any]], float | None]:
+        """A short answer's images so far (they were paid): only the missing ones are asked for."""
+        if item.id not in self.recorder.have:
+            entry = self.journal.entries.get(item.id)
+            if entry is not None and entry.status == "failed" and entry.error_kind == "transient":
+                self.recorder.load_short(item)  # reads one journal line
+        return self.recorder.have.get(item.id, ([], None))
 
     def pending_at_provider(self) -> int:
         return len(self.book.at_provider)
@@ -276,14 +280,14 @@ class BatchExecutor:
         """Resume open chunks, submit `items` (not at the provider), then wait for and collect every batch
         (with `wait=False`: one look, collecting what ended, then return)."""
         for chunk in self.book.open():
-            if self.run.stopping:
+            if self.control.stopping:
                 return
             await self._advance(chunk)
         await self._submit(items)
         delay = None
-        while not self.run.stopping:
+        while not self.control.stopping:
             await self._poll_all()
-            if self.resubmit and not self.run.stopping:
+            if self.resubmit and not self.control.stopping:
                 again, self.resubmit = self.resubmit, []
                 await self._submit(iter(again))
             live = [c for c in self.book.open() if c.batch_id is not None]
@@ -292,7 +296,8 @@ class BatchExecutor:
             if not live:  # open chunks not created (a step failed): the next run takes them on
                 return
             delay = self._next_delay(delay)
-            await self.run.sleep(delay)
+            if not await self.control.wait(anyio.sleep, delay):
+                return
 
     def _next_delay(self, previous: float | None) -> float:
         polls = [ep.ep.batch.poll for ep in self.endpoints.values() if ep.ep.batch and ep.ep.batch.poll]
@@ -307,21 +312,24 @@ class BatchExecutor:
         writers: dict[tuple[str, Any], _ChunkWriter] = {}
         try:
             for item in items:
-                if self.run.stopping:
+                if self.control.stopping:
                     break
                 if item.id in self.book.at_provider:
                     continue
                 ep = self._endpoint_for(item)
                 if ep is None:
                     continue  # no batch endpoint can send it (the synchronous path takes it)
-                ci, line = self._line(ep, item)
-                if ci is None:
+                try:
+                    ci, line = self._line(ep, item)
+                except PermanentError as exc:  # as synchronously: the item fails, nothing is sent
+                    if not await self.recorder.failure(ep, item, 0, exc):
+                        break
                     continue
                 cost = ep.prices.cost(item.body, ci.wanted)
-                if not self.run.budget.reserve(ci.wanted, cost):
-                    note = (f"budget reached ({self.run.budget.describe()}): {ci.wanted} more image(s) would "
+                if not self.budget.reserve(ci.wanted, cost):
+                    note = (f"budget reached ({self.budget.describe()}): {ci.wanted} more image(s) would "
                             f"exceed it; stopping, unsubmitted items stay pending")
-                    self.run.stop(FatalError(note, code="budget_exhausted"), note)
+                    self.control.stop(FatalError(note, code="budget_exhausted"), note)
                     break
                 group = (ep.name, item.body.get("model"))
                 writer = writers.get(group)
@@ -332,7 +340,7 @@ class BatchExecutor:
                 if writer is None:
                     limits = _limits(ep)
                     writer = writers[group] = await anyio.to_thread.run_sync(
-                        _ChunkWriter, self.run.out.root, _new_key(), *limits)
+                        _ChunkWriter, self.root, _new_key(), *limits)
                 writer.add(line, ci)
             for (name, _model), writer in list(writers.items()):
                 del writers[(name, _model)]
@@ -341,22 +349,15 @@ class BatchExecutor:
             for writer in writers.values():
                 writer.discard()  # not journaled: its items stay pending
 
-    def _line(self, ep: Any, item: Item) -> tuple[ChunkItem | None, bytes]:
-        entry = self.run.journal.entries.get(item.id)
+    def _line(self, ep: Any, item: Item) -> tuple[ChunkItem, bytes]:
+        entry = self.journal.entries.get(item.id)
         prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
-        have = self.run.have_of(item)  # a short answer earlier: only the missing images
+        have = self._have(item)  # a short answer earlier: only the missing images
         wanted = item.images - len(have[0])
         body = ep.ep.body_for(item.body)
         if wanted != item.images:
             body["n"] = wanted
-        dialect = self.run.job.dialect_of(ep.ep)
-        try:
-            prepared = dialect.prepare(body, ep.ep.options)
-        except ValueError as exc:  # DialectError
-            self.run.log(f"{item.id}: can't be expressed for endpoint {ep.name!r}: {exc}", level="warning")
-            return None, b""
-        line = json.dumps({"custom_id": item.id, "method": "POST", "url": line_url(ep.base_url, prepared.path),
-                           "body": prepared.body}, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        line = ep.batch_client.input_line(item.id, body)  # PermanentError: the dialect can't send it
         ci = ChunkItem(item.id, item.rhash, item.body, wanted, prior + 1, item.vars, item.file, item.line)
         return ci, line
 
@@ -371,17 +372,18 @@ class BatchExecutor:
                            writer.images, writer.bytes)
 
         def journal_chunk() -> None:
-            journal = self.run.journal
+            journal = self.journal
             for item_id, rhash, attempt in writer.attempts:
                 journal.append(attempt_record(item_id, rhash, attempt, ep.name, batch=key))
             journal.sync()  # every attempt is durable before the chunk that sends them is
             journal.append(rec)
             journal.sync()
+            self.recorder.requests += writer.requests
 
         try:
             await anyio.to_thread.run_sync(journal_chunk)
         except OSError as exc:
-            self.run.disk_trouble(exc)
+            self.recorder.disk_trouble(exc)
             return
         chunk = chunks_of([rec])[key]
         self.book.chunks[key] = chunk
@@ -389,7 +391,7 @@ class BatchExecutor:
             self.book.at_provider[item_id] = key
         self.submitted += writer.requests
         ep.stats["requests"] += writer.requests
-        self.run.log(f"batch chunk {key}: {writer.requests} request(s), {writer.images} image(s), "
+        self.reporter.log(f"batch chunk {key}: {writer.requests} request(s), {writer.images} image(s), "
                      f"{writer.bytes / 1e6:.1f} MB for endpoint {ep.name!r}")
         await self._advance(chunk)
 
@@ -400,7 +402,7 @@ class BatchExecutor:
         ep = self.endpoints.get(chunk.endpoint)
         if ep is None:
             if chunk.batch_id is None:
-                self.run.log(f"batch chunk {chunk.key}: endpoint {chunk.endpoint!r} is not in this run; "
+                self.reporter.log(f"batch chunk {chunk.key}: endpoint {chunk.endpoint!r} is not in this run; "
                              f"left for a run that has it", level="warning")
             return
         try:
@@ -418,7 +420,7 @@ class BatchExecutor:
                 if not await self._journal(batch_record(chunk.key, batch.id, batch.created_at, batch.expires_at)):
                     return
                 chunk.batch_id, chunk.created_at, chunk.expires_at = batch.id, batch.created_at, batch.expires_at
-                self.run.log(f"batch chunk {chunk.key}: batch {batch.id} created ({chunk.requests} request(s))")
+                self.reporter.log(f"batch chunk {chunk.key}: batch {batch.id} created ({chunk.requests} request(s))")
                 await self._note_state(chunk, batch)
         except PermanentError as exc:
             await self._reject(ep, chunk, exc)
@@ -441,7 +443,7 @@ class BatchExecutor:
                     pass
         if keep is not None:
             return keep
-        return await client.upload(self.run.out.root / chunk.input, chunk.filename)
+        return await client.upload(self.root / chunk.input, chunk.filename)
 
     async def _find_or_create(self, ep: Any, chunk: Chunk) -> Any:
         client = ep.batch_client
@@ -452,7 +454,7 @@ class BatchExecutor:
         try:
             return await client.create_batch(chunk.file_id, window=settings.window,
                                              metadata={METADATA_KEY: chunk.key,
-                                                       "batcher_job": self.run.job.name[:512]})
+                                                       "batcher_job": self.job.name[:512]})
         except TransientError:
             # the create may have happened (a timeout, a 5xx after the batch was made): look before retrying
             found = await self._find_batch(ep, chunk)
@@ -472,29 +474,30 @@ class BatchExecutor:
         """A control-plane call retried on transient failures (STEP_RETRY); fatal ones stop the run.
         None: given up for this run (the chunk stays open; the next run goes on from the journal)."""
         for attempt in range(1, STEP_RETRY.max_attempts + 1):
-            if self.run.stopping:
+            if self.control.stopping:
                 return None
             try:
                 return await call()
             except FatalError as exc:
-                self.run.stop(exc, f"fatal: {what} on endpoint {ep.name!r}: {exc.describe()}; "
+                self.control.stop(exc, f"fatal: {what} on endpoint {ep.name!r}: {exc.describe()}; "
                                    f"submitted batches stay at the provider, the rest pending")
                 return None
             except TransientError as exc:
                 if attempt == STEP_RETRY.max_attempts:
-                    self.run.log(f"endpoint {ep.name!r}: batch {what} failed {attempt} times "
+                    self.reporter.log(f"endpoint {ep.name!r}: batch {what} failed {attempt} times "
                                  f"(last: {exc.describe()}); the next run tries again", level="warning")
                     return None
-                await self.run.sleep(STEP_RETRY.delay(attempt, exc.retry_after, self.run.rng))
+                if not await self.control.wait(anyio.sleep, STEP_RETRY.delay(attempt, exc.retry_after, self.rng)):
+                    return None
         return None
 
     async def _reject(self, ep: Any, chunk: Chunk, exc: PermanentError) -> None:
         """The provider refused the chunk itself (a 400 on upload or create): every item fails with it."""
-        self.run.log(f"batch chunk {chunk.key}: refused by endpoint {ep.name!r}: {exc.describe()}; its "
+        self.reporter.log(f"batch chunk {chunk.key}: refused by endpoint {ep.name!r}: {exc.describe()}; its "
                      f"{chunk.requests} item(s) fail", level="error")
-        items = await anyio.to_thread.run_sync(read_chunk_items, self.run.out.root, chunk)
+        items = await anyio.to_thread.run_sync(read_chunk_items, self.root, chunk)
         for ci in items.values():
-            if not await self.run.recorder.failure(ep, ci.item(), ci.attempt, exc, extra={"batch": chunk.key}):
+            if not await self.recorder.failure(ep, ci.item(), ci.attempt, exc, extra={"batch": chunk.key}):
                 return
         await self._close(chunk, "rejected")
 
@@ -502,7 +505,7 @@ class BatchExecutor:
 
     async def _poll_all(self) -> None:
         for chunk in list(self.book.open()):
-            if self.run.stopping:
+            if self.control.stopping:
                 return
             ep = self.endpoints.get(chunk.endpoint)
             if ep is None or chunk.batch_id is None:
@@ -522,17 +525,18 @@ class BatchExecutor:
         await self._journal(batch_state_record(chunk.key, info.status, info.total, info.completed, info.failed))
         done = sum(c.counts["completed"] + c.counts["failed"] for c in self.book.open())
         total = sum(c.requests for c in self.book.open())
-        self.run.log(f"batch {chunk.batch_id} ({chunk.endpoint}): {info.status}, {info.completed} completed, "
+        self.reporter.log(f"batch {chunk.batch_id} ({chunk.endpoint}): {info.status}, {info.completed} completed, "
                      f"{info.failed} failed of {info.total or chunk.requests}; all open batches: {done}/{total}")
 
     # -- 5. collect ----------------------------------------------------------------------------
 
     async def _collect(self, ep: Any, chunk: Chunk, info: Any) -> None:
         """Record every line of an ended batch; items without one are pending again."""
-        items = await anyio.to_thread.run_sync(read_chunk_items, self.run.out.root, chunk)
+        items = await anyio.to_thread.run_sync(read_chunk_items, self.root, chunk)
         answered: set[str] = set()
-        entries = self.run.journal.entries
-        for file_id in (info.output_file_id, info.error_file_id):
+        entries = self.journal.entries
+        results_paged = ep.batch_client.shape.results is not None  # xAI: a paged list, by batch id
+        for file_id in ((info.id,) if results_paged else (info.output_file_id, info.error_file_id)):
             if file_id is None:
                 continue
             try:
@@ -548,12 +552,12 @@ class BatchExecutor:
                     if not await self._record_line(ep, chunk, ci, line):
                         return  # the run stops (disk); the chunk stays open and is collected again
             except RequestError as exc:
-                self.run.log(f"batch {chunk.batch_id}: can't read its results ({exc.describe()}); the next "
+                self.reporter.log(f"batch {chunk.batch_id}: can't read its results ({exc.describe()}); the next "
                              f"run tries again", level="warning")
                 if exc.kind == "fatal":
-                    self.run.stop(exc, f"fatal: reading batch results: {exc.describe()}")
+                    self.control.stop(exc, f"fatal: reading batch results: {exc.describe()}")
                 return
-        if self.run.stopping and self.run.interrupted:
+        if self.control.stopping and self.control.interrupted:
             return
         for item_id, ci in items.items():
             if item_id not in answered:
@@ -569,31 +573,35 @@ class BatchExecutor:
         item = ci.item()
         extra = {"batch": chunk.key}
         if line.generation is not None:
-            have = self.run.have_of(item)
+            have = self._have(item)
             try:
-                saved = await self.run.recorder.save(ep.batch_client, safe_stem(item.id), line.generation,
+                saved = await self.recorder.save(ep.batch_client, safe_stem(item.id), line.generation,
                                                      first=len(have[0]), count=item.images)
             except RequestError as exc:  # a result URL that expired or a truncated image: transient
                 return await self._line_failed(ep, ci, exc, extra)
             except OSError as exc:
-                self.run.disk_trouble(exc)
+                self.recorder.disk_trouble(exc)
                 return False
-            return bool(await self.run.recorder.answer(ep, item, ci.attempt, line.generation, saved, have,
-                                                       extra=extra))
+            self.recorder.have.pop(item.id, None)
+            return bool(await self.recorder.answer(ep, item, ci.attempt, line.generation, saved, have,
+                                                   extra=extra))
         exc = line.error if line.error is not None else TransientError("no answer in the batch", code="no_answer")
         return await self._line_failed(ep, ci, exc, extra)
 
     async def _line_failed(self, ep: Any, ci: ChunkItem, exc: RequestError, extra: dict[str, Any]) -> bool:
-        state = FailureState(tries=ci.attempt, stopping=False, policy_violations=self.run.policy_violations,
-                             max_policy_violations=self.run.options.max_policy_violations, endpoint_healthy=True)
-        decision = decide(exc, state, self.run.policy, self.run.rng)
+        state = FailureState(tries=ci.attempt, stopping=False, policy_violations=self.policy_violations,
+                             max_policy_violations=self.max_policy_violations, endpoint_healthy=True)
+        if exc.kind == "permanent" and exc.code in POLICY_CODES:
+            self.policy_violations += 1
+            state = replace(state, policy_violations=self.policy_violations)
+        decision = decide(exc, state, self.policy, self.rng)
         if isinstance(decision, Retry):
             self.resubmit_item(ci)
             return True
         if isinstance(decision, Fail) and decision.stop is not None:
-            self.run.stop(exc, decision.stop)
-        exc.message = self.run.redact(exc.message)
-        return bool(await self.run.recorder.failure(ep, ci.item(), ci.attempt, exc, extra=extra))
+            self.control.stop(exc, decision.stop)
+        exc.message = self.recorder.redact(exc.message)
+        return bool(await self.recorder.failure(ep, ci.item(), ci.attempt, exc, extra=extra))
 
     def resubmit_item(self, ci: ChunkItem) -> None:
         """Back to pending; sent again in a later chunk of this run (attempts permitting)."""
@@ -607,12 +615,12 @@ class BatchExecutor:
             del self.book.at_provider[item_id]
 
     async def _journal(self, rec: Any) -> bool:
-        ok = await self.run.recorder.append(rec)
+        ok = await self.recorder.append(rec)
         if ok:
             try:
-                await anyio.to_thread.run_sync(self.run.journal.sync)
+                await anyio.to_thread.run_sync(self.journal.sync)
             except OSError as exc:
-                self.run.disk_trouble(exc)
+                self.recorder.disk_trouble(exc)
                 return False
         return bool(ok)
 
@@ -620,10 +628,8 @@ class BatchExecutor:
 def _limits(ep: Any) -> tuple[int, int]:
     """Requests and bytes per chunk: the job's `batch:` settings, else the dialect's provider limits."""
     settings: BatchSettings = ep.ep.batch
-    shape = getattr(ep.batch_client, "shape", None)
-    max_requests = settings.max_requests or getattr(shape, "max_requests", None) or 50_000
-    max_bytes = settings.max_bytes or getattr(shape, "max_bytes", None) or 200 * 1024 * 1024
-    return int(max_requests), int(max_bytes)
+    shape = ep.batch_client.shape
+    return settings.max_requests or shape.max_requests, settings.max_bytes or shape.max_bytes
 
 
 def _new_key() -> str:

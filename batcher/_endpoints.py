@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._client import ImagesClient, Timeouts
+from ._client import BatchClient, ImagesClient, Timeouts
 from ._exceptions import BatcherError
 from ._job import Endpoint, Job, is_openai_host
 from ._limiter import ConcurrencyController, RateLimiter
@@ -32,6 +32,7 @@ class EndpointRun:
     """One endpoint during a run: its client, limiter, pool, circuit breaker and counters."""
 
     client: ImagesClient  # set by the executor once the client is open
+    batch_client: BatchClient  # an endpoint in batch mode: set by the batch executor
 
     def __init__(self, ep: Endpoint, key: str, base_url: str, concurrency: int, rpm: float | None,
                  ipm: float | None, prices: PriceTable, headers: dict[str, str] | None = None,
@@ -40,6 +41,7 @@ class EndpointRun:
         self.headers = headers or {}  # values from the environment: kept in memory only
         self.name = ep.name
         self.key = key
+        self.key_env: str | None = None  # the environment variable the key came from (batch records name it)
         self.base_url = base_url
         self.concurrency = concurrency
         self.rpm, self.ipm = rpm, ipm
@@ -63,6 +65,12 @@ def make_client(ep: EndpointRun, timeouts: Timeouts, job: Job) -> ImagesClient:
     """The endpoint's client (an async context manager), speaking its dialect with its key and headers."""
     return ImagesClient(ep.base_url, ep.key, dialect=job.dialect_of(ep.ep), options=ep.ep.options,
                         timeouts=timeouts, max_connections=ep.concurrency, headers=ep.headers)
+
+
+def make_batch_client(ep: EndpointRun, timeouts: Timeouts, job: Job) -> BatchClient:
+    """The endpoint's Files + Batches client (batch mode), in its dialect's batch shapes."""
+    return BatchClient(ep.base_url, ep.key, dialect=job.dialect_of(ep.ep), options=ep.ep.options,
+                       timeouts=timeouts, headers=ep.headers)
 
 
 def _key_names(ep: Endpoint, options: RunOptions, base_url: str | None = None) -> list[str]:
@@ -100,14 +108,16 @@ def _endpoint_headers(ep: Endpoint) -> dict[str, str]:
 
 
 def resolve_endpoints(job: Job, options: RunOptions, models: Iterable[Any], reporter: Reporter,
-                      prices: Mapping[str, PriceTable]) -> list[EndpointRun]:
-    """The endpoints this run uses (those serving one of `models`), each with its key, headers and
-    limits; a missing key is an error only where an item needs the endpoint."""
+                      prices: Mapping[str, PriceTable], also: Iterable[str] = ()) -> list[EndpointRun]:
+    """The endpoints this run uses (those serving one of `models`, and those named in `also`: batches
+    of theirs are at the provider), each with its key, headers and limits; a missing key is an error
+    only where an item needs the endpoint."""
     opts = options
     models = set(models)
+    also = set(also)
     runs: list[EndpointRun] = []
     for ep in job.live_endpoints():
-        needed = any(ep.serves(m) for m in models)  # dialect limits (n) are rare: checked per item
+        needed = ep.name in also or any(ep.serves(m) for m in models)  # dialect limits (n): checked per item
         base_url = (opts.base_url or ep.base_url or os.environ.get("BATCHER_BASE_URL") or DEFAULT_BASE_URL)
         key = _resolve_key(ep, opts, base_url)
         if key is None:
@@ -126,7 +136,10 @@ def resolve_endpoints(job: Job, options: RunOptions, models: Iterable[Any], repo
         rpm = opts.rpm or ep.rate_limit.rpm or (job.rate_limit.rpm if len(job.endpoints) == 1 else None)
         ipm = opts.ipm or ep.rate_limit.ipm or (job.rate_limit.ipm if len(job.endpoints) == 1 else None)
         concurrency = opts.concurrency or ep.concurrency or job.concurrency or DEFAULT_CONCURRENCY
-        runs.append(EndpointRun(ep, key, base_url, concurrency, rpm, ipm, prices[ep.name], headers, opts.breaker))
+        run = EndpointRun(ep, key, base_url, concurrency, rpm, ipm, prices[ep.name], headers, opts.breaker)
+        if not opts.api_key:
+            run.key_env = next((n for n in _key_names(ep, opts, base_url) if os.environ.get(n)), None)
+        runs.append(run)
     return runs
 
 

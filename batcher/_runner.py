@@ -21,11 +21,12 @@ from typing import Any
 
 import anyio
 
+from ._batch import BatchBook, BatchExecutor
 from ._claims import LocalClaims
 from ._client import Timeouts
 from ._commit import Recorder
 from ._control import RunControl
-from ._endpoints import DEFAULT_BASE_URL, EndpointRun, resolve_endpoints, share_limits
+from ._endpoints import DEFAULT_BASE_URL, EndpointRun, make_batch_client, resolve_endpoints, share_limits
 from ._exceptions import (
     BatcherError,
     FatalError,
@@ -140,6 +141,8 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
     Raises JobValidationError (nothing sent), OutputError / ManifestError / LockedError.
     """
     job = copy.copy(job)  # this run's filters (endpoints, shard) never reach the caller's Job
+    if options.batch:
+        job = job.batch_mode()
     if options.endpoints:
         job.use_endpoints(options.endpoints)
     job.validate()
@@ -149,6 +152,9 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
     target = options.out or job.output or str(Path("output") / job.name)
     sharded = None
     if options.shard is not None or is_remote(target):
+        if any(e.batch is not None for e in job.live_endpoints()):
+            raise BatcherError("batch mode writes a local output folder: --shard and s3:// outputs are not "
+                               "supported with provider batches (one batch already carries up to 50,000 requests)")
         from ._sharded import ShardedOutput  # the store (and fsspec for s3://) only when asked for
 
         shard = options.shard or ShardSpec(0, 1)
@@ -240,6 +246,9 @@ class _Runner:
         self.endpoints: list[EndpointRun] = []  # resolved once some item needs sending
         self.dispatch: Dispatcher | None = None  # made when the pipeline starts
         self.executor: SyncExecutor | None = None
+        self.batch: BatchExecutor | None = None  # endpoints in batch mode (provider Batch APIs)
+        # the output's provider batches: their items are at the provider, in no other executor's hands
+        self.book = BatchBook(out.root, journal.runs) if sharded is None else None
         self._work_scope = anyio.CancelScope()  # the feed's and the executor's, once they run
         self._missing: set[str] = set()
         self._files_checked = False  # every done entry the checkpoint hasn't verified was checked
@@ -279,6 +288,19 @@ class _Runner:
             if self._needs_run(item):
                 yield item
 
+    def _to_send(self) -> Iterator[Item]:
+        """The synchronous executor's items: those to run that no batch has or takes."""
+        batch = self.batch
+        for item in self._to_run():
+            if batch is None or not batch.takes(item):
+                yield item
+
+    def _to_batch(self) -> Iterator[Item]:
+        assert self.batch is not None
+        for item in self._to_run():
+            if self.batch.takes(item):
+                yield item
+
     # -- the run ----------------------------------------------------------------------------
 
     async def run(self, started: float) -> RunResult:
@@ -310,10 +332,12 @@ class _Runner:
             self.sharded.check_plan("sha256:" + digest.hexdigest())
         if self.sharded is not None:
             await anyio.to_thread.run_sync(self.sharded.open_writer, self.journal)
-        if todo == 0:
+        open_chunks = self.book.open() if self.book is not None else []
+        if todo == 0 and not open_chunks:
             self.reporter.start(0, total)
             return await self._finish(started)
-        self.endpoints = resolve_endpoints(self.job, self.options, models, self.reporter, self.prices)
+        self.endpoints = resolve_endpoints(self.job, self.options, models, self.reporter, self.prices,
+                                           also={c.endpoint for c in open_chunks})
         self._redact_secrets()
         if self.options.limiter:
             self._use_shared_limits(self.options.limiter)
@@ -343,15 +367,25 @@ class _Runner:
     async def _pipeline(self) -> None:
         opts = self.options
         timeouts = Timeouts(connect=opts.connect_timeout, read=opts.timeout)
-        total_slots = sum(e.concurrency for e in self.endpoints)
-        self.dispatch = Dispatcher([e.name for e in self.endpoints], max_queued=max(16, total_slots * 2))
+        policy = opts.retry or RetryPolicy(max_attempts=opts.max_attempts)
+        rng = random.Random(opts.seed)
+        batched = [e for e in self.endpoints if e.ep.batch is not None]
+        synced = [e for e in self.endpoints if e.ep.batch is None]
+        total_slots = sum(e.concurrency for e in synced)
+        self.dispatch = Dispatcher([e.name for e in synced], max_queued=max(16, total_slots * 2))
         self.executor = SyncExecutor(
-            self.endpoints, self.dispatch, self.recorder, self.claims, self.control, reporter=self.reporter,
-            budget=self.budget, policy=opts.retry or RetryPolicy(max_attempts=opts.max_attempts),
-            rng=random.Random(opts.seed), deadline=opts.timeout + opts.connect_timeout,
+            synced, self.dispatch, self.recorder, self.claims, self.control, reporter=self.reporter,
+            budget=self.budget, policy=policy, rng=rng, deadline=opts.timeout + opts.connect_timeout,
             max_policy_violations=opts.max_policy_violations)
+        if batched:
+            self.batch = BatchExecutor(
+                batched, job=self.job, root=self.out.root, journal=self.journal, recorder=self.recorder,
+                control=self.control, reporter=self.reporter, budget=self.budget, policy=policy, rng=rng,
+                max_policy_violations=opts.max_policy_violations, wait=opts.wait)
         async with AsyncExitStack() as stack:
             await self.executor.open(stack, timeouts, self.job)
+            for ep in batched:
+                ep.batch_client = await stack.enter_async_context(make_batch_client(ep, timeouts, self.job))
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._ticker)
                 outer.start_soon(self.claims.keep_renewed)
@@ -359,13 +393,22 @@ class _Runner:
                     outer.start_soon(self._watch_signals)
                 async with anyio.create_task_group() as work:
                     self._work_scope = work.cancel_scope
-                    work.start_soon(self._feed, self.dispatch)
-                    self.executor.start(work)
+                    if self.batch is not None:
+                        work.start_soon(self._run_batches, self.batch)
+                    if synced:
+                        work.start_soon(self._feed, self.dispatch)
+                        self.executor.start(work)
                 outer.cancel_scope.cancel()
+
+    async def _run_batches(self, batch: BatchExecutor) -> None:
+        try:
+            await batch.execute(self._to_batch())
+        except JobError as exc:  # the job file changed under the run: what was submitted is journaled
+            self.control.stop(FatalError(str(exc), code="job_changed"), f"stopping: {exc}")
 
     async def _feed(self, dispatch: Dispatcher) -> None:
         try:
-            for item in self._to_run():
+            for item in self._to_send():
                 if self.control.stopping:
                     break
                 eligible = frozenset(e.name for e in self.endpoints if self.job.can_send(e.ep, item.body))
@@ -486,12 +529,16 @@ class _Runner:
             retired = ", ".join(f"{e.name} ({e.retired})" for e in self.endpoints if e.retired)
             self.control.fatal = FatalError(f"{len(stranded)} item(s) need an endpoint that was retired: {retired}",
                                     code="no_endpoint")
+        at_provider = len(self.batch.book.at_provider) if self.batch is not None else 0
         if self.control.interrupted:
             outcome, code = "interrupted", EXIT_INTERRUPTED
         elif self.control.fatal is not None and self.control.fatal.code == "budget_exhausted":
             outcome, code = "budget reached", EXIT_ABORTED
         elif self.control.fatal is not None:
             outcome, code = "aborted", EXIT_ABORTED
+        elif at_provider:
+            outcome, code = f"submitted; {at_provider} item(s) at the provider (a later run collects them)", \
+                EXIT_AT_PROVIDER
         elif summary["failed"]:
             outcome, code = "finished with failures", EXIT_FAILED
         elif summary["pending"] and self.claims.skipped:
