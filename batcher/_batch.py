@@ -487,7 +487,7 @@ class BatchExecutor:
                     self.reporter.log(f"endpoint {ep.name!r}: batch {what} failed {attempt} times "
                                  f"(last: {exc.describe()}); the next run tries again", level="warning")
                     return None
-                if not await self.control.wait(anyio.sleep, STEP_RETRY.delay(attempt, exc.retry_after, self.rng)):
+                if not await self.control.wait(anyio.sleep, STEP_RETRY.delay(attempt, self.rng, exc.retry_after)):
                     return None
         return None
 
@@ -510,7 +510,7 @@ class BatchExecutor:
             ep = self.endpoints.get(chunk.endpoint)
             if ep is None or chunk.batch_id is None:
                 continue
-            info = await self._step(ep, "retrieve", lambda ep=ep, chunk=chunk: ep.batch_client.batch(chunk.batch_id))
+            info = await self._step(ep, "retrieve", _retrieve(ep.batch_client, chunk.batch_id))
             if info is None:
                 continue
             await self._note_state(chunk, info)
@@ -585,8 +585,8 @@ class BatchExecutor:
             self.recorder.have.pop(item.id, None)
             return bool(await self.recorder.answer(ep, item, ci.attempt, line.generation, saved, have,
                                                    extra=extra))
-        exc = line.error if line.error is not None else TransientError("no answer in the batch", code="no_answer")
-        return await self._line_failed(ep, ci, exc, extra)
+        error = line.error if line.error is not None else TransientError("no answer in the batch", code="no_answer")
+        return await self._line_failed(ep, ci, error, extra)
 
     async def _line_failed(self, ep: Any, ci: ChunkItem, exc: RequestError, extra: dict[str, Any]) -> bool:
         state = FailureState(tries=ci.attempt, stopping=False, policy_violations=self.policy_violations,
@@ -623,6 +623,10 @@ class BatchExecutor:
                 self.recorder.disk_trouble(exc)
                 return False
         return bool(ok)
+
+
+def _retrieve(client: Any, batch_id: str) -> Callable[[], Any]:
+    return lambda: client.batch(batch_id)
 
 
 def _limits(ep: Any) -> tuple[int, int]:

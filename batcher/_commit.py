@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._client import Generation, ImagesClient
+from ._client import Generation, _Endpoint
 from ._exceptions import RequestError
 from ._job import Item
 from ._manifest import Journal
@@ -76,7 +76,7 @@ class Recorder:
             return False
         return True
 
-    async def save(self, client: ImagesClient, stem: str, gen: Generation, first: int = 0,
+    async def save(self, client: _Endpoint, stem: str, gen: Generation, first: int = 0,
                    count: int | None = None) -> list[SavedImage]:
         """Save the answer's images as numbers first+1, first+2, ... of `count` (the item's n: named by
         the n asked for, which validation keeps unique, whatever number came; a short answer's images
