@@ -250,6 +250,9 @@ class BatchExecutor:
         self.book = BatchBook(root, journal.runs)
         self.resubmit: list[Item] = []  # items whose batch line failed transiently (or never came)
         self.submitted = self.collected = 0
+        self.cancelled = 0  # items of batches cancelled at the provider: pending, not resubmitted by this run
+        self._cancelled_lines = 0
+        self.budget_note: str | None = None  # set when the budget refused an item: nothing more is submitted
 
     # -- which items are ours ------------------------------------------------------------------
 
@@ -279,6 +282,17 @@ class BatchExecutor:
     async def execute(self, items: Iterator[Item]) -> None:
         """Resume open chunks, submit `items` (not at the provider), then wait for and collect every batch
         (with `wait=False`: one look, collecting what ended, then return)."""
+        try:
+            await self._execute(items)
+        finally:
+            if self.budget_note is not None:
+                self.control.stop(FatalError(self.budget_note, code="budget_exhausted"), self.budget_note)
+            elif self.cancelled:
+                note = (f"{self.cancelled} item(s) of batches cancelled at the provider stay pending "
+                        f"(the next run submits them again)")
+                self.control.stop(FatalError(note, code="batch_cancelled"), note)
+
+    async def _execute(self, items: Iterator[Item]) -> None:
         for chunk in self.book.open():
             if self.control.stopping:
                 return
@@ -312,7 +326,7 @@ class BatchExecutor:
         writers: dict[tuple[str, Any], _ChunkWriter] = {}
         try:
             for item in items:
-                if self.control.stopping:
+                if self.control.stopping or self.budget_note is not None:
                     break
                 if item.id in self.book.at_provider:
                     continue
@@ -327,9 +341,10 @@ class BatchExecutor:
                     continue
                 cost = ep.prices.cost(item.body, ci.wanted)
                 if not self.budget.reserve(ci.wanted, cost):
-                    note = (f"budget reached ({self.budget.describe()}): {ci.wanted} more image(s) would "
-                            f"exceed it; stopping, unsubmitted items stay pending")
-                    self.control.stop(FatalError(note, code="budget_exhausted"), note)
+                    # what fits is still submitted and collected; the run ends "budget reached" after that
+                    self.budget_note = (f"budget reached ({self.budget.describe()}): {ci.wanted} more image(s) "
+                                        f"would exceed it; unsubmitted items stay pending")
+                    self.reporter.log(self.budget_note, level="warning")
                     break
                 group = (ep.name, item.body.get("model"))
                 writer = writers.get(group)
@@ -559,9 +574,13 @@ class BatchExecutor:
                 return
         if self.control.stopping and self.control.interrupted:
             return
-        for item_id, ci in items.items():
-            if item_id not in answered:
+        unanswered = [ci for item_id, ci in items.items() if item_id not in answered]
+        if info.status == "cancelled":
+            self.cancelled += len(unanswered) + self._cancelled_lines
+        else:
+            for ci in unanswered:
                 self.resubmit_item(ci)
+        self._cancelled_lines = 0
         await self._close(chunk, info.status)
         self.collected += 1
 
@@ -589,6 +608,9 @@ class BatchExecutor:
         return await self._line_failed(ep, ci, error, extra)
 
     async def _line_failed(self, ep: Any, ci: ChunkItem, exc: RequestError, extra: dict[str, Any]) -> bool:
+        if exc.code == "batch_cancelled":  # the user cancelled: pending, not sent again by this run
+            self._cancelled_lines += 1
+            return True
         state = FailureState(tries=ci.attempt, stopping=False, policy_violations=self.policy_violations,
                              max_policy_violations=self.max_policy_violations, endpoint_healthy=True)
         if exc.kind == "permanent" and exc.code in POLICY_CODES:

@@ -101,7 +101,7 @@ def test_no_wait_exits_5_and_a_rerun_collects_without_submitting_again(tmp_path:
 def test_error_lines_policy_fails_transient_goes_into_a_later_batch(tmp_path: Path) -> None:
     prompts = [*PROMPTS[:6], "something forbidden here", {"id": "bad2", "prompt": "another forbidden prompt"}]
     out = tmp_path / "out"
-    with start_in_thread(SimulatorConfig(policy_word="forbidden", error_rate=0.3, seed=3)) as sim:
+    with start_in_thread(SimulatorConfig(policy_word="forbidden", fail_rate=0.3, seed=3)) as sim:
         result = _run(_job(tmp_path, prompts, max_requests=50), out, sim)
         stats = _batch_stats(sim)
     items = by_id(out)
@@ -124,8 +124,12 @@ def test_expired_batch_keeps_what_it_finished_and_resubmits_the_rest(tmp_path: P
     assert chunks[0].closed == "expired"
     assert stats["duplicates"] == 0  # nothing generated twice
     first = sum(1 for r in _journal(out) if r["t"] == "item" and r.get("batch") == chunks[0].key)
-    assert 0 < first < 10
-    assert result.summary["done"] + result.summary["pending"] == 10
+    assert first == 5  # lines are due evenly over 90% of the window: 5 of 10 before 12 h
+    # the rest went into later batches, which expired too (5 → 2 more, 3 → 1 more); after 3 attempts the
+    # last 2 fail with the provider's reason, and nothing was generated twice
+    assert [c.closed for c in chunks] == ["expired"] * 3
+    assert result.summary == {"total": 10, "done": 8, "failed": 2, "pending": 0}
+    assert {r["error"]["code"] for r in by_id(out).values() if r["status"] == "failed"} == {"batch_expired"}
 
 
 def test_a_create_that_failed_after_the_batch_was_made_is_found_not_made_again(tmp_path: Path) -> None:
@@ -158,8 +162,10 @@ def test_status_and_cancel(tmp_path: Path) -> None:
     chunks = list(chunks_of(run_records(out / "manifest.jsonl")).values())
     assert chunks[0].closed == "cancelled"
     assert KEY not in (out / "manifest.jsonl").read_text()
-    assert second.summary["done"] + second.summary["pending"] + second.summary["failed"] == 10
-    assert stats["duplicates"] == 0
+    assert second.exit_code == 4 and second.error["code"] == "batch_cancelled"
+    assert second.summary["failed"] == 0 and second.summary["pending"] > 0  # cancelled: pending, not resent
+    assert second.summary["done"] + second.summary["pending"] == 10
+    assert stats["duplicates"] == 0 and stats["batches_created"] == 1
 
 
 # -- kill -9 at each step of a batch's life, then a rerun: no batch made twice, every item once -------
