@@ -238,7 +238,7 @@ class BatchExecutor:
     the retry policy; `stop(fatal, note)` stops the run, `stopping()` tells whether it is stopping.
     """
 
-    def __init__(self, endpoints: list[Any], *, job: Any, root: Path, journal: Any, recorder: Any, control: Any,
+    def __init__(self, endpoints: list[Any], book: BatchBook, *, job: Any, root: Path, journal: Any, recorder: Any, control: Any,
                  reporter: Any, budget: Any, policy: RetryPolicy, rng: Any, max_policy_violations: int,
                  wait: bool = True) -> None:
         self.endpoints = {e.name: e for e in endpoints}
@@ -247,7 +247,7 @@ class BatchExecutor:
         self.policy, self.rng, self.max_policy_violations = policy, rng, max_policy_violations
         self.policy_violations = 0
         self.wait = wait
-        self.book = BatchBook(root, journal.runs)
+        self.book = book
         self.resubmit: list[Item] = []  # items whose batch line failed transiently (or never came)
         self.submitted = self.collected = 0
         self.cancelled = 0  # items of batches cancelled at the provider: pending, not resubmitted by this run
@@ -262,9 +262,9 @@ class BatchExecutor:
 
     def _endpoint_for(self, item: Item) -> Any:
         for ep in self.endpoints.values():
-            if ep.retired is None and self.job.can_send(ep.ep, item.body):
+            if ep.ep.batch is not None and ep.retired is None and self.job.can_send(ep.ep, item.body):
                 return ep
-        return None
+        return None  # (an endpoint that only collects what it left at the provider takes nothing new)
 
     def _have(self, item: Item) -> tuple[list[dict[str, Any]], float | None]:
         """A short answer's images so far (they were paid): only the missing ones are asked for."""
@@ -314,7 +314,7 @@ class BatchExecutor:
                 return
 
     def _next_delay(self, previous: float | None) -> float:
-        polls = [ep.ep.batch.poll for ep in self.endpoints.values() if ep.ep.batch and ep.ep.batch.poll]
+        polls = [ep.ep.batch.poll for ep in self.endpoints.values() if ep.ep.batch is not None and ep.ep.batch.poll]
         if polls:
             return float(min(polls))
         return POLL_FIRST if previous is None else min(previous * 1.5, POLL_MAX)
@@ -465,7 +465,7 @@ class BatchExecutor:
         found = await self._find_batch(ep, chunk)
         if found is not None:
             return found
-        settings: BatchSettings = ep.ep.batch
+        settings: BatchSettings = ep.ep.batch or BatchSettings()
         try:
             return await client.create_batch(chunk.file_id, window=settings.window,
                                              metadata={METADATA_KEY: chunk.key,
@@ -542,6 +542,7 @@ class BatchExecutor:
         total = sum(c.requests for c in self.book.open())
         self.reporter.log(f"batch {chunk.batch_id} ({chunk.endpoint}): {info.status}, {info.completed} completed, "
                      f"{info.failed} failed of {info.total or chunk.requests}; all open batches: {done}/{total}")
+        self.reporter.provider(done, total)
 
     # -- 5. collect ----------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ class Reporter:
         self.interval = interval
         self.done = self.failed = self.retrying = self.images = 0
         self.total = 0
+        self.at_provider: tuple[int, int] | None = None  # batch mode: (finished, total) at the provider
         self._bar: tqdm | None = None
         self._started = time.monotonic()
         self._last_line = self._started
@@ -69,7 +70,9 @@ class Reporter:
     def _refresh(self) -> None:
         if self._bar is not None:
             rate = self.images / max(time.monotonic() - self._started, 1e-9)
-            self._bar.set_postfix(failed=self.failed, retrying=self.retrying, img_s=f"{rate:.1f}", refresh=False)
+            extra = {"provider": f"{self.at_provider[0]}/{self.at_provider[1]}"} if self.at_provider else {}
+            self._bar.set_postfix(failed=self.failed, retrying=self.retrying, img_s=f"{rate:.1f}", **extra,
+                                  refresh=False)
 
     def item_finished(self, ok: bool, images: int = 0) -> None:
         if ok:
@@ -80,6 +83,11 @@ class Reporter:
         if self._bar is not None:
             self._bar.update(1)
             self._refresh()
+
+    def provider(self, done: int, total: int) -> None:
+        """Batch mode: the provider's own count of finished requests in the open batches (on the bar)."""
+        self.at_provider = (done, total)
+        self._refresh()
 
     def retry(self, delta: int) -> None:
         self.retrying += delta
@@ -98,6 +106,7 @@ class Reporter:
         return (
             f"{self.done + self.failed}/{self.total} items: {self.done} done, {self.failed} failed, "
             f"{self.retrying} retrying, {self.images / elapsed:.2f} images/s"
+            + (f"; at the provider {self.at_provider[0]}/{self.at_provider[1]} finished" if self.at_provider else "")
         )
 
     def close(self) -> None:

@@ -289,10 +289,12 @@ class _Runner:
                 yield item
 
     def _to_send(self) -> Iterator[Item]:
-        """The synchronous executor's items: those to run that no batch has or takes."""
+        """The synchronous executor's items: those to run that no batch has or takes (an item is in one
+        place at a time: one at the provider is never sent, even if its endpoint left batch mode)."""
         batch = self.batch
+        at_provider = self.book.at_provider if self.book is not None else {}
         for item in self._to_run():
-            if batch is None or not batch.takes(item):
+            if item.id not in at_provider and (batch is None or not batch.takes(item)):
                 yield item
 
     def _to_batch(self) -> Iterator[Item]:
@@ -369,7 +371,9 @@ class _Runner:
         timeouts = Timeouts(connect=opts.connect_timeout, read=opts.timeout)
         policy = opts.retry or RetryPolicy(max_attempts=opts.max_attempts)
         rng = random.Random(opts.seed)
-        batched = [e for e in self.endpoints if e.ep.batch is not None]
+        # an endpoint with batches at the provider collects them even if it left batch mode since
+        collecting = {c.endpoint for c in self.book.open()} if self.book is not None else set()
+        batched = [e for e in self.endpoints if e.ep.batch is not None or e.name in collecting]
         synced = [e for e in self.endpoints if e.ep.batch is None]
         total_slots = sum(e.concurrency for e in synced)
         self.dispatch = Dispatcher([e.name for e in synced], max_queued=max(16, total_slots * 2))
@@ -378,8 +382,9 @@ class _Runner:
             budget=self.budget, policy=policy, rng=rng, deadline=opts.timeout + opts.connect_timeout,
             max_policy_violations=opts.max_policy_violations)
         if batched:
+            assert self.book is not None
             self.batch = BatchExecutor(
-                batched, job=self.job, root=self.out.root, journal=self.journal, recorder=self.recorder,
+                batched, self.book, job=self.job, root=self.out.root, journal=self.journal, recorder=self.recorder,
                 control=self.control, reporter=self.reporter, budget=self.budget, policy=policy, rng=rng,
                 max_policy_violations=opts.max_policy_violations, wait=opts.wait)
         async with AsyncExitStack() as stack:

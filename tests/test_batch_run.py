@@ -227,3 +227,18 @@ def test_kill_9_at_each_step_then_rerun(tmp_path: Path, step: str) -> None:
     assert sorted(stats["images"].values()) == [1] * 40
     assert all(r["status"] == "done" for r in by_id(out).values())
     assert not [p for p in (out / "batches").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_items_at_the_provider_are_never_sent_synchronously_even_when_batch_mode_is_dropped(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with start_in_thread(SimulatorConfig(batch_time_scale=4.0 / 86400)) as sim:
+        first = _run(_job(tmp_path, max_requests=50), out, sim, wait=False)
+        assert first.exit_code == 5
+        plain = write_job(tmp_path / "plain.yaml", PROMPTS, defaults={"size": "32x24", "model": "grok-imagine"},
+                          endpoints=[{"name": "main", "base_url": "http://127.0.0.1:9/v1"}])
+        second = _run(plain, out, sim)
+        stats = sim.stats()
+    assert second.exit_code == 0 and second.summary["done"] == 10
+    # every prompt generated once (batch and synchronous counted together): the batch was collected, not re-sent
+    assert stats["duplicates"] == 0 and sum(stats["generations"].values()) == 10
+    assert all(r.get("batch") for r in _journal(out) if r["t"] == "item")
