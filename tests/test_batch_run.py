@@ -242,3 +242,33 @@ def test_items_at_the_provider_are_never_sent_synchronously_even_when_batch_mode
     # every prompt generated once (batch and synchronous counted together): the batch was collected, not re-sent
     assert stats["duplicates"] == 0 and sum(stats["generations"].values()) == 10
     assert all(r.get("batch") for r in _journal(out) if r["t"] == "item")
+
+
+def test_a_short_batch_answer_leaves_the_item_short_and_the_next_batch_asks_for_the_rest(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    prompts = [{"id": "pair", "prompt": "two foxes in the snow", "n": 2}]
+    with start_in_thread(SimulatorConfig(answer_fault="short")) as sim:
+        first = _run(_job(tmp_path, prompts), out, sim, max_attempts=1)
+        rec = by_id(out)["pair"]
+        assert first.exit_code == 1 and rec["status"] == "failed" and rec["short"] == {"wanted": 2, "got": 1}
+        sim.simulator.config = SimulatorConfig()
+        second = _run(_job(tmp_path, prompts), out, sim)
+    rec = by_id(out)["pair"]
+    assert second.exit_code == 0 and rec["status"] == "done" and len(rec["images"]) == 2
+    assert len({i["file"] for i in rec["images"]}) == 2  # the second image numbered on, not over the first
+    lines = [json.loads(text) for path in (out / "batches").glob("*.jsonl") if ".items." not in path.name
+             for text in path.read_text().splitlines()]
+    assert sorted(line["body"].get("n", 1) for line in lines) == [1, 2]  # the rerun asked only for the missing one
+
+
+def test_url_answers_are_fetched_at_once_before_they_expire(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", PROMPTS[:4],
+                    defaults={"size": "32x24", "model": "grok-imagine", "response_format": "url"},
+                    endpoints=[{"name": "main", "base_url": "http://127.0.0.1:9/v1", "batch": {"poll": 0.2}}])
+    with start_in_thread(SimulatorConfig(batch_url_ttl=20.0)) as sim:
+        result = _run(job, out, sim)
+        stats = sim.stats()
+    assert result.exit_code == 0 and result.summary["done"] == 4
+    assert stats["downloads"] == 4
+    assert all((out / r["images"][0]["file"]).stat().st_size > 0 for r in by_id(out).values())
