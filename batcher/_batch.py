@@ -579,8 +579,18 @@ class BatchExecutor:
         if info.status == "cancelled":
             self.cancelled += len(unanswered) + self._cancelled_lines
         else:
+            named = _line_errors(info) if info.status == "failed" else {}
+            position = {item_id: n for n, item_id in enumerate(items, 1)} if named else {}
             for ci in unanswered:
-                self.resubmit_item(ci)
+                # the provider refused these very lines (validation): they fail; the others were not run and
+                # go into a later batch (each such round is an attempt: a batch that never answers ends)
+                line_no = position.get(ci.id, 0)
+                error: RequestError = PermanentError(f"the batch failed validation: {named[line_no]}",
+                                                     code="batch_validation") if line_no in named else \
+                    TransientError(f"batch {chunk.batch_id} ended {info.status} without an answer for it",
+                                   code="no_answer")
+                if not await self._line_failed(ep, ci, error, {"batch": chunk.key}):
+                    return
         self._cancelled_lines = 0
         await self._close(chunk, info.status)
         self.collected += 1
@@ -646,6 +656,15 @@ class BatchExecutor:
                 self.recorder.disk_trouble(exc)
                 return False
         return bool(ok)
+
+
+def _line_errors(info: Any) -> dict[int, str]:
+    """A failed batch's validation errors by input line (1-based): `code: message`."""
+    out: dict[int, str] = {}
+    for err in info.errors or []:
+        if isinstance(err, dict) and isinstance(err.get("line"), int) and not isinstance(err.get("line"), bool):
+            out.setdefault(err["line"], f"{err.get('code') or 'invalid'}: {err.get('message') or ''}"[:500])
+    return out
 
 
 def _retrieve(client: Any, batch_id: str) -> Callable[[], Any]:

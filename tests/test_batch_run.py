@@ -272,3 +272,16 @@ def test_url_answers_are_fetched_at_once_before_they_expire(tmp_path: Path) -> N
     assert result.exit_code == 0 and result.summary["done"] == 4
     assert stats["downloads"] == 4
     assert all((out / r["images"][0]["file"]).stat().st_size > 0 for r in by_id(out).values())
+
+
+def test_a_batch_that_fails_validation_fails_the_lines_it_names_and_resubmits_the_others(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # the simulator fails every batch's validation, naming its first line
+    with start_in_thread(SimulatorConfig(batch_validation_fail=True)) as sim:
+        result = _run(_job(tmp_path, PROMPTS[:3], max_requests=50), out, sim, max_attempts=5)
+        stats = _batch_stats(sim)
+    items = by_id(out)
+    # round k fails the item on line 1 and resubmits the rest: 3 batches, each item failed once, nothing generated
+    assert stats["batches_created"] == 3 and sum(stats["images"].values()) == 0
+    assert all(r["status"] == "failed" and r["error"]["code"] == "batch_validation" for r in items.values())
+    assert result.exit_code == 1
