@@ -285,3 +285,22 @@ def test_a_batch_that_fails_validation_fails_the_lines_it_names_and_resubmits_th
     assert stats["batches_created"] == 3 and sum(stats["images"].values()) == 0
     assert all(r["status"] == "failed" and r["error"]["code"] == "batch_validation" for r in items.values())
     assert result.exit_code == 1
+
+
+def test_ctrl_c_only_stops_waiting_the_batch_goes_on_and_the_next_run_collects_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job = _job(tmp_path, max_requests=50)
+    with start_in_thread(SimulatorConfig(batch_time_scale=8.0 / 86400)) as sim:
+        proc = _spawn(job, out, sim.base_url)
+        deadline = time.monotonic() + 30
+        while "batch" not in _kinds(out):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+        assert "closed" not in _kinds(out)
+        rerun = _spawn(job, out, sim.base_url)
+        assert rerun.wait(timeout=120) == 0
+        stats = _batch_stats(sim)
+    assert stats["batches_created"] == 1 and stats["duplicates"] == 0
+    assert all(r["status"] == "done" for r in by_id(out).values())
