@@ -592,8 +592,22 @@ class BatchExecutor:
                 if not await self._line_failed(ep, ci, error, {"batch": chunk.key}):
                     return
         self._cancelled_lines = 0
-        await self._close(chunk, info.status)
-        self.collected += 1
+        if await self._close(chunk, info.status):
+            self.collected += 1
+            await self._clean_up(ep, info, results_paged)
+
+    async def _clean_up(self, ep: Any, info: Any, results_paged: bool) -> None:
+        """Once every line is recorded, the batch's files at the provider are of no more use (they count
+        against the account's storage): deleted, best effort. The local input file stays (what was sent)."""
+        ids = (info.input_file_id,) if results_paged else (info.input_file_id, info.output_file_id, info.error_file_id)
+        for file_id in ids:
+            if file_id is None:
+                continue
+            try:
+                await ep.batch_client.delete_file(file_id)
+            except RequestError as exc:
+                if exc.kind == "fatal":
+                    return
 
     async def _lines(self, ep: Any, file_id: str) -> AsyncIterator[Any]:
         async for line in ep.batch_client.lines(file_id):
@@ -640,12 +654,13 @@ class BatchExecutor:
         """Back to pending; sent again in a later chunk of this run (attempts permitting)."""
         self.resubmit.append(ci.item())
 
-    async def _close(self, chunk: Chunk, status: str) -> None:
+    async def _close(self, chunk: Chunk, status: str) -> bool:
         if not await self._journal(closed_record(chunk.key, status)):
-            return
+            return False
         chunk.closed = status
         for item_id in [i for i, k in self.book.at_provider.items() if k == chunk.key]:
             del self.book.at_provider[item_id]
+        return True
 
     async def _journal(self, rec: Any) -> bool:
         ok = await self.recorder.append(rec)

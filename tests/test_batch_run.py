@@ -49,7 +49,9 @@ def test_batch_run_submits_waits_and_collects(tmp_path: Path) -> None:
     with start_in_thread(SimulatorConfig()) as sim:
         result = _run(_job(tmp_path), out, sim)
         stats = _batch_stats(sim)
+        left_at_provider = list(sim.simulator.batches.files)
     assert result.exit_code == 0, result
+    assert left_at_provider == []  # input and output files deleted once every line was recorded
     assert result.summary == {"total": 10, "done": 10, "failed": 0, "pending": 0}
     items = by_id(out)
     assert all(r["status"] == "done" and len(r["images"]) == 1 for r in items.values())
