@@ -23,18 +23,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._exceptions import BatcherError, FatalError, PermanentError, RequestError, TransientError
 from ._ids import safe_stem
-from ._job import BatchSettings, Item
+from ._job import BatchSettings, Item, Job
 from ._policy import POLICY_CODES, Fail, FailureState, Retry, RetryPolicy, decide
 from ._records import (
     BATCH_KINDS,
@@ -45,6 +46,15 @@ from ._records import (
     closed_record,
     upload_record,
 )
+
+if TYPE_CHECKING:
+    from ._client import BatchInfo, BatchLine
+    from ._commit import Recorder
+    from ._control import RunControl
+    from ._endpoints import EndpointRun
+    from ._manifest import Journal
+    from ._plan import Budget
+    from ._report import Reporter
 
 __all__ = ["Chunk", "BatchBook", "BatchExecutor", "chunks_of", "BATCH_DIR", "POLL_FIRST", "POLL_MAX"]
 
@@ -233,14 +243,19 @@ class _ChunkWriter:
 class BatchExecutor:
     """Submit items as provider batches, poll them, and collect their answers into the output.
 
-    The run gives it its parts: the journal, the output, the Recorder (write → record), the reporter,
-    the endpoints that run in batch mode (each an `EndpointRun` with `batch_client`), the budget and
-    the retry policy; `stop(fatal, note)` stops the run, `stopping()` tells whether it is stopping.
+    >>> batch = BatchExecutor(endpoints, book, job=job, root=out.root, journal=journal, recorder=recorder,
+    ...                       control=control, reporter=reporter, budget=budget, policy=policy, rng=rng,
+    ...                       max_policy_violations=50)
+    >>> await batch.execute(items)      # returns when every batch is collected (or, wait=False, submitted)
+
+    The run gives it its parts: the endpoints that run in batch mode (each an `EndpointRun` whose
+    `batch_client` is open), the output's `BatchBook`, the journal, the `Recorder` (write → record),
+    the run's `RunControl` (stop, waits), the reporter, the budget and the retry policy.
     """
 
-    def __init__(self, endpoints: list[Any], book: BatchBook, *, job: Any, root: Path, journal: Any, recorder: Any, control: Any,
-                 reporter: Any, budget: Any, policy: RetryPolicy, rng: Any, max_policy_violations: int,
-                 wait: bool = True) -> None:
+    def __init__(self, endpoints: list[EndpointRun], book: BatchBook, *, job: Job, root: Path, journal: Journal,
+                 recorder: Recorder, control: RunControl, reporter: Reporter, budget: Budget, policy: RetryPolicy,
+                 rng: random.Random, max_policy_violations: int, wait: bool = True) -> None:
         self.endpoints = {e.name: e for e in endpoints}
         self.job, self.root, self.journal, self.recorder = job, root, journal, recorder
         self.control, self.reporter, self.budget = control, reporter, budget
@@ -273,9 +288,6 @@ class BatchExecutor:
             if entry is not None and entry.status == "failed" and entry.error_kind == "transient":
                 self.recorder.load_short(item)  # reads one journal line
         return self.recorder.have.get(item.id, ([], None))
-
-    def pending_at_provider(self) -> int:
-        return len(self.book.at_provider)
 
     # -- the executor's life -------------------------------------------------------------------
 
@@ -364,7 +376,7 @@ class BatchExecutor:
             for writer in writers.values():
                 writer.discard()  # not journaled: its items stay pending
 
-    def _line(self, ep: Any, item: Item) -> tuple[ChunkItem, bytes]:
+    def _line(self, ep: EndpointRun, item: Item) -> tuple[ChunkItem, bytes]:
         entry = self.journal.entries.get(item.id)
         prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
         have = self._have(item)  # a short answer earlier: only the missing images
@@ -376,7 +388,7 @@ class BatchExecutor:
         ci = ChunkItem(item.id, item.rhash, item.body, wanted, prior + 1, item.vars, item.file, item.line)
         return ci, line
 
-    async def _send_chunk(self, ep: Any, writer: _ChunkWriter) -> None:
+    async def _send_chunk(self, ep: EndpointRun, writer: _ChunkWriter) -> None:
         if writer.requests == 0:
             writer.discard()
             return
@@ -440,7 +452,7 @@ class BatchExecutor:
         except PermanentError as exc:
             await self._reject(ep, chunk, exc)
 
-    async def _find_or_upload(self, ep: Any, chunk: Chunk) -> Any:
+    async def _find_or_upload(self, ep: EndpointRun, chunk: Chunk) -> Any:
         client = ep.batch_client
         found = []
         async for f in client.files():
@@ -460,12 +472,13 @@ class BatchExecutor:
             return keep
         return await client.upload(self.root / chunk.input, chunk.filename)
 
-    async def _find_or_create(self, ep: Any, chunk: Chunk) -> Any:
+    async def _find_or_create(self, ep: EndpointRun, chunk: Chunk) -> Any:
         client = ep.batch_client
         found = await self._find_batch(ep, chunk)
         if found is not None:
             return found
         settings: BatchSettings = ep.ep.batch or BatchSettings()
+        assert chunk.file_id is not None  # uploaded first
         try:
             return await client.create_batch(chunk.file_id, window=settings.window,
                                              metadata={METADATA_KEY: chunk.key,
@@ -477,7 +490,7 @@ class BatchExecutor:
                 return found
             raise
 
-    async def _find_batch(self, ep: Any, chunk: Chunk) -> Any:
+    async def _find_batch(self, ep: EndpointRun, chunk: Chunk) -> Any:
         async for b in ep.batch_client.batches():
             if b.created_at is not None and b.created_at < chunk.started - LOOKUP_SLACK:
                 return None
@@ -485,7 +498,7 @@ class BatchExecutor:
                 return b
         return None
 
-    async def _step(self, ep: Any, what: str, call: Callable[[], Any]) -> Any:
+    async def _step(self, ep: EndpointRun, what: str, call: Callable[[], Any]) -> Any:
         """A control-plane call retried on transient failures (STEP_RETRY); fatal ones stop the run.
         None: given up for this run (the chunk stays open; the next run goes on from the journal)."""
         for attempt in range(1, STEP_RETRY.max_attempts + 1):
@@ -506,7 +519,7 @@ class BatchExecutor:
                     return None
         return None
 
-    async def _reject(self, ep: Any, chunk: Chunk, exc: PermanentError) -> None:
+    async def _reject(self, ep: EndpointRun, chunk: Chunk, exc: PermanentError) -> None:
         """The provider refused the chunk itself (a 400 on upload or create): every item fails with it."""
         self.reporter.log(f"batch chunk {chunk.key}: refused by endpoint {ep.name!r}: {exc.describe()}; its "
                      f"{chunk.requests} item(s) fail", level="error")
@@ -532,7 +545,7 @@ class BatchExecutor:
             if info.terminal:
                 await self._collect(ep, chunk, info)
 
-    async def _note_state(self, chunk: Chunk, info: Any) -> None:
+    async def _note_state(self, chunk: Chunk, info: BatchInfo) -> None:
         counts = {"total": info.total, "completed": info.completed, "failed": info.failed}
         if info.status == chunk.status and counts == chunk.counts:
             return
@@ -546,7 +559,7 @@ class BatchExecutor:
 
     # -- 5. collect ----------------------------------------------------------------------------
 
-    async def _collect(self, ep: Any, chunk: Chunk, info: Any) -> None:
+    async def _collect(self, ep: EndpointRun, chunk: Chunk, info: BatchInfo) -> None:
         """Record every line of an ended batch; items without one are pending again."""
         items = await anyio.to_thread.run_sync(read_chunk_items, self.root, chunk)
         answered: set[str] = set()
@@ -596,7 +609,7 @@ class BatchExecutor:
             self.collected += 1
             await self._clean_up(ep, info, results_paged)
 
-    async def _clean_up(self, ep: Any, info: Any, results_paged: bool) -> None:
+    async def _clean_up(self, ep: EndpointRun, info: BatchInfo, results_paged: bool) -> None:
         """Once every line is recorded, the batch's files at the provider are of no more use (they count
         against the account's storage): deleted, best effort. The local input file stays (what was sent)."""
         ids = (info.input_file_id,) if results_paged else (info.input_file_id, info.output_file_id, info.error_file_id)
@@ -609,11 +622,11 @@ class BatchExecutor:
                 if exc.kind == "fatal":
                     return
 
-    async def _lines(self, ep: Any, file_id: str) -> AsyncIterator[Any]:
+    async def _lines(self, ep: EndpointRun, file_id: str) -> AsyncIterator[Any]:
         async for line in ep.batch_client.lines(file_id):
             yield line
 
-    async def _record_line(self, ep: Any, chunk: Chunk, ci: ChunkItem, line: Any) -> bool:
+    async def _record_line(self, ep: EndpointRun, chunk: Chunk, ci: ChunkItem, line: BatchLine) -> bool:
         item = ci.item()
         extra = {"batch": chunk.key}
         if line.generation is not None:
@@ -632,7 +645,7 @@ class BatchExecutor:
         error = line.error if line.error is not None else TransientError("no answer in the batch", code="no_answer")
         return await self._line_failed(ep, ci, error, extra)
 
-    async def _line_failed(self, ep: Any, ci: ChunkItem, exc: RequestError, extra: dict[str, Any]) -> bool:
+    async def _line_failed(self, ep: EndpointRun, ci: ChunkItem, exc: RequestError, extra: dict[str, Any]) -> bool:
         if exc.code == "batch_cancelled":  # the user cancelled: pending, not sent again by this run
             self._cancelled_lines += 1
             return True
@@ -673,7 +686,7 @@ class BatchExecutor:
         return bool(ok)
 
 
-def _line_errors(info: Any) -> dict[int, str]:
+def _line_errors(info: BatchInfo) -> dict[int, str]:
     """A failed batch's validation errors by input line (1-based): `code: message`."""
     out: dict[int, str] = {}
     for err in info.errors or []:
@@ -686,9 +699,9 @@ def _retrieve(client: Any, batch_id: str) -> Callable[[], Any]:
     return lambda: client.batch(batch_id)
 
 
-def _limits(ep: Any) -> tuple[int, int]:
+def _limits(ep: EndpointRun) -> tuple[int, int]:
     """Requests and bytes per chunk: the job's `batch:` settings, else the dialect's provider limits."""
-    settings: BatchSettings = ep.ep.batch
+    settings = ep.ep.batch or BatchSettings()
     shape = ep.batch_client.shape
     return settings.max_requests or shape.max_requests, settings.max_bytes or shape.max_bytes
 
