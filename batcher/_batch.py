@@ -711,9 +711,6 @@ def _new_key() -> str:
     return f"{time.strftime('%Y%m%d')}-{secrets.token_hex(6)}"
 
 
-def is_finite_poll(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
 
 def run_records(journal: Path) -> list[dict[str, Any]]:
     """The journal's records about the run (run, end, batch steps), read-only: from the checkpoint's copy

@@ -329,6 +329,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_OK
     send = info["send"]
     already = f" ({info['already']} already in {info['out']})" if info["out"] else ""
+    if info.get("at_provider"):
+        already += f" ({info['at_provider']} at the provider in batches, already charged)"
     print(f"{args.job}: {info['items']} item(s){already}; to send: {send['requests']} request(s), "
           f"{send['images']} image(s)")
     print(f"  {'model':<24} {'size':<10} {'quality':<10} {'requests':>9} {'images':>9} {'per image':>10} {'cost':>12}")

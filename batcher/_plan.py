@@ -140,14 +140,22 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
     journal = None
     if out is not None and (Path(out) / "manifest.jsonl").is_file():
         journal = Journal.read(Path(out) / "manifest.jsonl")
+    at_provider: Mapping[str, str] = {}
+    if journal is not None and out is not None:
+        from ._batch import BatchBook
+
+        at_provider = BatchBook(Path(out), journal.runs).at_provider  # submitted in batches: already charged
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
-    total = have = 0
+    total = have = submitted = 0
     send = {"requests": 0, "images": 0, "cost": 0.0, "unpriced_requests": 0}
     first_unpriced: Item | None = None
     for item in job.items():
         total += 1
         if journal is not None and not needs_run(journal.entries.get(item.id), item.rhash, retry_failed):
             have += 1
+            continue
+        if item.id in at_provider:
+            submitted += 1
             continue
         images = _images_to_send(journal, item)
         key = tuple(str(item.body.get(k, "")) for k in PRICE_KEYS)
@@ -171,6 +179,7 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
         "out": str(out) if out is not None else None,
         "items": total,
         "already": have,
+        "at_provider": submitted,
         "send": {**send, "cost": round(send["cost"], 6)},
         "by": [{**g, "cost": round(g["cost"], 6) if g["per_image"] is not None else None} for g in rows],
         "first_unpriced": f"{first_unpriced.file}:{first_unpriced.line}" if first_unpriced else None,

@@ -306,3 +306,17 @@ def test_ctrl_c_only_stops_waiting_the_batch_goes_on_and_the_next_run_collects_i
         stats = _batch_stats(sim)
     assert stats["batches_created"] == 1 and stats["duplicates"] == 0
     assert all(r["status"] == "done" for r in by_id(out).values())
+
+
+def test_plan_counts_items_at_the_provider_apart(tmp_path: Path) -> None:
+    from batcher._plan import plan
+
+    out = tmp_path / "out"
+    job = _job(tmp_path, max_requests=50)
+    with start_in_thread(SimulatorConfig(batch_time_scale=30.0 / 86400)) as sim:
+        assert _run(job, out, sim, wait=False).exit_code == 5
+        info = plan(load_job(job).batch_mode(), out)
+        cancel_env = {**os.environ, "BATCHER_API_KEY": KEY, "PYTHONPATH": str(ROOT)}
+        subprocess.run([sys.executable, "-m", "batcher", "cancel", str(out)], env=cancel_env, timeout=60,
+                       capture_output=True)
+    assert (info["at_provider"], info["send"]["requests"], info["already"]) == (10, 0, 0)
