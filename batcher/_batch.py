@@ -21,7 +21,6 @@ another chunk (`BatchBook.at_provider`). Re-collecting after a kill skips lines 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import secrets
