@@ -16,7 +16,7 @@ import anyio
 from . import __version__
 from ._dialect import DIALECTS
 from ._exceptions import BatcherError, JobError, JobValidationError, LockedError, ManifestError, OutputError
-from ._job import MAX_CONCURRENCY, load_job
+from ._job import MAX_CONCURRENCY, Job, Selection, load_job
 from ._report import Reporter
 from ._runner import (
     EXIT_ABORTED,
@@ -308,7 +308,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     count = job.validate()
-    for warning in job.warnings:
+    for warning in count.warnings:
         print(f"{warning.file}:{warning.line}: {warning.field}: warning: {warning.message}", file=sys.stderr)
     print(f"{args.job}: ok, {count} item(s)")
     return EXIT_OK
@@ -318,12 +318,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from ._plan import plan
 
     job = load_job(args.job, _overrides(args))
-    job.use_endpoints(args.endpoint)
     if args.batch:
         job = job.batch_mode()
+    selection = Selection.of(job, args.endpoint)
     if args.shards is not None:
-        return _plan_shards(job, args)
-    info = plan(job, args.out, retry_failed=args.retry_failed)
+        return _plan_shards(job, selection, args)
+    info = plan(job, args.out, retry_failed=args.retry_failed, selection=selection)
     if args.json:
         print(json.dumps(info))
         return EXIT_OK
@@ -347,15 +347,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _plan_shards(job: Any, args: argparse.Namespace) -> int:
+def _plan_shards(job: Job, selection: Selection, args: argparse.Namespace) -> int:
     from ._shard import make_plan
     from ._sharded import read_store_plan, write_store_plan
     from ._store import open_store
 
     if not args.out:
         raise BatcherError("plan --shards needs --out: the plan is written into the output it splits")
-    job.validate()
-    new = make_plan(job.all_items(), args.shards)
+    selection.validate(job)
+    new = make_plan(selection.all_items(job), args.shards)
     store = open_store(args.out)
     old = read_store_plan(store)
     if old is not None and (old.count, old.fingerprint) != (new.count, new.fingerprint):

@@ -1,6 +1,6 @@
 """The endpoints a run sends to: each one's key, headers, limits, client, breaker and counters.
 
->>> endpoints = resolve_endpoints(job, options, models={"gpt-image-1"}, reporter=reporter, prices=prices)
+>>> endpoints = resolve_endpoints(job, selection.live(job), options, models={"gpt-image-1"}, reporter=reporter, prices=prices)
 >>> async with make_client(endpoints[0], Timeouts(), job) as client: ...
 
 Keys come from the environment only (never the job file) and live in memory only.
@@ -107,16 +107,16 @@ def _endpoint_headers(ep: Endpoint) -> dict[str, str]:
     return out
 
 
-def resolve_endpoints(job: Job, options: RunOptions, models: Iterable[Any], reporter: Reporter,
-                      prices: Mapping[str, PriceTable], also: Iterable[str] = ()) -> list[EndpointRun]:
-    """The endpoints this run uses (those serving one of `models`, and those named in `also`: batches
-    of theirs are at the provider), each with its key, headers and limits; a missing key is an error
-    only where an item needs the endpoint."""
+def resolve_endpoints(job: Job, live: Iterable[Endpoint], options: RunOptions, models: Iterable[Any],
+                      reporter: Reporter, prices: Mapping[str, PriceTable], also: Iterable[str] = ()) -> list[EndpointRun]:
+    """The endpoints this run uses, of those it may use (`live`: `Selection.live`): those serving one
+    of `models`, and those named in `also` (batches of theirs are at the provider), each with its key,
+    headers and limits; a missing key is an error only where an item needs the endpoint."""
     opts = options
     models = set(models)
     also = set(also)
     runs: list[EndpointRun] = []
-    for ep in job.live_endpoints():
+    for ep in live:
         needed = ep.name in also or any(ep.serves(m) for m in models)  # dialect limits (n): checked per item
         base_url = (opts.base_url or ep.base_url or os.environ.get("BATCHER_BASE_URL") or DEFAULT_BASE_URL)
         key = _resolve_key(ep, opts, base_url)

@@ -6,7 +6,6 @@ A job is read twice at most: once to validate (every problem reported as
 
 from __future__ import annotations
 
-import copy as _copy
 import difflib
 import itertools
 import json
@@ -25,9 +24,10 @@ import yaml
 from ._dialect import DIALECTS, Dialect, DialectSpecError, get_dialect, parse_dialects
 from ._exceptions import JobError, JobValidationError, Problem
 from ._ids import FileNames, IdAssigner, image_stems, request_hash
+from ._shard import ShardSpec
 
 __all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS", "MAX_CONCURRENCY",
-           "JobChangedError", "is_openai_host"]
+           "JobChangedError", "is_openai_host", "Selection", "Validated"]
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "model": "grok-imagine",
@@ -131,9 +131,34 @@ class Item:
         return int(self.body.get("n", 1))
 
 
-@dataclass
+class Validated(int):
+    """`Job.validate()`'s answer: the item count (an int, as it always was) and the warnings.
+
+    >>> checked = job.validate()
+    >>> checked.count, [str(w) for w in checked.warnings]
+    """
+
+    warnings: tuple[Problem, ...]
+
+    def __new__(cls, count: int, warnings: Iterable[Problem] = ()) -> Validated:
+        value = super().__new__(cls, count)
+        object.__setattr__(value, "warnings", tuple(warnings))
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a Validated value is frozen")
+
+    @property
+    def count(self) -> int:
+        return int(self)
+
+
+@dataclass(frozen=True)
 class Job:
-    """A parsed job file. `items()` streams its items; `problems()` streams what's wrong."""
+    """A parsed job file, immutable. `items()` streams its items; `problems()` streams what's wrong.
+
+    What one run takes of it (`--endpoint`, `--shard`) is a `Selection`, held by the run.
+    """
 
     path: Path
     name: str
@@ -145,39 +170,34 @@ class Job:
     overrides: dict[str, Any] = field(default_factory=dict)
     pricing: list[dict[str, Any]] = field(default_factory=list)
     dialects: dict[str, Dialect] = field(default_factory=dict)  # dialects declared in the job file
-    active: frozenset[str] | None = None  # --endpoint: the endpoints this run may use
-    shard: Any = None  # a ShardSpec: items() yields only that shard's items
     _inline: list[tuple[int, Any, dict[str, int], str]] = field(default_factory=list, repr=False)
     _prompts_file: Path | None = field(default=None, repr=False)
-    # the prompts file as first read (device, inode, size, mtime): every later pass must find it so
+    # the prompts file as loaded (device, inode, size, mtime): every pass must find it so
     _signature: tuple[int, int, int, int] | None = field(default=None, repr=False)
     _header_problems: list[Problem] = field(default_factory=list, repr=False)
-    warnings: list[Problem] = field(default_factory=list, repr=False)  # set by validate()
 
     @property
     def endpoint(self) -> Endpoint:
         """The first endpoint (the only one, for a job with a single `endpoint:`)."""
         return self.endpoints[0]
 
-    def use_endpoints(self, names: Iterable[str]) -> None:
-        """Restrict this run to some endpoints (`--endpoint NAME`); unknown names are an error."""
-        wanted = list(names)
+    def endpoints_named(self, names: Iterable[str] | None) -> list[Endpoint]:
+        """The endpoints called `names` (`--endpoint NAME`), in the job's order; every one when None
+        or empty. An unknown name is a JobError."""
+        wanted = list(names or ())
+        if not wanted:
+            return list(self.endpoints)
         known = [e.name for e in self.endpoints]
         unknown = [n for n in wanted if n not in known]
         if unknown:
             raise JobError(f"{self.path}: no endpoint named {', '.join(map(repr, unknown))} "
                            f"(the job has {', '.join(known)})")
-        self.active = frozenset(wanted) if wanted else None
+        return [e for e in self.endpoints if e.name in wanted]
 
     def batch_mode(self) -> Job:
         """A copy with every endpoint in batch mode (`--batch`): its own `batch:` settings, else the defaults."""
-        job = _copy.copy(self)
-        job.endpoints = [e if e.batch is not None else replace(e, batch=BatchSettings())
-                         for e in self.endpoints]
-        return job
-
-    def live_endpoints(self) -> list[Endpoint]:
-        return [e for e in self.endpoints if self.active is None or e.name in self.active]
+        return replace(self, endpoints=[e if e.batch is not None else replace(e, batch=BatchSettings())
+                                        for e in self.endpoints])
 
     def dialect_of(self, ep: Endpoint) -> Dialect:
         return get_dialect(ep.dialect, self.dialects)
@@ -188,12 +208,12 @@ class Job:
             return False
         return not self.dialect_of(ep).check(ep.body_for(body))
 
-    def _entries(self) -> Iterator[Item | Problem]:
+    def _entries(self, live: list[Endpoint]) -> Iterator[Item | Problem]:
+        """Items and problems in file order; an item none of the `live` endpoints can send is a problem."""
         yield from self._header_problems
         ids = IdAssigner()
         base = {**BUILTIN_DEFAULTS, **self.defaults}
         fname = str(self.path)
-        live = self.live_endpoints()
         names = FileNames()
         for entry in self._raw_entries(fname, base, ids):
             if isinstance(entry, Item) and not any(self.can_send(e, entry.body) for e in live):
@@ -232,26 +252,25 @@ class Job:
         for line, raw, lines, prefix in self._inline:
             yield from _make_item(raw, fname, line, prefix, lines, base, self.overrides, ids)
         if self._prompts_file is not None:
-            if self._signature is None:
-                self._signature = _signature(self._prompts_file)
             yield from _stream_jsonl(self._prompts_file, base, self.overrides, ids, self._signature)
 
-    def problems(self) -> Iterator[Problem]:
-        """Every problem in the job, in file order."""
-        for entry in self._entries():
+    def problems(self, endpoints: Iterable[str] | None = None) -> Iterator[Problem]:
+        """Every problem in the job, in file order (`endpoints`: as in `validate`)."""
+        for entry in self._entries(self.endpoints_named(endpoints)):
             if isinstance(entry, Problem):
                 yield entry
 
-    def validate(self) -> int:
-        """Check the whole job; return the item count or raise JobValidationError.
+    def validate(self, endpoints: Iterable[str] | None = None) -> Validated:
+        """Check the whole job; return the item count (with its warnings) or raise JobValidationError.
 
-        What is allowed but likely to fail is kept in `warnings` (one per endpoint and model).
+        `endpoints`: the names a run may use (`--endpoint`; None: all): an item none of them can send
+        is a problem. What is allowed but likely to fail is a warning (one per endpoint and model).
         """
         found: list[Problem] = []
         total = count = 0
         warned: dict[tuple[str, str], Problem] = {}
-        live = self.live_endpoints()
-        for entry in self._entries():
+        live = self.endpoints_named(endpoints)
+        for entry in self._entries(live):
             if isinstance(entry, Problem):
                 total += 1
                 if len(found) < MAX_PROBLEMS:
@@ -263,12 +282,12 @@ class Job:
                     if len(found) < MAX_PROBLEMS:
                         found.append(problem)
         by_name = {e.name: e for e in live}
-        self.warnings = [p for (name, _), p in warned.items() if not is_openai_host(by_name[name].base_url)]
+        warnings = [p for (name, _), p in warned.items() if not is_openai_host(by_name[name].base_url)]
         if total:
             raise JobValidationError(found, total)
         if count == 0:
             raise JobValidationError([Problem(str(self.path), 1, "prompts", "the job has no items")])
-        return count
+        return Validated(count, warnings)
 
     def _dialect_advice(self, item: Item, live: list[Endpoint],
                         warned: dict[tuple[str, str], Problem]) -> Iterator[Problem]:
@@ -294,25 +313,69 @@ class Job:
             if is_openai_host(ep.base_url):
                 yield problem  # certain to fail there: an error, once per endpoint and model
 
-    def items(self) -> Iterator[Item]:
-        """Stream the items (of `shard` only, when set); call `validate()` first (a problem raises)."""
-        shard = self.shard
-        for entry in self.all_items():
-            if shard is None or shard.contains(entry.id):
-                yield entry
+    def items(self, endpoints: Iterable[str] | None = None) -> Iterator[Item]:
+        """Stream every item; call `validate()` first (a problem raises). `endpoints`: as in `validate`.
 
-    def all_items(self) -> Iterator[Item]:
-        """Stream every item of the job, whatever the shard."""
-        for entry in self._entries():
+        One run's items (one shard of them) are `Selection.items(job)`.
+        """
+        for entry in self._entries(self.endpoints_named(endpoints)):
             if isinstance(entry, Problem):
                 self._check_unchanged()  # a line edited during this pass is a change, not a problem
                 raise JobValidationError([entry])
             yield entry
 
+    def all_items(self, endpoints: Iterable[str] | None = None) -> Iterator[Item]:
+        """Every item of the job (the same as `items`; kept for callers that predate `Selection`)."""
+        return self.items(endpoints)
+
     def _check_unchanged(self) -> None:
         if self._prompts_file is not None and self._signature is not None \
                 and _signature(self._prompts_file) != self._signature:
             raise JobChangedError(self._prompts_file)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one run takes of a job: some of its endpoints (`--endpoint`) and one shard (`--shard I/N`).
+
+    >>> selection = Selection.of(job, ["a"], shard=ShardSpec(0, 4))
+    >>> checked = selection.validate(job)          # an item endpoint "a" can't send is a problem
+    >>> for item in selection.items(job): ...      # shard 0's items only
+
+    Held by the run, never set on the Job: a library user who reuses a Job gets all of it.
+    """
+
+    endpoints: frozenset[str] | None = None  # None: every endpoint
+    shard: ShardSpec | None = None  # None: every item
+
+    @classmethod
+    def of(cls, job: Job, endpoints: Iterable[str] | None = None, shard: ShardSpec | None = None) -> Selection:
+        """A selection of `job`; an endpoint name it does not have is a JobError."""
+        names = list(endpoints or ())
+        job.endpoints_named(names)
+        return cls(frozenset(names) if names else None, shard)
+
+    def live(self, job: Job) -> list[Endpoint]:
+        """The endpoints this run may use, in the job's order."""
+        return job.endpoints_named(self.endpoints)
+
+    def validate(self, job: Job) -> Validated:
+        """The whole job checked against these endpoints (every shard's items: a plan covers them all)."""
+        return job.validate(self._names())
+
+    def all_items(self, job: Job) -> Iterator[Item]:
+        """Every item, whatever the shard (a sharded run's fingerprint and merge need them all)."""
+        return job.items(self._names())
+
+    def items(self, job: Job) -> Iterator[Item]:
+        """This run's items: the shard's, when there is one."""
+        shard = self.shard
+        for item in job.items(self._names()):
+            if shard is None or shard.contains(item.id):
+                yield item
+
+    def _names(self) -> list[str] | None:
+        return sorted(self.endpoints) if self.endpoints is not None else None
 
 
 def is_openai_host(base_url: str | None) -> bool:
@@ -342,13 +405,10 @@ def load_job(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None =
     if size == 0:
         raise JobValidationError([Problem(str(p), 1, "job", "the file is empty"), *problems])
     if p.suffix.lower() in (".jsonl", ".ndjson"):
-        job = Job(path=p, name=p.stem, overrides=overrides, _prompts_file=p)
-        job._header_problems = problems
-        return job
+        return Job(path=p, name=p.stem, overrides=overrides, _prompts_file=p, _signature=_signature(p),
+                   _header_problems=problems)
     job = _load_yaml(p)
-    job.overrides = overrides
-    job._header_problems = problems + job._header_problems
-    return job
+    return replace(job, overrides=overrides, _header_problems=problems + job._header_problems)
 
 
 # -- YAML ---------------------------------------------------------------------------------
@@ -398,8 +458,12 @@ def _load_yaml(p: Path) -> Job:
 
 def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) -> Job:
     fname = str(p)
-    job = Job(path=p, name=p.stem)
-    problems: list[Problem] = job._header_problems
+    # the Job is frozen: its fields are gathered here, then it is made once
+    attrs: dict[str, Any] = {"name": p.stem}
+    endpoints = [Endpoint()]
+    dialects: dict[str, Dialect] = {}
+    inline: list[tuple[int, Any, dict[str, int], str]] = []
+    problems: list[Problem] = []
     seen: set[str] = set()
     expansion: dict[str, Any] = {}
     expansion_lines: dict[str, int] = {}
@@ -441,7 +505,7 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
                 if too_big(el, f"prompts[{index}]"):
                     continue
                 lines = _field_lines(el) if isinstance(el, yaml.MappingNode) else {}
-                job._inline.append((_line(el), value(el), lines, f"prompts[{index}]."))
+                inline.append((_line(el), value(el), lines, f"prompts[{index}]."))
             continue
         if too_big(node, key):
             continue
@@ -451,13 +515,13 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
             expansion_lines.update(_field_lines(root, only=key))
             continue
         if key == "pricing":
-            job.pricing = _pricing(val, fname, node, problems)
+            attrs["pricing"] = _pricing(val, fname, node, problems)
             continue
         if key == "name":
             if not isinstance(val, str) or not val.strip() or "/" in val or val.strip() in (".", ".."):
                 problems.append(Problem(fname, vline, key, "must be a non-empty string without '/'"))
             else:
-                job.name = val.strip()
+                attrs["name"] = val.strip()
         elif key == "defaults":
             if not isinstance(val, dict):
                 problems.append(Problem(fname, vline, key, "must be a mapping of request fields"))
@@ -465,25 +529,25 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
             field_lines = {str(k.value): _line(v) for k, v in node.value}
             for fld, msg in _field_problems(val):
                 problems.append(Problem(fname, field_lines.get(fld, vline), f"defaults.{fld}", msg))
-            job.defaults = val
+            attrs["defaults"] = val
         elif key == "concurrency":
             if not _is_int(val) or not 1 <= val <= MAX_CONCURRENCY:
                 problems.append(Problem(fname, vline, key, f"must be an integer from 1 to {MAX_CONCURRENCY}"))
             else:
-                job.concurrency = val
+                attrs["concurrency"] = val
         elif key == "rate_limit":
-            job.rate_limit = _rate_limit(val, fname, vline, problems)
+            attrs["rate_limit"] = _rate_limit(val, fname, vline, problems)
         elif key == "endpoint":
-            job.endpoints = [_endpoint(val, fname, node, problems, single=True)]
+            endpoints = [_endpoint(val, fname, node, problems, single=True)]
         elif key == "endpoints":
             if "endpoint" in seen:
                 problems.append(Problem(fname, vline, key, "give 'endpoint' or 'endpoints', not both"))
             elif not isinstance(node, yaml.SequenceNode) or not node.value:
                 problems.append(Problem(fname, vline, key, "must be a non-empty list of endpoints"))
             else:
-                job.endpoints = [_endpoint(value(el), fname, el, problems) for el in node.value]
+                endpoints = [_endpoint(value(el), fname, el, problems) for el in node.value]
                 names: set[str] = set()
-                for ep in job.endpoints:
+                for ep in endpoints:
                     if ep.name in names:
                         problems.append(Problem(fname, ep.line, "endpoints.name", f"{ep.name!r} is used twice"))
                     names.add(ep.name)
@@ -492,14 +556,14 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
                 problems.append(Problem(fname, vline, key, "must be a mapping of dialect name to its rules"))
                 continue
             try:
-                job.dialects = parse_dialects(val)
+                dialects = parse_dialects(val)
             except DialectSpecError as exc:
                 key_lines = {str(k.value): _line(k) for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
                 for path, msg in exc.problems:
                     parts = path.split(".")
                     at = key_lines.get(parts[1], vline) if len(parts) > 1 else vline
                     problems.append(Problem(fname, at, path, msg))
-                job.dialects = {name: get_dialect("openai-compatible") for name in val if isinstance(name, str)}
+                dialects = {name: get_dialect("openai-compatible") for name in val if isinstance(name, str)}
         elif key == "output":
             if not isinstance(val, str) or not val:
                 problems.append(Problem(fname, vline, key, "must be a folder path"))
@@ -507,7 +571,7 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
                 out = (p.parent / val) if not os.path.isabs(val) else Path(val)
                 if out.exists() and not out.is_dir():
                     problems.append(Problem(fname, vline, key, f"{out} exists and is not a folder"))
-                job.output = str(out)
+                attrs["output"] = str(out)
         elif key == "prompts_file":
             if not isinstance(val, str) or not val:
                 problems.append(Problem(fname, vline, key, "must be a path to a JSONL file"))
@@ -516,27 +580,28 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
             if not pf.is_file():
                 problems.append(Problem(fname, vline, key, f"{pf} does not exist or is not a file"))
             else:
-                job._prompts_file = pf
-    for ep in job.endpoints:
-        if ep.dialect not in BUILTIN_DIALECTS and ep.dialect not in job.dialects:
-            near = difflib.get_close_matches(ep.dialect, [*BUILTIN_DIALECTS, *job.dialects], n=1)
+                attrs["_prompts_file"] = pf
+                attrs["_signature"] = _signature(pf)  # every later pass must find the file so
+    for ep in list(endpoints):
+        if ep.dialect not in BUILTIN_DIALECTS and ep.dialect not in dialects:
+            near = difflib.get_close_matches(ep.dialect, [*BUILTIN_DIALECTS, *dialects], n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ""
             problems.append(Problem(fname, ep.line, "endpoints.dialect", f"unknown dialect {ep.dialect!r}{hint} "
                                     f"(built in: {', '.join(BUILTIN_DIALECTS)}; or declare it under `dialects:`)"))
-            job.endpoints = [e if e is not ep else replace(e, dialect="openai-compatible") for e in job.endpoints]
+            endpoints = [e if e is not ep else replace(e, dialect="openai-compatible") for e in endpoints]
             continue
-        missing = job.dialect_of(ep).missing_options(ep.options)
+        missing = get_dialect(ep.dialect, dialects).missing_options(ep.options)
         if missing:
             problems.append(Problem(fname, ep.line, "endpoints.options",
                                     f"endpoint {ep.name!r} (dialect {ep.dialect}) needs options: {', '.join(missing)}"))
     if expansion:
         # a top-level template/matrix is one more entry, after the listed prompts
         first = min(expansion_lines.values())
-        job._inline.append((first, expansion, expansion_lines, ""))
+        inline.append((first, expansion, expansion_lines, ""))
     if "prompts" not in seen and "prompts_file" not in seen and "template" not in seen:
         problems.append(Problem(fname, _line(root), "prompts",
                                 "the job needs 'prompts', 'prompts_file' or 'template' with 'matrix'"))
-    return job
+    return Job(path=p, endpoints=endpoints, dialects=dialects, _inline=inline, _header_problems=problems, **attrs)
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._job import Item, Job
+from ._job import Endpoint, Item, Job, Selection
 from ._manifest import Journal, needs_run
 
 __all__ = ["PriceTable", "BudgetLimits", "Budget", "plan", "endpoint_prices", "item_price", "PRICE_KEYS"]
@@ -60,10 +60,13 @@ def endpoint_prices(job: Job) -> dict[str, PriceTable]:
     return tables
 
 
-def item_price(job: Job, item: Item, tables: dict[str, PriceTable]) -> float | None:
+def item_price(job: Job, item: Item, tables: dict[str, PriceTable],
+               live: Iterable[Endpoint] | None = None) -> float | None:
     """Per-image price of an item as planned: the dearest endpoint that may send it (an upper
-    bound, since routing decides at run time); `tables` from `endpoint_prices`."""
-    prices = [tables[e.name].per_image(item.body) for e in job.live_endpoints() if job.can_send(e, item.body)]
+    bound, since routing decides at run time); `tables` from `endpoint_prices`, `live` the run's
+    endpoints (`Selection.live`; None: all)."""
+    prices = [tables[e.name].per_image(item.body) for e in (job.endpoints if live is None else live)
+              if job.can_send(e, item.body)]
     if not prices or any(p is None for p in prices):
         return None
     return max(p for p in prices if p is not None)
@@ -127,15 +130,18 @@ def _images_to_send(journal: Journal | None, item: Item) -> int:
     return item.images - len(short["images"]) if short is not None else item.images
 
 
-def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False) -> dict[str, Any]:
+def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False,
+         selection: Selection | None = None) -> dict[str, Any]:
     """What running `job` into `out` would send, by model/size/quality, and what it would cost.
 
     >>> plan(load_job("jobs/example.yaml"), "output/example")["send"]["images"]
     5
     Streams the job once; nothing is sent. Items `out` already has (done, or failed for good
-    unless `retry_failed`) are counted apart.
+    unless `retry_failed`) are counted apart. `selection`: the endpoints (`--endpoint`) to plan for.
     """
-    job.validate()
+    selection = selection or Selection()
+    selection.validate(job)
+    live = selection.live(job)
     tables = endpoint_prices(job)
     journal = None
     if out is not None and (Path(out) / "manifest.jsonl").is_file():
@@ -149,7 +155,7 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
     total = have = submitted = 0
     send = {"requests": 0, "images": 0, "cost": 0.0, "unpriced_requests": 0}
     first_unpriced: Item | None = None
-    for item in job.items():
+    for item in selection.items(job):
         total += 1
         if journal is not None and not needs_run(journal.entries.get(item.id), item.rhash, retry_failed):
             have += 1
@@ -159,7 +165,7 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False)
             continue
         images = _images_to_send(journal, item)
         key = tuple(str(item.body.get(k, "")) for k in PRICE_KEYS)
-        price = item_price(job, item, tables)
+        price = item_price(job, item, tables, live)
         group = groups.setdefault(key, {**dict(zip(PRICE_KEYS, key, strict=True)), "requests": 0, "images": 0,
                                         "per_image": price, "cost": 0.0})
         cost = None if price is None else price * images

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import errno
 import hashlib
 import math
@@ -15,7 +14,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from ._exceptions import (
     Problem,
     ShardError,
 )
-from ._job import MAX_CONCURRENCY, Item, Job
+from ._job import MAX_CONCURRENCY, Item, Job, Selection
 from ._layout import SEGMENTS, Layout, decide_layout
 from ._manifest import Journal, count_items, needs_run, write_manifest
 from ._plan import Budget, BudgetLimits, endpoint_prices, item_price
@@ -140,26 +139,24 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
     0
     Raises JobValidationError (nothing sent), OutputError / ManifestError / LockedError.
     """
-    job = copy.copy(job)  # this run's filters (endpoints, shard) never reach the caller's Job
     if options.batch:
-        job = job.batch_mode()
-    if options.endpoints:
-        job.use_endpoints(options.endpoints)
-    job.validate()
+        job = job.batch_mode()  # a copy: the Job is immutable
+    selection = Selection.of(job, options.endpoints)  # this run's filters live in the run, not on the Job
+    checked = selection.validate(job)
     reporter = reporter or Reporter(quiet=True)
-    for warning in job.warnings:
+    for warning in checked.warnings:
         reporter.log(f"{warning}", level="warning")
     target = options.out or job.output or str(Path("output") / job.name)
     sharded = None
     if options.shard is not None or is_remote(target):
-        if any(e.batch is not None for e in job.live_endpoints()):
+        if any(e.batch is not None for e in selection.live(job)):
             raise BatcherError("batch mode writes a local output folder: --shard and s3:// outputs are not "
                                "supported with provider batches (one batch already carries up to 50,000 requests)")
         from ._sharded import ShardedOutput  # the store (and fsspec for s3://) only when asked for
 
         shard = options.shard or ShardSpec(0, 1)
         sharded = ShardedOutput(target, shard, options.work_dir)
-        job.shard = shard if shard.count > 1 else None
+        selection = replace(selection, shard=shard if shard.count > 1 else None)
         out = OutputDir(sharded.work)
     else:
         out = OutputDir(resolve_out(job, options))
@@ -177,7 +174,7 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
             reporter.log(f"removed {removed} temporary file(s) left by an interrupted run")
         journal = _open_journal(job, options, out, reporter, sharded)
         try:
-            return await _Runner(job, options, out, reporter, journal, sharded).run(started)
+            return await _Runner(job, selection, options, out, reporter, journal, sharded).run(started)
         finally:
             journal.close()
     finally:
@@ -228,9 +225,11 @@ class _Runner:
     """One run's wiring: setup (done-file check, counting pass, layout), then the pipeline (ticker,
     signals, feed, executor) under one task group, then `_finish` (manifest, checkpoint, result)."""
 
-    def __init__(self, job: Job, options: RunOptions, out: OutputDir, reporter: Reporter, journal: Journal,
-                 sharded: Any = None) -> None:
+    def __init__(self, job: Job, selection: Selection, options: RunOptions, out: OutputDir, reporter: Reporter,
+                 journal: Journal, sharded: Any = None) -> None:
         self.job = job
+        self.selection = selection  # --endpoint and --shard: which endpoints and items are this run's
+        self.live = selection.live(job)
         self.sharded = sharded
         self.options = options
         self.out = out
@@ -283,8 +282,16 @@ class _Runner:
             self.reporter.log(f"{len(self._missing)} done item(s) have missing or short image files; "
                               f"they will be generated again", level="warning")
 
+    def _items(self) -> Iterator[Item]:
+        """This run's items (its shard's), streamed from the job file: a callable for the manifest writers."""
+        return self.selection.items(self.job)
+
+    def _all_items(self) -> Iterator[Item]:
+        """Every item whatever the shard (a sharded output's fingerprint and merge cover them all)."""
+        return self.selection.all_items(self.job)
+
     def _to_run(self) -> Iterator[Item]:
-        for item in self.job.items():
+        for item in self._items():
             if self._needs_run(item):
                 yield item
 
@@ -310,8 +317,8 @@ class _Runner:
         total = todo = 0
         models: set[Any] = set()
         digest = hashlib.sha256()
-        shard = self.job.shard
-        for item in self.job.all_items():
+        shard = self.selection.shard
+        for item in self._all_items():
             if self.sharded is not None:
                 digest.update(fingerprint_line(item.id, item.rhash))
             if shard is not None and not shard.contains(item.id):
@@ -321,7 +328,7 @@ class _Runner:
             if self._needs_run(item):
                 todo += 1
                 models.add(item.body.get("model"))
-                if self.options.max_cost is not None and item_price(self.job, item, self.prices) is None:
+                if self.options.max_cost is not None and item_price(self.job, item, self.prices, self.live) is None:
                     raise JobValidationError([Problem(
                         item.file, item.line, "pricing",
                         f"--max-cost needs a price for every item; none matches model="
@@ -338,7 +345,7 @@ class _Runner:
         if todo == 0 and not open_chunks:
             self.reporter.start(0, total)
             return await self._finish(started)
-        self.endpoints = resolve_endpoints(self.job, self.options, models, self.reporter, self.prices,
+        self.endpoints = resolve_endpoints(self.job, self.live, self.options, models, self.reporter, self.prices,
                                            also={c.endpoint for c in open_chunks})
         self._redact_secrets()
         if self.options.limiter:
@@ -362,7 +369,7 @@ class _Runner:
         claims items before sending them (imports redis only here)."""
         from ._claims import RedisClaims
 
-        share_limits(self.endpoints, url, workers=self.job.shard.count if self.job.shard is not None else 1)
+        share_limits(self.endpoints, url, workers=self.selection.shard.count if self.selection.shard is not None else 1)
         out = self.sharded.out if self.sharded is not None else str(self.out.root.resolve())
         self.claims = RedisClaims(url, out, self.reporter)
 
@@ -479,10 +486,10 @@ class _Runner:
                     from ._segments import write_segments
 
                     summary = await anyio.to_thread.run_sync(
-                        write_segments, self.journal, self.out.root, job_meta, self.job.items)
+                        write_segments, self.journal, self.out.root, job_meta, self._items)
                 else:
                     summary = await anyio.to_thread.run_sync(
-                        write_manifest, self.journal, self.out.manifest, job_meta, self.job.items)
+                        write_manifest, self.journal, self.out.manifest, job_meta, self._items)
             except JobError as exc:  # changed during the run: its items are unknown, the journal is not
                 self.reporter.log(f"{self.out.manifest} not rewritten: {exc}", level="error")
                 manifest_ok = False
@@ -495,7 +502,7 @@ class _Runner:
                 manifest_ok = False
                 # the journal in memory still knows every result: count from it, not zeros
                 try:
-                    summary = await anyio.to_thread.run_sync(count_items, self.journal, self.job.items)
+                    summary = await anyio.to_thread.run_sync(count_items, self.journal, self._items)
                 except JobError:
                     summary = self._journal_summary()
                 if self.control.fatal is None:
@@ -511,14 +518,14 @@ class _Runner:
             if self.sharded is not None and self.claims.skipped and summary["pending"]:
                 try:  # a twin worker on this index may have finished what we skipped
                     summary = await anyio.to_thread.run_sync(
-                        self.sharded.recount, self.out.root, job_meta, self.job.items)
+                        self.sharded.recount, self.out.root, job_meta, self._items)
                 except (OSError, BatcherError) as exc:
                     self.reporter.log(f"can't recount shard {self.sharded.shard}: {exc}", level="warning")
             if self.sharded is not None:
                 try:
                     # a shard that left nothing pending commits; the last one to commit merges
                     merged = await anyio.to_thread.run_sync(lambda: self.sharded.finish(
-                        summary, job_meta, self.job.all_items, commit=summary["pending"] == 0))
+                        summary, job_meta, self._all_items, commit=summary["pending"] == 0))
                 except (OSError, BatcherError) as exc:
                     self.reporter.log(f"can't finish shard {self.sharded.shard} in {self.sharded.out}: {exc}; "
                                       f"its records stay in the local buffer and go up with the next run",
@@ -605,7 +612,7 @@ class _Runner:
             if manifest_ok:
                 stamp_manifest(self.out.journal, self._manifest_file(), self._items_digest.hexdigest(), summary)
                 # the items manifest.json holds, for `batcher status` (rewritten only when they changed)
-                stamp_current(self.out.journal, self._items_digest.hexdigest(), self.job.items)
+                stamp_current(self.out.journal, self._items_digest.hexdigest(), self._items)
 
     def _endpoint_stats(self) -> dict[str, dict[str, Any]]:
         return {e.name: {**e.stats, "cost": round(e.stats["cost"], 6), "retired": e.retired,

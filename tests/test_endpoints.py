@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -341,5 +342,8 @@ def test_a_run_never_changes_the_callers_job(tmp_path, sims):
     job = load_job(path)
     result = batcher.run_sync(job, batcher.RunOptions(out=str(tmp_path / "out"), endpoints=("b",)))
     assert result.exit_code == 0 and a.stats()["requests"] == 0
-    assert job.active is None and job.shard is None
-    assert [e.name for e in job.live_endpoints()] == ["a", "b"]
+    assert len(list(job.items())) == 3 and [e.name for e in job.endpoints] == ["a", "b"]
+    again = batcher.run_sync(job, batcher.RunOptions(out=str(tmp_path / "out2")))  # no filter: both endpoints
+    assert again.exit_code == 0 and set(again.endpoints) == {"a", "b"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.name = "other"  # type: ignore[misc]
