@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequen
 from pathlib import Path
 from typing import Any
 
-from ._records import RUN_KINDS, Entry, replay
+from ._records import RUN_KINDS, Entry, details, replay
 
 __all__ = ["Checkpoint", "SnapshotEntries", "refresh", "checkpoint_path", "SCHEMA_VERSION", "stamp_current",
            "open_readonly"]
@@ -214,11 +214,6 @@ class SnapshotEntries(MutableMapping[str, Entry]):
                 yield row[0], _entry(row[1:])
 
 
-def _code(err: dict[str, Any]) -> Any:
-    # the same grouping `batcher status` uses for failures
-    return err.get("code") or (f"http_{err['status']}" if err.get("status") else err.get("kind"))
-
-
 _decode = json.JSONDecoder().decode
 _NO_DETAILS = (None, None, None, None, 0, 0, 0)  # code .. verified of an item with no item line yet
 
@@ -253,10 +248,8 @@ def _apply(tail: _Tail, rec: dict[str, Any], offset: int) -> None:
         return
     head = [entry.status, entry.rhash, entry.attempts, entry.offset, entry.error_kind]
     if rec["t"] == "item":
-        err = rec.get("error") or {}
-        images = rec.get("images") or []
-        head += (_code(err), err.get("message"), rec.get("endpoint"), rec.get("cost"), len(images),
-                 sum(int(i.get("bytes") or 0) for i in images), 0)
+        d = details(rec)  # the failure code is the same grouping `batcher status` uses
+        head += (d.code, d.message, d.endpoint, d.cost, len(d.images), d.image_bytes, 0)
     elif entry is tail.prev and tail.prev_row is not None:
         head += tail.prev_row[5:]
     else:

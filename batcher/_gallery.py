@@ -25,6 +25,7 @@ from typing import Any
 
 from ._export import is_inside
 from ._manifest import iter_manifest
+from ._records import failure_code
 
 __all__ = ["report"]
 
@@ -99,7 +100,7 @@ def _card(item: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     if status == "failed" and isinstance(error, dict):
         card["x"] = {"code": error.get("code"), "status": error.get("status"), "kind": error.get("kind"),
                      "message": error.get("message")}
-        code = str(error.get("code") or (f"http_{error['status']}" if error.get("status") else error.get("kind")))
+        code = str(failure_code(error))
         summary["codes"][code] = summary["codes"].get(code, 0) + 1
     return card
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import ManifestError
-from ._records import RUN_KINDS, Entry, check_fields, replay, utc_now
+from ._records import RUN_KINDS, Entry, ManifestItem, check_fields, manifest_item, pending_item, replay, utc_now
 
 __all__ = ["Journal", "Entry", "RecordLines", "needs_run", "write_manifest", "count_items", "iter_manifest", "utc_now", "MANIFEST_VERSION"]
 
@@ -356,18 +356,14 @@ def _status(journal: Journal, item: Any) -> str:
     return entry.status
 
 
-def _item_record(journal: Journal, jfh: Any, item: Any) -> dict[str, Any]:
+def _item_record(journal: Journal, jfh: Any, item: Any) -> ManifestItem:
     entry = journal.entries.get(item.id)
     if entry is not None and entry.rhash == item.rhash and entry.offset >= 0 and entry.status in ("done", "failed"):
         rec = journal.record(item.id, jfh)
         if rec is not None:
-            return {k: v for k, v in rec.items() if k not in ("t", "rhash")}
+            return manifest_item(rec)
     attempts = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
-    rec = {"id": item.id, "status": "pending", "request": item.body, "created": None, "images": [],
-           "attempts": attempts, "error": None}
-    if getattr(item, "vars", None):
-        rec["vars"] = item.vars
-    return rec
+    return pending_item(item.id, item.body, attempts, getattr(item, "vars", None))
 
 
 class _NullFile:
@@ -376,19 +372,6 @@ class _NullFile:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def iter_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Every complete record of a journal, in order (for status and reports)."""
-    with open(path, "rb") as fh:
-        for raw in fh:
-            if raw.endswith(b"\n"):
-                try:
-                    yield json.loads(raw)
-                except (ValueError, RecursionError):
-                    glued = _glued_record(raw)
-                    if glued is not None:
-                        yield glued[1]
 
 
 def iter_manifest(path: Path) -> tuple[dict[str, Any], _Items]:

@@ -23,12 +23,16 @@ The runner builds them only with the constructors below (`run_record`, `attempt_
 are plain dicts (TypedDicts), written as they are: the JSON on disk is what batcher always wrote.
 
 `replay` is the one rule for what a record does to its item's `Entry`; the in-memory replay
-(`_manifest.Journal`) and the checkpoint (`_checkpoint`) both apply records through it.
+(`_manifest.Journal`) and the checkpoint (`_checkpoint`) both apply records through it, and every
+reader (`status`, `merge`, the shard's segment counts) reads records through the accessors below
+(`kind`, `item_id`, `finished`, `details`, `failure_code`, `last_run`). `manifest.json`'s items
+(`ManifestItem`: an item record without `t` and `rhash`, or a pending stub) are built here too, and
+read by `export` and `report`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NotRequired, TypedDict
@@ -39,6 +43,8 @@ __all__ = [
     "short_error", "replay", "check_fields", "utc_now",
     "ChunkRecord", "UploadRecord", "BatchRecord", "BatchStateRecord", "ClosedRecord", "RUN_KINDS", "BATCH_KINDS",
     "chunk_record", "upload_record", "batch_record", "batch_state_record", "closed_record",
+    "kind", "item_id", "finished", "failure_code", "last_run", "Details", "details",
+    "ManifestItem", "manifest_item", "pending_item",
 ]
 
 
@@ -306,3 +312,104 @@ def check_fields(rec: Mapping[str, Any]) -> None:
             raise ValueError("status must be done or failed")
         if not isinstance(rec.get("error") or {}, dict) or not isinstance(rec.get("images") or [], list):
             raise ValueError("error must be an object, images a list")
+
+
+# -- reading them: what a record says, for every reader ------------------------------------------
+
+
+def kind(rec: Mapping[str, Any]) -> str | None:
+    """The record's kind (`run`, `attempt`, `item`, `end`, a batch kind), or None when it has none."""
+    t = rec.get("t")
+    return t if isinstance(t, str) else None
+
+
+def item_id(rec: Mapping[str, Any]) -> str | None:
+    """The item a record is about (an attempt or item record's `id`), else None."""
+    value = rec.get("id") if rec.get("t") in ("attempt", "item") else None
+    return value if isinstance(value, str) else None
+
+
+def finished(rec: Mapping[str, Any]) -> Literal["done", "failed"] | None:
+    """How an `item` record ended its item: done or failed; None for any other record."""
+    status = rec.get("status") if rec.get("t") == "item" else None
+    if status == "done" or status == "failed":
+        return status
+    return None
+
+
+def failure_code(error: Mapping[str, Any] | None) -> Any:
+    """What failures are grouped by (`status`, `report`, the checkpoint): the error's code, else
+    `http_STATUS`, else its kind (None for no error)."""
+    err = error or {}
+    return err.get("code") or (f"http_{err['status']}" if err.get("status") else err.get("kind"))
+
+
+def last_run(runs: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The latest `run` record of a journal's run records (`Journal.runs`), or None."""
+    found = None
+    for rec in runs:
+        if rec.get("t") == "run":
+            found = rec
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Details:
+    """What an `item` record says beyond its `Entry`: what `status` shows and the checkpoint keeps."""
+
+    code: Any  # failure_code(error): None when done
+    message: str | None
+    endpoint: str | None
+    cost: float | None
+    images: list[dict[str, Any]]
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(int(i.get("bytes") or 0) for i in self.images)
+
+
+def details(rec: Mapping[str, Any]) -> Details:
+    """The details of an `item` record (replay gives its status, hash, attempts and error kind)."""
+    err = rec.get("error") or {}
+    return Details(failure_code(err), err.get("message"), rec.get("endpoint"), rec.get("cost"),
+                   rec.get("images") or [])
+
+
+# -- manifest.json's items -------------------------------------------------------------------------
+
+
+class ManifestItem(TypedDict):
+    """One item of `manifest.json` (and of its segments): the item's latest `item` record without
+    `t` and `rhash` (so every optional field of `ItemRecord` may be there), or, for an item with no
+    result for its current request, a `pending` stub."""
+
+    id: str
+    status: Literal["done", "failed", "pending"]
+    request: dict[str, Any]
+    created: int | None
+    images: list[dict[str, Any]]
+    attempts: int
+    error: dict[str, Any] | None
+    vars: NotRequired[dict[str, Any]]
+    request_id: NotRequired[str | None]
+    endpoint: NotRequired[str]
+    finished: NotRequired[str]
+    short: NotRequired[dict[str, int]]
+    cost: NotRequired[float]
+    usage: NotRequired[dict[str, Any]]
+    batch: NotRequired[str]
+
+
+def manifest_item(rec: Mapping[str, Any]) -> ManifestItem:
+    """The manifest's item for an item's latest `item` record."""
+    return {k: v for k, v in rec.items() if k not in ("t", "rhash")}  # type: ignore[return-value]
+
+
+def pending_item(item_id: str, request: dict[str, Any], attempts: int,
+                 vars: dict[str, Any] | None = None) -> ManifestItem:
+    """The manifest's item for an item with no result for its current request."""
+    rec: ManifestItem = {"id": item_id, "status": "pending", "request": request, "created": None, "images": [],
+                         "attempts": attempts, "error": None}
+    if vars:
+        rec["vars"] = vars
+    return rec

@@ -31,6 +31,7 @@ from typing import Any
 
 from ._exceptions import ManifestError
 from ._manifest import MANIFEST_VERSION, Journal, _item_record, _status
+from ._records import item_id
 
 __all__ = ["SEGMENT_DIR", "SEGMENT_ITEMS", "write_segments", "read_index", "iter_segments", "write_single"]
 
@@ -71,8 +72,9 @@ def _changed_since(journal_path: Path, mark: Any) -> set[str] | None:
                     rec = json.loads(raw)
                 except ValueError:
                     continue
-                if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-                    changed.add(rec["id"])
+                about = item_id(rec) if isinstance(rec, dict) else None
+                if about is not None:
+                    changed.add(about)
     except OSError:
         return None
     return changed

@@ -28,6 +28,7 @@ from typing import Any
 
 from ._exceptions import ShardError
 from ._manifest import Journal, write_manifest
+from ._records import item_id
 from ._shard import PLAN_FILE, Plan, ShardSpec, check_plan, parse_plan
 from ._store import (
     FlushPolicy,
@@ -129,8 +130,8 @@ class ShardedOutput:
         tmp = path.with_name(f".{path.name}.rebuild-{os.getpid()}")
         with open(tmp, "wb") as fh:
             for rec in iter_merged_records(self.store):
-                item_id = rec.get("id")
-                if item_id is not None and not self.shard.contains(str(item_id)):
+                about = item_id(rec)  # records about no item (runs, ends) belong to every shard
+                if about is not None and not self.shard.contains(about):
                     continue
                 fh.write((json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
                 count += 1

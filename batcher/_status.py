@@ -10,8 +10,8 @@ from typing import Any
 
 from ._exceptions import ManifestError
 from ._ids import request_hash
-from ._manifest import Journal, iter_manifest, iter_records
-from ._records import check_fields
+from ._manifest import Journal, iter_manifest
+from ._records import check_fields, details, kind
 
 __all__ = ["status", "short_reason"]
 
@@ -28,7 +28,7 @@ def status(out: str | Path) -> dict[str, Any]:
 
         store = open_store(out)
         with merged_journal(store) as journal:
-            info = _status(journal.path, None if "://" in text else root)
+            info = _status(journal.path, None if "://" in text else root, journal)
         info["out"] = text
         info["shards"] = _shard_markers(store)
         return info
@@ -38,8 +38,7 @@ def status(out: str | Path) -> dict[str, Any]:
     from ._batch import batch_rows
 
     fast = _from_checkpoint(root, journal_path)
-    if fast is None:
-        Journal.read(journal_path)  # raises a clear ManifestError on a corrupt journal
+    # replayed by `_records.replay` (`Journal.read`: a clear ManifestError on a corrupt journal)
     info = fast if fast is not None else _status(journal_path, root)
     info["batches"] = batch_rows(journal_path)  # provider batches (`run --batch`), as the journal last saw them
     return info
@@ -81,28 +80,28 @@ def _current_items(manifest: Path) -> dict[str, str | None] | None:
         return None
 
 
-def _status(journal_path: Path, root: Path | None) -> dict[str, Any]:
+def _latest(journal: Journal) -> dict[str, dict[str, Any]]:
+    """Each item the journal names, as `_records.replay` left it, with its latest item record's details
+    when it is done or failed (read back by offset), in the journal's order of first mention."""
     latest: dict[str, dict[str, Any]] = {}
-    runs: list[str] = []
-    for rec in iter_records(journal_path):
-        kind = rec.get("t")
-        if kind == "item":
-            err = rec.get("error") or {}
-            latest[rec["id"]] = {
-                "status": rec.get("status"),
-                "code": err.get("code") or (f"http_{err['status']}" if err.get("status") else err.get("kind")),
-                "message": err.get("message"),
-                "images": rec.get("images") or [],
-                "cost": rec.get("cost"),
-                "endpoint": rec.get("endpoint"),
-                "rhash": rec.get("rhash"),
-            }
-        elif kind == "attempt":
-            prev = latest.get(rec["id"])
-            if prev is None or prev["status"] != "done" or prev["rhash"] != rec.get("rhash"):
-                latest[rec["id"]] = {**_PENDING, "rhash": rec.get("rhash")}
-        elif kind == "run":
-            runs.append(rec.get("at", ""))
+    with open(journal.path, "rb") as fh:
+        for item_id, entry in journal.entries.items():
+            rec = journal.record(item_id, fh) if entry.status in ("done", "failed") else None
+            if rec is None:
+                latest[item_id] = {**_PENDING, "rhash": entry.rhash}
+                continue
+            d = details(rec)
+            latest[item_id] = {"status": entry.status, "code": d.code, "message": d.message, "images": d.images,
+                               "cost": d.cost, "endpoint": d.endpoint, "rhash": entry.rhash}
+    return latest
+
+
+def _status(journal_path: Path, root: Path | None, journal: Journal | None = None) -> dict[str, Any]:
+    """The status of the output at `root` (None: not a local folder) from its journal, replayed."""
+    if journal is None:
+        journal = Journal.read(journal_path)
+    latest = _latest(journal)
+    runs = [rec.get("at", "") for rec in journal.runs if kind(rec) == "run"]
     manifest = root / "manifest.json" if root is not None else None
     segmented = root is not None and (root / "manifest.d" / "index.json").is_file()  # see _segments
     current = _current_items(manifest) if manifest is not None and (manifest.is_file() or segmented) else None

@@ -44,6 +44,7 @@ from typing import Any
 
 from ._exceptions import ManifestError, OutputError
 from ._manifest import Journal, RecordLines, utc_now, write_manifest
+from ._records import finished, kind, last_run
 
 __all__ = [
     "Store",
@@ -491,10 +492,11 @@ class SegmentWriter:
 
     def _count(self, rec: Mapping[str, Any]) -> None:
         self.counts["records"] += 1
-        if rec.get("t") == "attempt":
+        outcome = finished(rec)
+        if kind(rec) == "attempt":
             self.counts["attempts"] += 1
-        elif rec.get("t") == "item" and rec.get("status") in ("done", "failed"):
-            self.counts[rec["status"]] += 1
+        elif outcome is not None:
+            self.counts[outcome] += 1
 
     def sync(self) -> None:
         """fsync the buffer if written since the last one; ship a segment if one is due by time."""
@@ -699,7 +701,7 @@ def _items_from_journal(journal: Journal) -> Iterator[_JournalItem]:
     """Items as the journal knows them, when no job file is at hand (`batcher merge OUT`)."""
     with open(journal.path, "rb") as fh:
         for item_id, entry in journal.entries.items():
-            rec = journal.record(item_id, fh)
+            rec = journal.record(item_id, fh)  # the entry's latest item record, as `_records.replay` left it
             body = rec.get("request") if rec is not None and rec.get("rhash") == entry.rhash else None
             yield _JournalItem(item_id, entry.rhash, body)
 
@@ -714,7 +716,7 @@ def merge(store: Store, job: dict[str, Any] | None = None,
     """
     with merged_journal(store) as journal:
         if job is None:
-            run: dict[str, Any] = next((r for r in reversed(journal.runs) if r.get("t") == "run"), {})
+            run = last_run(journal.runs) or {}
             job = {"name": run.get("job"), "file": run.get("job_file")}
         if items is None:
             items = lambda: _items_from_journal(journal)  # noqa: E731
