@@ -272,3 +272,81 @@ def test_old_journal_checkpoints_identically(tmp_path: Path) -> None:
             {e[0]: e[1] for e in EXPECTED if e is not None}
     finally:
         journal.close()
+
+
+# -- the accessors every reader goes through -------------------------------------------------------
+
+
+def test_accessors_read_each_kind_of_record() -> None:
+    from batcher._records import details, failure_code, finished, item_id, kind, last_run
+
+    done = done_record("i", "h", {"prompt": "p"}, created=1, images=[IMG, {**IMG, "bytes": 5}], attempts=1,
+                       request_id="r", endpoint="e", cost=0.5)
+    failed = failed_record("j", "h", {}, attempts=2, error={"kind": "permanent", "status": 422, "message": "m"},
+                           endpoint="e")
+    attempt = attempt_record("k", "h", 1, "e")
+    run = run_record("job", "/j.yaml", 1)
+    assert [kind(r) for r in (done, failed, attempt, run, {"x": 1})] == ["item", "item", "attempt", "run", None]
+    assert [item_id(r) for r in (done, failed, attempt, run, {"t": "chunk", "id": "x"})] == ["i", "j", "k", None, None]
+    assert [finished(r) for r in (done, failed, attempt, {"t": "item", "status": "odd"})] == ["done", "failed", None,
+                                                                                            None]
+    assert failure_code({"code": "content_policy_violation", "status": 400}) == "content_policy_violation"
+    assert failure_code({"status": 422, "kind": "permanent"}) == "http_422"
+    assert failure_code({"kind": "transient"}) == "transient" and failure_code(None) is None
+    assert details(done) == details(done) and details(done).image_bytes == 15 and details(done).code is None
+    d = details(failed)
+    assert (d.code, d.message, d.endpoint, d.cost, d.images) == ("http_422", "m", "e", None, [])
+    second = run_record("job2", "/k.yaml", 2)
+    assert last_run([run, end_record({}, {}), second, end_record({}, {})]) is second
+    assert last_run([end_record({}, {})]) is None
+
+
+def test_manifest_items_are_item_records_without_t_and_rhash_or_pending_stubs() -> None:
+    from batcher._records import manifest_item, pending_item
+
+    rec = done_record("i", "h", {"prompt": "p"}, created=1, images=[IMG], attempts=1, request_id="r", endpoint="e",
+                      vars={"x": 1}, finished="T")
+    assert list(manifest_item(rec)) == [k for k in rec if k not in ("t", "rhash")]
+    assert pending_item("i", {"prompt": "p"}, 2) == {"id": "i", "status": "pending", "request": {"prompt": "p"},
+                                                     "created": None, "images": [], "attempts": 2, "error": None}
+    assert pending_item("i", {}, 0, {"x": 1})["vars"] == {"x": 1}
+
+
+def test_status_replays_the_journal_by_replays_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status` without a checkpoint applies every attempt and item record through `_records.replay`:
+    a done item re-sent stays done, a failed one re-sent is pending, a changed request is pending."""
+    import batcher._manifest as manifest_module
+    from batcher import _status
+
+    out = tmp_path / "out"
+    out.mkdir()
+    err = {"kind": "permanent", "status": 400, "code": "bad", "message": "no"}
+    records = [
+        run_record("job", "/j.yaml", 1, at="T1"),
+        attempt_record("a", "h1", 1, "e"), done_record("a", "h1", {}, created=1, images=[], attempts=1,
+                                                      request_id=None, endpoint="e"),
+        attempt_record("b", "h1", 1, "e"), failed_record("b", "h1", {}, attempts=1, error=err, endpoint="e"),
+        attempt_record("c", "h1", 1, "e"), done_record("c", "h1", {}, created=1, images=[], attempts=1,
+                                                      request_id=None, endpoint="e"),
+        failed_record("d", "h1", {}, attempts=1, error=err, endpoint="e"),
+        end_record({}, {}),
+        run_record("job", "/j.yaml", 2, at="T2"),
+        attempt_record("a", "h1", 2, "e"),  # re-sent after done: stays done
+        attempt_record("b", "h1", 2, "e"),  # re-sent after failing: pending
+        attempt_record("c", "h2", 1, "e"),  # its request changed: pending
+    ]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    seen: list[str] = []
+    real = manifest_module.replay
+
+    def spy(rec, offset, current):
+        seen.append(rec["t"])
+        return real(rec, offset, current)
+
+    monkeypatch.setattr(manifest_module, "replay", spy)
+    info = _status._status(out / "manifest.jsonl", out)
+    assert seen.count("attempt") == 6 and seen.count("item") == 4
+    assert (info["total"], info["done"], info["failed"], info["pending"]) == (4, 1, 1, 2)
+    assert info["failures"] == {"bad": {"count": 1, "example": "no", "reasons": {"no": 1}}}
+    assert (info["runs"], info["first_run"], info["last_run"]) == (2, "T1", "T2")
+    assert info["endpoints"] == {"e": {"done": 1, "failed": 1, "cost": None}}
