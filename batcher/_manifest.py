@@ -21,6 +21,8 @@ import errno
 import json
 import os
 import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -311,25 +313,32 @@ def write_manifest(
 ) -> dict[str, int]:
     """Write `manifest.json` atomically from the job's items and the journal; return the summary.
 
-    `items()` streams the job's items; it is called twice (counts first, then records) so
-    that the summary can lead the file without holding the items in memory.
+    `items()` is streamed once: the item lines go to an anonymous temporary file while the summary is
+    counted, then the summary line and those lines are written into place (the summary leads the
+    file; holding the items in memory, or streaming the job file twice, is what this avoids).
     """
-    summary = count_items(journal, items)
+    summary = {"total": 0, "done": 0, "failed": 0, "pending": 0}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        # O_NOFOLLOW: a link planted under the temp name is never written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with open(journal.path, "rb") if journal.path.exists() else _NullFile() as jfh, \
-                open(fd, "w", encoding="utf-8") as out:
-            out.write(f'{{"version": {MANIFEST_VERSION}, "job": {json.dumps(job, ensure_ascii=False)}, '
-                      f'"summary": {json.dumps(summary)}, "items": [')
-            sep = "\n"
-            for item in items():
-                out.write(sep + json.dumps(_item_record(journal, jfh, item), ensure_ascii=False))
-                sep = ",\n"
-            out.write("\n]}\n")
-            out.flush()
-            os.fsync(out.fileno())
+        with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.items-") as body:
+            with open(journal.path, "rb") if journal.path.exists() else _NullFile() as jfh:
+                sep = b"\n"
+                for item in items():
+                    summary["total"] += 1
+                    summary[_status(journal, item)] += 1
+                    body.write(sep + json.dumps(_item_record(journal, jfh, item), ensure_ascii=False).encode())
+                    sep = b",\n"
+            body.flush()
+            # O_NOFOLLOW: a link planted under the temp name is never written through
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with open(fd, "wb") as out:
+                out.write(f'{{"version": {MANIFEST_VERSION}, "job": {json.dumps(job, ensure_ascii=False)}, '
+                          f'"summary": {json.dumps(summary)}, "items": ['.encode())
+                out.flush()
+                _copy_all(body, out)
+                out.write(b"\n]}\n")
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -338,6 +347,24 @@ def write_manifest(
             pass
         raise
     return summary
+
+
+def _copy_all(src: Any, dst: Any) -> None:
+    """Append all of file `src` to `dst` (both binary, `dst` flushed): in the kernel when it can."""
+    size = os.fstat(src.fileno()).st_size
+    offset = 0
+    try:
+        while offset < size:
+            sent = os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)
+            if sent == 0:
+                break
+            offset += sent
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or offset:
+            raise
+    if offset < size:  # no sendfile between these files here: through user space
+        src.seek(offset)
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def count_items(journal: Journal, items: Callable[[], Iterable[Any]]) -> dict[str, int]:
