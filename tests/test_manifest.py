@@ -171,3 +171,34 @@ def test_iter_manifest_close_releases_the_file_unread(tmp_path):
     assert fh.closed
     _, items = iter_manifest(path)
     assert [i["id"] for i in items] == ["i0", "i1"] and items._fh.closed  # exhausted: closed too
+
+
+def test_write_manifest_streams_the_items_once_and_a_failed_write_keeps_the_old_manifest(tmp_path, monkeypatch):
+    import errno
+
+    import batcher._manifest as manifest_module
+
+    j = Journal.open(tmp_path / "manifest.jsonl")
+    j.append(done(1))
+    calls = []
+
+    def items():
+        calls.append(1)
+        return iter([item(1), item(2)])
+
+    path = tmp_path / "manifest.json"
+    assert write_manifest(j, path, {"name": "t"}, items) == {"total": 2, "done": 1, "failed": 0, "pending": 1}
+    assert len(calls) == 1  # the summary leads the file, yet the job's items are streamed once
+    lines = path.read_text().splitlines()
+    assert lines[0].endswith('"items": [') and lines[1].endswith(",") and lines[-1] == "]}" and len(lines) == 4
+    before = path.read_bytes()
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manifest_module, "_copy_all", full)
+    with pytest.raises(OSError):
+        write_manifest(j, path, {"name": "t"}, items)
+    j.close()
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "manifest.jsonl"]  # no temporaries left

@@ -89,3 +89,70 @@ def test_the_prompts_file_is_signed_when_the_job_is_loaded(tmp_path):
         job.validate()
     fresh = load_job(path)
     assert fresh.validate() == 2 and [i.id for i in fresh.items()] == ["a", "c"]
+
+
+# -- how many times a run streams the job file (issue 13: as few as the design allows) ------------
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Counts the passes over a JSONL job file (each opens the file once)."""
+    import batcher._job as job_module
+
+    count = [0]
+    real = job_module._stream_jsonl
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "_stream_jsonl", counting)
+    return count
+
+
+def _jsonl_job(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "job.jsonl"
+    path.write_text("".join(f'{{"id": "i{i}", "prompt": "p{i}", "size": "8x8"}}\n' for i in range(n)))
+    return path
+
+
+def test_a_local_run_streams_the_job_four_times_and_an_unchanged_rerun_twice(tmp_path, passes, api_key, monkeypatch):
+    from batcher import RunOptions, run_sync, status
+    from batcher._simulator import SimulatorConfig, start_in_thread
+
+    path = _jsonl_job(tmp_path, 12)
+    out = tmp_path / "out"
+    with start_in_thread(SimulatorConfig()) as sim:
+        options = RunOptions(out=str(out), base_url=sim.base_url)
+        assert run_sync(load_job(path), options).exit_code == 0
+        assert passes[0] == 4  # validate, count, feed, manifest (+ the checkpoint's current items, logged)
+        passes[0] = 0
+        assert run_sync(load_job(path), options).exit_code == 0
+        assert passes[0] == 2  # validate, count: nothing to send, manifest.json kept
+        with open(path, "a") as fh:
+            fh.write('{"id": "late", "prompt": "late", "size": "8x8"}\n')
+        passes[0] = 0
+        assert run_sync(load_job(path), options).exit_code == 0
+        assert passes[0] == 4
+    import batcher._status as status_module
+
+    # status answers from the checkpoint, whose current items came from the manifest writer's pass
+    monkeypatch.setattr(status_module, "_status", lambda *a: pytest.fail("status replayed the journal"))
+    info = status(out)
+    assert (info["total"], info["done"], info["pending"]) == (13, 13, 0)
+
+
+def test_a_sharded_run_streams_the_job_five_times(tmp_path, passes, api_key, monkeypatch):
+    """validate, count (with the plan's fingerprint), feed, the shard's manifest, the merged manifest."""
+    import uuid
+
+    from batcher import RunOptions, run_sync
+    from batcher._simulator import SimulatorConfig, start_in_thread
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = _jsonl_job(tmp_path, 12)
+    out = f"memory://selection-{uuid.uuid4().hex[:12]}/out"
+    with start_in_thread(SimulatorConfig()) as sim:
+        result = run_sync(load_job(path), RunOptions(out=out, base_url=sim.base_url))
+    assert result.exit_code == 0 and result.merged is not None and result.merged["done"] == 12
+    assert passes[0] == 5
