@@ -34,7 +34,7 @@ from typing import Any
 from ._records import RUN_KINDS, Entry, details, replay
 
 __all__ = ["Checkpoint", "SnapshotEntries", "refresh", "checkpoint_path", "SCHEMA_VERSION", "stamp_current",
-           "open_readonly", "current_stamped", "KeyLog"]
+           "open_readonly"]
 
 SCHEMA_VERSION = "2"
 PROBE = 4096  # bytes of the covered prefix digested at each end
@@ -420,77 +420,6 @@ def stamp_current(journal: Path, items_digest: str, items: Callable[[], Iterable
         return
     finally:
         cp.close()
-
-
-def current_stamped(journal: Path, items_digest: str) -> bool:
-    """Whether the checkpoint's `current` table already holds the items `items_digest` names."""
-    cp = Checkpoint.open(journal)
-    if cp is None:
-        return False
-    try:
-        return cp.meta("current") == items_digest
-    except sqlite3.Error:
-        return False
-    finally:
-        cp.close()
-
-
-class _Key:
-    __slots__ = ("id", "rhash")
-
-    def __init__(self, item_id: str, rhash: str) -> None:
-        self.id, self.rhash = item_id, rhash
-
-
-class KeyLog:
-    """The (id, request hash) of the items a pass streamed, kept in an anonymous temporary file.
-
-    >>> keys = KeyLog(out.root)
-    >>> write_manifest(journal, path, meta, keys.tee(items))   # the manifest writer's pass logs them
-    >>> stamp_current(journal, digest, keys.items if keys.complete else items)
-
-    So a run whose job's items changed stamps `current` from the pass that wrote the manifest, not
-    from one more pass over the job file (parsing and hashing every item: ~26 s per million). The
-    file is unlinked from the start (nothing to clean after a kill); lines are JSON (ids may hold
-    any character); memory stays constant.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.complete = False  # the last pass ran to its end
-        self._fh: Any = None
-
-    def tee(self, items: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[Any]]:
-        """`items`, logging each streamed item; each call starts the log over (a writer may stream twice)."""
-        def stream() -> Iterator[Any]:
-            self.complete = False
-            if self._fh is None:
-                import tempfile
-
-                self._fh = tempfile.TemporaryFile(dir=self.folder, prefix=".keys-")
-            fh = self._fh
-            fh.seek(0)
-            fh.truncate()
-            dumps = json.dumps
-            for item in items():
-                fh.write((dumps([item.id, item.rhash], ensure_ascii=False) + "\n").encode())
-                yield item
-            self.complete = True
-        return stream
-
-    def items(self) -> Iterator[Any]:
-        """The logged items (each with `id` and `rhash`), in order."""
-        assert self._fh is not None and self.complete
-        self._fh.flush()
-        self._fh.seek(0)
-        for raw in self._fh:
-            item_id, rhash = json.loads(raw)
-            yield _Key(item_id, rhash)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 def open_readonly(journal: Path) -> tuple[sqlite3.Connection, int] | None:

@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -253,7 +253,6 @@ class _Runner:
         self._files_checked = False  # every done entry the checkpoint hasn't verified was checked
         self._items_digest = hashlib.sha256()  # the job's (id, rhash) list: manifest.json's input
         self.layout = Layout()
-        self._keys: Any = None  # a KeyLog: the manifest writer's items, for the checkpoint's current items
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -486,13 +485,11 @@ class _Runner:
                 elif self.layout.manifest == SEGMENTS:
                     from ._segments import write_segments
 
-                    items = await anyio.to_thread.run_sync(self._manifest_items)
                     summary = await anyio.to_thread.run_sync(
-                        write_segments, self.journal, self.out.root, job_meta, items)
+                        write_segments, self.journal, self.out.root, job_meta, self._items)
                 else:
-                    items = await anyio.to_thread.run_sync(self._manifest_items)
                     summary = await anyio.to_thread.run_sync(
-                        write_manifest, self.journal, self.out.manifest, job_meta, items)
+                        write_manifest, self.journal, self.out.manifest, job_meta, self._items)
             except JobError as exc:  # changed during the run: its items are unknown, the journal is not
                 self.reporter.log(f"{self.out.manifest} not rewritten: {exc}", level="error")
                 manifest_ok = False
@@ -599,17 +596,6 @@ class _Runner:
             return self.out.root / SEGMENT_DIR / INDEX
         return self.out.manifest
 
-    def _manifest_items(self) -> Callable[[], Iterator[Item]]:
-        """The items the manifest writer streams; when the checkpoint does not hold them as its current
-        items yet (a new or changed job), their keys are logged on the way for `stamp_current`, which
-        then needs no pass of its own over the job file."""
-        from ._checkpoint import KeyLog, current_stamped
-
-        if self.sharded is not None or current_stamped(self.out.journal, self._items_digest.hexdigest()):
-            return self._items
-        self._keys = KeyLog(self.out.root)
-        return self._keys.tee(self._items)
-
     def _save_checkpoint(self, summary: dict[str, int], manifest_ok: bool) -> None:
         """Bring the checkpoint up to the journal's end (best effort: the journal stays the truth).
 
@@ -617,23 +603,16 @@ class _Runner:
         """
         from ._checkpoint import refresh, stamp_current, stamp_manifest
 
-        keys, self._keys = self._keys, None
         try:
-            try:
-                self.journal.sync()
-            except OSError:
-                return
-            checked = (self.journal.loaded_end, self._missing) if self._files_checked else None
-            if refresh(self.out.journal, checked=checked) is not None:
-                if manifest_ok:
-                    stamp_manifest(self.out.journal, self._manifest_file(), self._items_digest.hexdigest(), summary)
-                    # the items manifest.json holds, for `batcher status` (rewritten only when they changed),
-                    # from the manifest writer's pass when it logged them
-                    stamp_current(self.out.journal, self._items_digest.hexdigest(),
-                                  keys.items if keys is not None and keys.complete else self._items)
-        finally:
-            if keys is not None:
-                keys.close()
+            self.journal.sync()
+        except OSError:
+            return
+        checked = (self.journal.loaded_end, self._missing) if self._files_checked else None
+        if refresh(self.out.journal, checked=checked) is not None:
+            if manifest_ok:
+                stamp_manifest(self.out.journal, self._manifest_file(), self._items_digest.hexdigest(), summary)
+                # the items manifest.json holds, for `batcher status` (rewritten only when they changed)
+                stamp_current(self.out.journal, self._items_digest.hexdigest(), self._items)
 
     def _endpoint_stats(self) -> dict[str, dict[str, Any]]:
         return {e.name: {**e.stats, "cost": round(e.stats["cost"], 6), "retired": e.retired,
