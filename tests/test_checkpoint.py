@@ -238,21 +238,3 @@ def test_a_small_output_checks_every_file_every_run_large_ones_only_unchecked(tm
     assert run(job, out, sim) == 0
     assert sim.stats()["requests"] == requests and not (out / "images" / "a.png").exists()
 
-
-def test_keylog_logs_the_last_whole_pass_and_survives_any_id(tmp_path):
-    from types import SimpleNamespace
-
-    from batcher._checkpoint import KeyLog
-
-    items = [SimpleNamespace(id=i, rhash=f"h{n}") for n, i in enumerate(["a", "tab\tid", "line\nid", "ünï"])]
-    keys = KeyLog(tmp_path)
-    stream = keys.tee(lambda: iter(items))
-    assert [i.id for i in stream()] == [i.id for i in items] and keys.complete
-    partial = stream()
-    next(partial)
-    partial.close()  # a pass cut short (a job changed mid-pass): not complete, never used
-    assert not keys.complete
-    assert [i.id for i in stream()] == [i.id for i in items]  # a second whole pass starts the log over
-    assert [(k.id, k.rhash) for k in keys.items()] == [(i.id, i.rhash) for i in items]
-    keys.close()
-    assert list(tmp_path.iterdir()) == []  # anonymous: nothing left in the folder
