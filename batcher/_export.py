@@ -1,4 +1,4 @@
-"""`batcher export OUT --format F --to DIR`: an output folder as a dataset other tools load.
+"""`batcher export OUT --format F --to DIR`: an output (a folder or `s3://...`) as a dataset other tools load.
 
     >>> batcher.export("output/example", "imagefolder", "datasets/example")
     {'format': 'imagefolder', 'items': 5, 'images': 6, 'failed': 0, 'missing': 0, 'shards': 0}
@@ -9,7 +9,7 @@ Formats:
     openai-batch   DIR/results.jsonl in the Batch API's output format, images in DIR/images/
 
 Read-only on OUT: items stream from `OUT/manifest.json` (constant memory) and images are
-hard-linked (copied across file systems). The export is built in a temporary sibling of DIR and
+hard-linked (copied across file systems; downloaded one at a time from object storage). The export is built in a temporary sibling of DIR and
 renamed into place, so a killed export never leaves a DIR that looks finished. DIR must be
 absent, empty, or an earlier export of the same format (which is replaced).
 """
@@ -31,7 +31,7 @@ from typing import Any
 
 from ._exceptions import ManifestError, OutputError
 from ._ids import safe_stem
-from ._manifest import iter_manifest
+from ._output import FolderOutput, OutputReader, OutsideError, is_inside, open_output
 
 __all__ = ["export", "FORMATS"]
 
@@ -56,9 +56,8 @@ def export(
         raise ValueError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
     if shard_size < 1:
         raise ValueError("shard_size must be ≥ 1")
-    root, dest = Path(out), Path(to)
-    manifest = root / "manifest.json"
-    iter_manifest(manifest)[1].close()  # a missing or foreign manifest fails before DIR is touched
+    reader, dest = open_output(out), Path(to)
+    reader.manifest()[1].close()  # a missing or foreign manifest fails before DIR is touched
     _check_destination(dest, fmt)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(dest)
@@ -66,9 +65,9 @@ def export(
     tmp.mkdir()
     try:
         counts = {"format": fmt, "items": 0, "images": 0, "failed": 0, "missing": 0, "shards": 0}
-        _WRITERS[fmt](_Source(root, manifest, include_failed), tmp, counts, shard_size)
-        (tmp / MARKER).write_text(json.dumps({"format": fmt, "source": str(root.resolve()),
-                                              "counts": counts}) + "\n")
+        _WRITERS[fmt](_Source(reader, include_failed), tmp, counts, shard_size)
+        source = str(reader.root.resolve()) if isinstance(reader, FolderOutput) else reader.where
+        (tmp / MARKER).write_text(json.dumps({"format": fmt, "source": source, "counts": counts}) + "\n")
         _swap_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,38 +81,36 @@ def export(
 class _Source:
     """The items an export takes from OUT, with their image files checked to stay inside OUT."""
 
-    def __init__(self, root: Path, manifest: Path, include_failed: bool) -> None:
-        self.root = root
-        self.manifest = manifest
+    def __init__(self, reader: OutputReader, include_failed: bool) -> None:
+        self.reader = reader
+        self.manifest = reader.url_of("manifest.json")
         self.statuses = ("done", "failed") if include_failed else ("done",)
-        self._root = str(root)
-        self._real_root = os.path.realpath(root)
 
     def items(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(line number, item) for every exported item; pending items never."""
-        _, items = iter_manifest(self.manifest)
+        _, items = self.reader.manifest()
         for lineno, item in enumerate(items, start=2):
             if item["status"] in self.statuses:
                 yield lineno, item
 
     def image(self, file: Any, lineno: int) -> str | None:
-        """The image's path in OUT, or None when it is gone from disk.
-
-        Plain strings, not pathlib: pathlib interns every path part, and an interpreter-wide table
-        growing by one entry per image would break the constant-memory promise.
-        """
+        """The image's handle in OUT (a path in a folder, a name in a store), or None when it is gone."""
         if not is_inside(file):
-            raise ManifestError(f"{self.manifest}:{lineno}: images.file: {file!r} is not a path inside {self.root}")
-        path = os.path.join(self._root, file)
-        if not os.path.realpath(path).startswith(self._real_root + os.sep):
-            raise ManifestError(f"{self.manifest}:{lineno}: images.file: {file!r} leads outside {self.root}")
-        return path if os.path.isfile(path) else None
+            raise ManifestError(f"{self.manifest}:{lineno}: images.file: {file!r} is not a path inside "
+                                f"{self.reader.where}")
+        try:
+            return self.reader.find(file)
+        except OutsideError:
+            raise ManifestError(f"{self.manifest}:{lineno}: images.file: {file!r} leads outside "
+                                f"{self.reader.where}") from None
 
-
-def is_inside(file: Any) -> bool:
-    """Whether a manifest's image `file` is a relative path that stays inside OUT."""
-    return (isinstance(file, str) and file != "" and not file.startswith("/") and "\\" not in file
-            and ".." not in file.split("/") and "\x00" not in file)
+    def place(self, handle: str, dst: str) -> None:
+        """Put the image at `dst`: hard-linked from a folder (copied across file systems), downloaded from a store."""
+        local = self.reader.local_path(handle)
+        if local is not None:
+            _link(local, dst)
+        else:
+            self.reader.copy(handle, dst)
 
 
 def _common(item: dict[str, Any]) -> dict[str, Any]:
@@ -127,15 +124,6 @@ def _optional(item: dict[str, Any]) -> dict[str, Any]:
     return {k: item[k] for k in ("vars", "cost", "endpoint") if item.get(k) is not None}
 
 
-_LINE_SAFE = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
-
-
-def _jsonl(obj: Any) -> str:
-    """One JSONL line. U+2028/U+2029/U+0085 are escaped: `str.splitlines()` and some JSONL readers
-    treat them as line breaks, which would split a line inside a prompt."""
-    return json.dumps(obj, ensure_ascii=False).translate(_LINE_SAFE) + "\n"
-
-
 def _link(src: str, dst: str) -> None:
     """Hard-link when OUT and DIR share a file system (no bytes copied), else copy."""
     try:
@@ -144,6 +132,15 @@ def _link(src: str, dst: str) -> None:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
             raise
         shutil.copyfile(src, dst)
+
+
+_LINE_SAFE = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def _jsonl(obj: Any) -> str:
+    """One JSONL line. U+2028/U+2029/U+0085 are escaped: `str.splitlines()` and some JSONL readers
+    treat them as line breaks, which would split a line inside a prompt."""
+    return json.dumps(obj, ensure_ascii=False).translate(_LINE_SAFE) + "\n"
 
 
 # -- imagefolder ----------------------------------------------------------------------------
@@ -200,7 +197,7 @@ def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: in
                     counts["missing"] += 1
                     continue
                 name = os.path.basename(path)
-                _link(path, os.path.join(train_dir, name))
+                src.place(path, os.path.join(train_dir, name))
                 row = {**base, "file_name": name, "image_index": index,
                        "revised_prompt": image.get("revised_prompt"), "endpoint": item.get("endpoint"),
                        "cost": item["cost"] / len(images) if item.get("cost") is not None else None, **extra}
@@ -262,7 +259,8 @@ def _webdataset(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int
                 key = _sample_key(seq, stem)
                 if path is not None:
                     ext = os.path.splitext(path)[1].lstrip(".").lower() or "bin"
-                    shard.add(path, arcname=f"{key}.{ext}", recursive=False, filter=plain)
+                    with src.reader.local_file(path, str(tmp)) as local:
+                        shard.add(local, arcname=f"{key}.{ext}", recursive=False, filter=plain)
                     counts["images"] += 1
                 add_bytes(f"{key}.json", json.dumps(record, ensure_ascii=False).encode())
                 shard.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every TarInfo it wrote; a writer never reads them back
@@ -318,7 +316,7 @@ def _openai_batch(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: i
                         counts["missing"] += 1
                         continue
                     name = os.path.basename(path)
-                    _link(path, os.path.join(images, name))
+                    src.place(path, os.path.join(images, name))
                     data.append({"file": f"images/{name}", "revised_prompt": image.get("revised_prompt")})
                     counts["images"] += 1
                 counts["items"] += 1

@@ -10,7 +10,8 @@ not 10,000 DOM subtrees up front. Every user string reaches the DOM through `tex
 as markup; the embedded JSON escapes `<`, `>`, `&`, U+2028 and U+2029 so no prompt can close the
 `<script>` element that holds it.
 
-Writing streams the manifest (constant memory) into a temporary file renamed into place.
+Writing streams the manifest (constant memory) into a temporary file renamed into place; for an
+output in object storage (`s3://...`) that file is then put into the store as `report.html`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import hashlib
 import html
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from ._export import is_inside
-from ._manifest import iter_manifest
+from ._output import FolderOutput, OutputReader, is_inside, open_output
 from ._records import failure_code
 
 __all__ = ["report"]
@@ -42,16 +43,29 @@ def script_json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)
 
 
-def report(out: str | Path) -> Path:
-    """Write `OUT/report.html` from `OUT/manifest.json`; return its path."""
-    root = Path(out)
-    header, items = iter_manifest(root / "manifest.json")
+def report(out: str | Path) -> Path | str:
+    """Write `OUT/report.html` from `OUT/manifest.json`; return its path (its URL in object storage).
+
+    In object storage the page is built in a local temporary file, then put in one request that
+    replaces any earlier report (readers see the old page or the new one, never part of one).
+    """
+    reader = open_output(out)
+    if isinstance(reader, FolderOutput):
+        return _write(reader, reader.root)
+    with tempfile.TemporaryDirectory(prefix="batcher-report-") as tmp:
+        path = _write(reader, Path(tmp))
+        return reader.put(REPORT_NAME, path)
+
+
+def _write(reader: OutputReader, folder: Path) -> Path:
+    """Write the report of `reader`'s manifest as `folder/report.html` (temp file, then rename)."""
+    header, items = reader.manifest()
     job: dict[str, Any] = header["job"] if isinstance(header.get("job"), dict) else {}
-    title = f"batcher report: {job.get('name') or root.name}"
+    title = f"batcher report: {job.get('name') or reader.name}"
     summary: dict[str, Any] = {"total": 0, "done": 0, "failed": 0, "pending": 0, "images": 0, "cost": None,
                                "codes": {}}
-    path = root / REPORT_NAME
-    tmp = root / f".{REPORT_NAME}.tmp-{os.getpid()}"
+    path = folder / REPORT_NAME
+    tmp = folder / f".{REPORT_NAME}.tmp-{os.getpid()}"
     try:
         # backslashreplace: a lone surrogate (legal in JSON escapes) becomes a JSON escape again
         with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as fh:

@@ -31,7 +31,7 @@ from typing import Any
 from ._exceptions import ManifestError
 from ._records import RUN_KINDS, Entry, ManifestItem, check_fields, manifest_item, pending_item, replay, utc_now
 
-__all__ = ["Journal", "Entry", "RecordLines", "needs_run", "write_manifest", "count_items", "iter_manifest", "utc_now", "MANIFEST_VERSION"]
+__all__ = ["Journal", "Entry", "RecordLines", "needs_run", "write_manifest", "count_items", "iter_manifest", "read_manifest", "utc_now", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 1
 # how every record line starts (json.dumps of a dict whose first key is "t"), cut anywhere
@@ -423,6 +423,15 @@ def iter_manifest(path: Path) -> tuple[dict[str, Any], _Items]:
         raise ManifestError(f"{path}: no manifest here; `batcher run` writes it at the end of every run") from None
     except OSError as exc:
         raise ManifestError(f"{path}: can't read the manifest: {exc.strerror}") from None
+    return read_manifest(fh, str(path))
+
+
+def read_manifest(fh: Any, where: str) -> tuple[dict[str, Any], _Items]:
+    """`iter_manifest` on an open binary file (a local file or an object store's), named `where` in errors.
+
+    Takes ownership of `fh`: it is closed when the items are exhausted or closed, or on an error.
+    """
+    path = where
     try:
         first = fh.readline()
         head = first.rstrip(b"\r\n")
@@ -469,7 +478,7 @@ class _Items(Iterator[dict[str, Any]]):
         self._fh.close()
 
 
-def _manifest_items(path: Path, fh: Any) -> Iterator[dict[str, Any]]:
+def _manifest_items(path: Path | str, fh: Any) -> Iterator[dict[str, Any]]:
     with fh:
         lineno = 1
         expect_more = True  # the previous item line ended in `,` (or none was read yet)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ._job import Endpoint, Item, Job, Selection
 from ._manifest import Journal, needs_run
+from ._output import FolderOutput, OutputReader, open_output
 
 __all__ = ["PriceTable", "BudgetLimits", "Budget", "plan", "endpoint_prices", "item_price", "PRICE_KEYS"]
 
@@ -137,20 +138,27 @@ def plan(job: Job, out: str | Path | None = None, *, retry_failed: bool = False,
     >>> plan(load_job("jobs/example.yaml"), "output/example")["send"]["images"]
     5
     Streams the job once; nothing is sent. Items `out` already has (done, or failed for good
-    unless `retry_failed`) are counted apart. `selection`: the endpoints (`--endpoint`) to plan for.
+    unless `retry_failed`) are counted apart; `out` may be a folder or `s3://...` (sharded or not).
+    `selection`: the endpoints (`--endpoint`) to plan for.
     """
     selection = selection or Selection()
     selection.validate(job)
+    if out is None:
+        return _plan(job, selection, None, None, None, retry_failed)
+    reader = open_output(out)
+    with reader.journal() as journal:  # a folder's or a store's (every shard's, merged)
+        return _plan(job, selection, out, reader, journal, retry_failed)
+
+
+def _plan(job: Job, selection: Selection, out: str | Path | None, reader: OutputReader | None,
+          journal: Journal | None, retry_failed: bool) -> dict[str, Any]:
     live = selection.live(job)
     tables = endpoint_prices(job)
-    journal = None
-    if out is not None and (Path(out) / "manifest.jsonl").is_file():
-        journal = Journal.read(Path(out) / "manifest.jsonl")
     at_provider: Mapping[str, str] = {}
-    if journal is not None and out is not None:
+    if journal is not None and isinstance(reader, FolderOutput):  # `run --batch` writes to a folder only
         from ._batch import BatchBook
 
-        at_provider = BatchBook(Path(out), journal.runs).at_provider  # submitted in batches: already charged
+        at_provider = BatchBook(reader.root, journal.runs).at_provider  # submitted in batches: already charged
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     total = have = submitted = 0
     send = {"requests": 0, "images": 0, "cost": 0.0, "unpriced_requests": 0}

@@ -10,7 +10,8 @@ from typing import Any
 
 from ._exceptions import ManifestError
 from ._ids import request_hash
-from ._manifest import Journal, iter_manifest
+from ._manifest import Journal
+from ._output import FolderOutput, OutputReader, open_output
 from ._records import check_fields, details, kind
 
 __all__ = ["status", "short_reason"]
@@ -21,26 +22,22 @@ def status(out: str | Path) -> dict[str, Any]:
 
     A sharded output (or one on object storage) is read through all shards' merged segments.
     """
-    text = str(out)
-    root = Path(out)
-    if "://" in text or (not (root / "manifest.jsonl").is_file() and (root / "segments").is_dir()):
-        from ._store import merged_journal, open_store
+    reader = open_output(out)
+    if isinstance(reader, FolderOutput) and (journal_path := reader.journal_path) is not None:
+        # a single run's journal: answered from its checkpoint when it can
+        from ._batch import batch_rows
 
-        store = open_store(out)
-        with merged_journal(store) as journal:
-            info = _status(journal.path, None if "://" in text else root, journal)
-        info["out"] = text
-        info["shards"] = _shard_markers(store)
+        fast = _from_checkpoint(reader.root, journal_path)
+        # replayed by `_records.replay` (`Journal.read`: a clear ManifestError on a corrupt journal)
+        info = fast if fast is not None else _status(journal_path, reader)
+        info["batches"] = batch_rows(journal_path)  # provider batches (`run --batch`), as the journal last saw them
         return info
-    journal_path = root / "manifest.jsonl"
-    if not journal_path.is_file():
-        raise ManifestError(f"{root}: no batcher manifest here (missing {journal_path.name})")
-    from ._batch import batch_rows
-
-    fast = _from_checkpoint(root, journal_path)
-    # replayed by `_records.replay` (`Journal.read`: a clear ManifestError on a corrupt journal)
-    info = fast if fast is not None else _status(journal_path, root)
-    info["batches"] = batch_rows(journal_path)  # provider batches (`run --batch`), as the journal last saw them
+    with reader.journal() as journal:  # every shard's segments, merged (a folder's or a store's)
+        if journal is None:
+            raise ManifestError(f"{reader.where}: no batcher manifest here (missing manifest.jsonl)")
+        info = _status(journal.path, reader, journal)
+    info["out"] = str(out)
+    info["shards"] = _shard_markers(reader.store)
     return info
 
 
@@ -69,15 +66,26 @@ _PENDING: dict[str, Any] = {"status": "pending", "code": None, "message": None, 
                             "endpoint": None, "rhash": None}
 
 
-def _current_items(manifest: Path) -> dict[str, str | None] | None:
+def _current_items(reader: OutputReader) -> dict[str, str | None] | None:
     """Each item id of `manifest.json` with its request hash; None when it can't be read."""
     try:
-        _header, items = iter_manifest(manifest)
+        _header, items = reader.manifest()
         with closing(items):
             return {item["id"]: request_hash(item["request"]) if isinstance(item.get("request"), dict) else None
                     for item in items}
     except (ManifestError, OSError, TypeError, ValueError):
         return None
+
+
+def _manifest_total(reader: OutputReader) -> int | None:
+    """The item count in the manifest's header (when its items can't be read)."""
+    try:
+        header, items = reader.manifest()
+        items.close()
+        total = header["summary"]["total"]
+    except (ManifestError, OSError, KeyError, TypeError, ValueError):
+        return None
+    return total if isinstance(total, int) else None
 
 
 def _latest(journal: Journal) -> dict[str, dict[str, Any]]:
@@ -96,15 +104,15 @@ def _latest(journal: Journal) -> dict[str, dict[str, Any]]:
     return latest
 
 
-def _status(journal_path: Path, root: Path | None, journal: Journal | None = None) -> dict[str, Any]:
-    """The status of the output at `root` (None: not a local folder) from its journal, replayed."""
+def _status(journal_path: Path, out: OutputReader | Path, journal: Journal | None = None) -> dict[str, Any]:
+    """The status of the output `out` (a reader, or a folder's path) from its journal, replayed."""
+    reader = out if isinstance(out, OutputReader) else FolderOutput(out)
     if journal is None:
         journal = Journal.read(journal_path)
     latest = _latest(journal)
     runs = [rec.get("at", "") for rec in journal.runs if kind(rec) == "run"]
-    manifest = root / "manifest.json" if root is not None else None
-    segmented = root is not None and (root / "manifest.d" / "index.json").is_file()  # see _segments
-    current = _current_items(manifest) if manifest is not None and (manifest.is_file() or segmented) else None
+    has_manifest = reader.has_manifest()
+    current = _current_items(reader) if has_manifest else None
     if current is not None:
         # the items of the job as the last run saw it: records of ids or requests it no longer has
         # (a changed --size makes new derived ids) are history, not items
@@ -131,24 +139,19 @@ def _status(journal_path: Path, root: Path | None, journal: Journal | None = Non
             group["count"] += 1
             reason = short_reason(info["message"])
             group["reasons"][reason] = group["reasons"].get(reason, 0) + 1
-        for image in info["images"] if root is not None else ():
-            path = root / image["file"]
-            if path.is_file():
-                images += 1
-                nbytes += path.stat().st_size
+    files = [image["file"] for info in latest.values() for image in info["images"]]
+    sizes = reader.sizes(files)  # a folder stats each file; a store lists each folder once
+    for file in files:
+        if file in sizes:
+            images += 1
+            nbytes += sizes[file]
     total = len(current) if current is not None else None
-    if current is None and manifest is not None and manifest.is_file():
-        try:
-            with open(manifest, "rb") as fh:
-                head = fh.read(65536).decode("utf-8", "replace")
-            start = head.index('"summary": ') + len('"summary": ')
-            total = json.loads(head[start : head.index("}", start) + 1]).get("total")
-        except (ValueError, OSError):
-            total = None
+    if current is None and has_manifest:
+        total = _manifest_total(reader)
     if total is not None:
         totals["pending"] = max(total - totals["done"] - totals["failed"], totals["pending"])
     return {
-        "out": str(root) if root is not None else "",
+        "out": reader.where,
         "total": total if total is not None else sum(totals.values()),
         **totals,
         "failures": {code: {**g, "reasons": dict(sorted(g["reasons"].items(), key=lambda kv: -kv[1]))}
@@ -156,7 +159,7 @@ def _status(journal_path: Path, root: Path | None, journal: Journal | None = Non
         "images": made,
         "cost": round(cost, 6) if cost is not None else None,
         "endpoints": by_endpoint,
-        "images_on_disk": images if root is not None else None,
+        "images_on_disk": images,
         "bytes_on_disk": nbytes,
         "first_run": runs[0] if runs else None,
         "last_run": runs[-1] if runs else None,

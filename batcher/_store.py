@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ._exceptions import ManifestError, OutputError
 from ._manifest import Journal, RecordLines, utc_now, write_manifest
@@ -154,6 +154,15 @@ class Store:
     def iter_lines(self, rel: str) -> Iterator[bytes]:
         """The object's lines, streamed, each with its newline (the last may lack one)."""
         raise NotImplementedError
+
+    def open(self, rel: str) -> BinaryIO:
+        """The object opened for streaming reads; FileNotFoundError when it doesn't exist."""
+        raise NotImplementedError
+
+    def get(self, rel: str, dst: str | os.PathLike[str]) -> None:
+        """Copy the object into the local file `dst` (streamed, not held in memory)."""
+        with self.open(rel) as src, open(dst, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
 
     def size(self, rel: str) -> int | None:
         """The object's size, or None when it doesn't exist."""
@@ -296,6 +305,9 @@ class LocalStore(Store):
         with open(self.root / rel, "rb") as fh:
             yield from fh
 
+    def open(self, rel: str) -> BinaryIO:
+        return open(self.root / rel, "rb")
+
     def size(self, rel: str) -> int | None:
         try:
             st = (self.root / rel).stat()
@@ -367,6 +379,12 @@ class ObjectStore(Store):
     def iter_lines(self, rel: str) -> Iterator[bytes]:
         with self.fs.open(self._path(rel), "rb") as fh:
             yield from fh
+
+    def open(self, rel: str) -> BinaryIO:
+        return self.fs.open(self._path(rel), "rb")  # type: ignore[no-any-return]
+
+    def get(self, rel: str, dst: str | os.PathLike[str]) -> None:
+        self.fs.get_file(self._path(rel), os.fspath(dst))
 
     def size(self, rel: str) -> int | None:
         path = self._path(rel)
