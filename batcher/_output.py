@@ -163,7 +163,7 @@ class FolderOutput(OutputReader):
         return iter_manifest(self.root / MANIFEST)  # also a large output's segmented manifest.d/
 
     def has_manifest(self) -> bool:
-        from ._segments import SEGMENT_DIR, INDEX  # see _segments
+        from ._segments import INDEX, SEGMENT_DIR  # see _segments
 
         return (self.root / MANIFEST).is_file() or (self.root / SEGMENT_DIR / INDEX).is_file()
 

@@ -381,7 +381,7 @@ class ObjectStore(Store):
             yield from fh
 
     def open(self, rel: str) -> BinaryIO:
-        return self.fs.open(self._path(rel), "rb")  # type: ignore[no-any-return]
+        return self.fs.open(self._path(rel), "rb")
 
     def get(self, rel: str, dst: str | os.PathLike[str]) -> None:
         self.fs.get_file(self._path(rel), os.fspath(dst))
