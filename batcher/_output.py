@@ -23,19 +23,14 @@ from typing import Any
 
 from ._exceptions import ManifestError
 from ._manifest import Journal, iter_manifest, read_manifest
-from ._store import LOCAL_JOURNAL, MANIFEST, SEGMENTS, LocalStore, Store, merged_journal, open_store
+from ._manifest import _Items as ManifestItems
+from ._store import LOCAL_JOURNAL, MANIFEST, SEGMENTS, LocalStore, Store, is_remote, merged_journal, open_store
 
-__all__ = ["OutputReader", "FolderOutput", "StoreOutput", "OutsideError", "open_output", "is_remote"]
+__all__ = ["OutputReader", "FolderOutput", "StoreOutput", "OutsideError", "open_output"]
 
 
 class OutsideError(ValueError):
     """A file name that leads outside the output (a `..` part, or a symbolic link out of a folder)."""
-
-
-def is_remote(out: str | os.PathLike[str]) -> bool:
-    """An object-storage URL (`s3://`, `gs://`, `memory://`), not a local folder."""
-    text = os.fspath(out)
-    return "://" in text and not text.startswith("file://")
 
 
 class OutputReader:
@@ -56,12 +51,7 @@ class OutputReader:
     def url_of(self, rel: str) -> str:
         return self.store.url_of(rel)
 
-    @property
-    def sharded(self) -> bool:
-        """Whether shards' journal segments are here (then the journal is their merge)."""
-        return bool(self.store.list(SEGMENTS))
-
-    def manifest(self) -> tuple[dict[str, Any], Any]:
+    def manifest(self) -> tuple[dict[str, Any], ManifestItems]:
         """`manifest.json`'s header and its items, streamed (see `_manifest.iter_manifest`)."""
         try:
             fh = self.store.open(MANIFEST)
@@ -151,6 +141,7 @@ class FolderOutput(OutputReader):
 
     @property
     def sharded(self) -> bool:
+        """Whether shards' journal segments are here (then the journal is their merge)."""
         return (self.root / SEGMENTS).is_dir()
 
     @property
@@ -159,7 +150,7 @@ class FolderOutput(OutputReader):
         path = self.root / LOCAL_JOURNAL
         return path if not self.sharded and path.is_file() else None
 
-    def manifest(self) -> tuple[dict[str, Any], Any]:
+    def manifest(self) -> tuple[dict[str, Any], ManifestItems]:
         return iter_manifest(self.root / MANIFEST)  # also a large output's segmented manifest.d/
 
     def has_manifest(self) -> bool:

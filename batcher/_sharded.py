@@ -36,6 +36,7 @@ from ._store import (
     Store,
     buffer_dir_for,
     current_markers,
+    is_remote,
     iter_merged_records,
     merge,
     open_store,
@@ -43,12 +44,6 @@ from ._store import (
 )
 
 __all__ = ["ShardedOutput", "is_remote", "read_store_plan", "write_store_plan"]
-
-
-def is_remote(out: str | os.PathLike[str]) -> bool:
-    """An object-storage URL (`s3://`, `gs://`, `memory://`), not a local folder."""
-    text = str(out)
-    return "://" in text and not text.startswith("file://")
 
 
 def read_store_plan(store: Store) -> Plan | None:

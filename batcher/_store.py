@@ -57,6 +57,7 @@ __all__ = [
     "buffer_dir_for",
     "recover_buffers",
     "open_store",
+    "is_remote",
     "iter_merged_records",
     "merged_journal",
     "merge",
@@ -406,10 +407,16 @@ class ObjectStore(Store):
                 for e in entries if e.get("type") == "file"]
 
 
+def is_remote(out: str | os.PathLike[str]) -> bool:
+    """An object-storage URL (`s3://`, `gs://`, `memory://`), not a local folder (`file://` is one)."""
+    text = os.fspath(out)
+    return "://" in text and not text.startswith("file://")
+
+
 def open_store(out: str | os.PathLike[str], **options: Any) -> Store:
     """A `Store` for `OUT`: `scheme://...` is object storage, anything else a local folder."""
     text = os.fspath(out)
-    if "://" in text and not text.startswith("file://"):
+    if is_remote(text):
         return ObjectStore(text, **options)
     return LocalStore(text.removeprefix("file://"))
 
