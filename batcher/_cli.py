@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="what a run would send and cost, by model/size/quality; sends nothing")
     pl.add_argument("job")
-    pl.add_argument("--out", help="count only what this output folder does not have yet")
+    pl.add_argument("--out", help="count only what this output (folder or s3:// URL) does not have yet")
     pl.add_argument("--retry-failed", action="store_true", help="count permanently failed items as to send")
     pl.add_argument("--endpoint", action="append", default=[], metavar="NAME",
                     help="plan for only this of the job's endpoints; repeatable")
@@ -262,16 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", type=_field, action="append", default=[], metavar="FIELD=VALUE",
                     help="any request field override; repeatable")
 
-    st = sub.add_parser("status", help="what an output folder holds: totals, failures, files")
-    st.add_argument("out")
+    st = sub.add_parser("status", help="what an output holds: totals, failures, files")
+    st.add_argument("out", help="output folder or s3:// URL")
     st.add_argument("--json", action="store_true", help="print one JSON object")
 
     m = sub.add_parser("merge", help="write OUT/manifest.json from every shard's journal segments")
     m.add_argument("out", help="output folder or s3:// URL")
     m.add_argument("--job", help="the job file, for pending items and the job's order (default: what the journal knows)")
 
-    ex = sub.add_parser("export", help="write an output folder as a dataset (imagefolder, webdataset, openai-batch)")
-    ex.add_argument("out", help="output folder of a run")
+    ex = sub.add_parser("export", help="write an output as a dataset (imagefolder, webdataset, openai-batch)")
+    ex.add_argument("out", help="output folder or s3:// URL of a run")
     ex.add_argument("--format", required=True, choices=("imagefolder", "webdataset", "openai-batch"))
     ex.add_argument("--to", required=True, metavar="DIR",
                     help="destination: absent, empty, or an earlier export of the same format (replaced)")
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object")
 
     rp = sub.add_parser("report", help="write OUT/report.html: a static gallery of the items")
-    rp.add_argument("out", help="output folder of a run")
+    rp.add_argument("out", help="output folder or s3:// URL of a run")
 
     s = sub.add_parser("simulate", help="serve a local simulator of the OpenAI Images API")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
