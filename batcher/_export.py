@@ -16,16 +16,20 @@ absent, empty, or an earlier export of the same format (which is replaced).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import shutil
 import tarfile
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +69,13 @@ def export(
     tmp.mkdir()
     try:
         counts = {"format": fmt, "items": 0, "images": 0, "failed": 0, "missing": 0, "shards": 0}
-        _WRITERS[fmt](_Source(reader, include_failed), tmp, counts, shard_size)
+        scratch = tmp / ".fetch"  # a store's downloads, moved into the export or removed
+        src = _Source(reader, include_failed, scratch)
+        try:
+            _WRITERS[fmt](src, tmp, counts, shard_size)
+        finally:
+            src.close()  # no download still writes once the export is done or has failed
+        shutil.rmtree(scratch, ignore_errors=True)
         source = str(reader.root.resolve()) if isinstance(reader, FolderOutput) else reader.where
         (tmp / MARKER).write_text(json.dumps({"format": fmt, "source": source, "counts": counts}) + "\n")
         _swap_into_place(tmp, dest)
@@ -78,26 +88,94 @@ def export(
 # -- reading OUT ----------------------------------------------------------------------------
 
 
-class _Source:
-    """The items an export takes from OUT, with their image files checked to stay inside OUT."""
+PREFETCH = 16  # images downloaded ahead, in parallel, from object storage (a folder's are hard-linked)
+_Fetches = dict[str, deque[Future[str | None]]]  # one item's downloads, by file name
+_Row = tuple[int, dict[str, Any], _Fetches, int]  # line number, item, downloads, images in the window
 
-    def __init__(self, reader: OutputReader, include_failed: bool) -> None:
+
+class _Source:
+    """The items an export takes from OUT, with their image files checked to stay inside OUT.
+
+    From a folder an image's handle is its path (hard-linked into DIR). From object storage each
+    done item's images are downloaded `PREFETCH` at a time ahead of the writer into `scratch`
+    (inside DIR's temporary folder), so the writer finds them on disk, in manifest order; the
+    handle is the downloaded file, moved into place.
+    """
+
+    def __init__(self, reader: OutputReader, include_failed: bool, scratch: Path) -> None:
         self.reader = reader
         self.manifest = reader.url_of("manifest.json")
         self.statuses = ("done", "failed") if include_failed else ("done",)
+        self.local = isinstance(reader, FolderOutput)
+        self.scratch = scratch
+        self._fetched: _Fetches = {}  # the current item's downloads
+        self._seq = itertools.count()
+        self._pool: ThreadPoolExecutor | None = None
 
-    def items(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(line number, item) for every exported item; pending items never."""
+    def items(self, images: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(line number, item) for every exported item; pending items never. With `images`, a
+        store's images are fetched ahead (a pass that reads only metadata passes False)."""
         _, items = self.reader.manifest()
-        for lineno, item in enumerate(items, start=2):
-            if item["status"] in self.statuses:
-                yield lineno, item
+        rows = ((lineno, item) for lineno, item in enumerate(items, start=2) if item["status"] in self.statuses)
+        if self.local or not images:
+            yield from rows
+            return
+        yield from self._fetching(rows)
+
+    def _fetching(self, rows: Iterator[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        window: deque[_Row] = deque()
+        queued = 0
+        self._pool = pool = ThreadPoolExecutor(PREFETCH, thread_name_prefix="batcher-export")
+        try:
+            for lineno, item in rows:
+                fetches: _Fetches = {}
+                images = item.get("images") if item["status"] == "done" else None
+                for image in images if isinstance(images, list) else ():
+                    file = image.get("file") if isinstance(image, dict) else None
+                    if is_inside(file):  # others raise, in order, when the writer asks for them
+                        fetches.setdefault(file, deque()).append(pool.submit(self._download, file))
+                weight = max(1, sum(map(len, fetches.values())))
+                window.append((lineno, item, fetches, weight))
+                queued += weight
+                while queued >= PREFETCH:
+                    queued -= window[0][3]
+                    yield self._current(window.popleft())
+            while window:
+                yield self._current(window.popleft())
+        finally:
+            self.close()  # an export that stops early downloads no more
+
+    def close(self) -> None:
+        """Stop fetching: queued downloads are dropped, running ones finish before this returns."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _current(self, entry: _Row) -> tuple[int, dict[str, Any]]:
+        lineno, item, self._fetched, _ = entry
+        return lineno, item
+
+    def _download(self, file: str) -> str | None:
+        """Download one image into its own scratch folder (its file name is kept); None if it is gone."""
+        folder = self.scratch / str(next(self._seq))
+        folder.mkdir(parents=True)
+        path = str(folder / os.path.basename(file))
+        try:
+            self.reader.copy(file, path)
+        except FileNotFoundError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return None
+        return path
 
     def image(self, file: Any, lineno: int) -> str | None:
-        """The image's handle in OUT (a path in a folder, a name in a store), or None when it is gone."""
+        """The image's handle (a path on this machine), or None when it is gone from OUT."""
         if not is_inside(file):
             raise ManifestError(f"{self.manifest}:{lineno}: images.file: {file!r} is not a path inside "
                                 f"{self.reader.where}")
+        if not self.local:
+            queue = self._fetched.get(file)
+            return queue.popleft().result() if queue else self._download(file)
         try:
             return self.reader.find(file)
         except OutsideError:
@@ -105,12 +183,21 @@ class _Source:
                                 f"{self.reader.where}") from None
 
     def place(self, handle: str, dst: str) -> None:
-        """Put the image at `dst`: hard-linked from a folder (copied across file systems), downloaded from a store."""
-        local = self.reader.local_path(handle)
-        if local is not None:
-            _link(local, dst)
+        """Put the image at `dst`: hard-linked from a folder (copied across file systems); a download is moved."""
+        if self.local:
+            _link(handle, dst)
         else:
-            self.reader.copy(handle, dst)
+            os.replace(handle, dst)
+
+    @contextlib.contextmanager
+    def opened(self, handle: str) -> Iterator[str]:
+        """The image as a path to read once (a download is removed after)."""
+        try:
+            yield handle
+        finally:
+            if not self.local:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(handle)
 
 
 def _common(item: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +253,7 @@ def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: in
     # columns, as the loader requires; memory holds the variable names only.
     var_names: set[str] = set()
     has = {"cost": False, "endpoint": False}
-    for _, item in src.items():
+    for _, item in src.items(images=False):
         if isinstance(item.get("vars"), dict):
             var_names.update(str(k) for k in item["vars"])
         for k in has:
@@ -259,7 +346,7 @@ def _webdataset(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int
                 key = _sample_key(seq, stem)
                 if path is not None:
                     ext = os.path.splitext(path)[1].lstrip(".").lower() or "bin"
-                    with src.reader.local_file(path, str(tmp)) as local:
+                    with src.opened(path) as local:
                         shard.add(local, arcname=f"{key}.{ext}", recursive=False, filter=plain)
                     counts["images"] += 1
                 add_bytes(f"{key}.json", json.dumps(record, ensure_ascii=False).encode())

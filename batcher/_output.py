@@ -19,7 +19,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ._exceptions import ManifestError
 from ._manifest import Journal, iter_manifest, read_manifest
@@ -36,8 +36,8 @@ class OutsideError(ValueError):
 class OutputReader:
     """What a reader may ask of an output. `rel` is always a relative name inside it (`images/a.png`).
 
-    A file's *handle* (from `find`) is what `copy` and `local_file` take: a local path for a
-    folder, the relative name for a store.
+    A file's *handle* (from `find`) is what `copy` takes: a local path for a folder, the relative
+    name for a store (which `copy` also takes as it is).
     """
 
     store: Store
@@ -75,24 +75,10 @@ class OutputReader:
         _check_inside(rel)
         return rel if self.store.size(rel) is not None else None
 
-    def local_path(self, handle: str) -> str | None:
-        """The file's path on this machine when it has one (a folder's: a hard link can share it), else None."""
-        return None
-
     def copy(self, handle: str, dst: str) -> None:
-        """Copy the file's bytes to the local path `dst` (a store's are downloaded, streamed)."""
+        """Copy the file's bytes to the local path `dst` (a store's are downloaded, streamed);
+        FileNotFoundError when it is gone. Safe to call from several threads at once."""
         self.store.get(handle, dst)
-
-    @contextlib.contextmanager
-    def local_file(self, handle: str, scratch: str) -> Iterator[str]:
-        """The file as a path on this machine: a store's is downloaded into `scratch` and removed after."""
-        path = os.path.join(scratch, f".fetch-{os.path.basename(handle)}")
-        self.store.get(handle, path)
-        try:
-            yield path
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
 
     def sizes(self, rels: Iterable[str]) -> dict[str, int]:
         """Size of each of `rels` that exists. A store lists each folder once instead of asking per file."""
@@ -178,15 +164,8 @@ class FolderOutput(OutputReader):
             raise OutsideError(f"{rel!r} leads outside {self.root}")
         return path if os.path.isfile(path) else None
 
-    def local_path(self, handle: str) -> str | None:
-        return handle
-
     def copy(self, handle: str, dst: str) -> None:
         shutil.copyfile(handle, dst)
-
-    @contextlib.contextmanager
-    def local_file(self, handle: str, scratch: str) -> Iterator[str]:
-        yield handle
 
     def sizes(self, rels: Iterable[str]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -202,7 +181,7 @@ def _check_inside(rel: Any) -> None:
         raise OutsideError(f"{rel!r} is not a path inside the output")
 
 
-def is_inside(file: Any) -> bool:
+def is_inside(file: Any) -> TypeGuard[str]:
     """Whether a manifest's image `file` is a relative path that stays inside OUT."""
     return (isinstance(file, str) and file != "" and not file.startswith("/") and "\\" not in file
             and ".." not in file.split("/") and "\x00" not in file)

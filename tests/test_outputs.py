@@ -20,7 +20,7 @@ from batcher._output import FolderOutput, OutsideError, StoreOutput, open_output
 from batcher._plan import plan
 from batcher._store import ObjectStore
 
-from helpers import finished_job
+from helpers import finished_job, tiny_png, write_manifest_file
 from test_sharded import Shards, make_job, ok, run_args
 from test_store import s3_endpoint  # noqa: F401 — the moto S3 server fixture
 
@@ -160,6 +160,51 @@ def test_a_missing_image_in_a_store_is_skipped_and_counted(single, tmp_path):
     counts = batcher.export(url, "openai-batch", tmp_path / "x")
     assert counts["missing"] == 1 and counts["images"] == 4
     assert batcher.status(url)["images_on_disk"] == 4
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_images_fetched_ahead_reach_the_export_in_manifest_order(single, tmp_path, monkeypatch, fmt):
+    """A window smaller than the output: downloads run ahead, are consumed in order, none is left over."""
+    from batcher import _export
+
+    folder, url = single
+    monkeypatch.setattr(_export, "PREFETCH", 2)
+    a = batcher.export(folder, fmt, tmp_path / "a", include_failed=True)
+    b = batcher.export(url, fmt, tmp_path / "b", include_failed=True)
+    assert a == b
+    assert tree(tmp_path / "b") == tree(tmp_path / "a")
+    assert not (tmp_path / "b" / ".fetch").exists()
+
+
+def test_a_download_that_fails_midway_leaves_nothing_and_stops_fetching(tmp_path, monkeypatch):
+    from batcher import _export
+    from batcher._output import StoreOutput
+
+    folder = tmp_path / "out"
+    (folder / "images").mkdir(parents=True)
+    items = []
+    for i in range(40):
+        (folder / "images" / f"i{i:02d}.png").write_bytes(tiny_png())
+        items.append({"id": f"i{i:02d}", "status": "done", "request": {"prompt": f"p {i}"},
+                      "images": [{"file": f"images/i{i:02d}.png"}]})
+    write_manifest_file(folder, items)
+    url = f"memory://batcher-{uuid.uuid4().hex[:12]}/forty"
+    upload(folder, ObjectStore(url))
+    real = StoreOutput.copy
+    calls: list[str] = []
+
+    def failing(self, handle, dst):
+        calls.append(handle)
+        if handle == "images/i02.png":
+            raise OSError(5, "connection reset while downloading")
+        real(self, handle, dst)
+
+    monkeypatch.setattr(_export, "PREFETCH", 4)
+    monkeypatch.setattr(StoreOutput, "copy", failing)
+    with pytest.raises(OSError, match="connection reset"):
+        batcher.export(url, "imagefolder", tmp_path / "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # neither DIR nor its temporary folder
+    assert len(calls) <= 3 + 4  # the window ahead of the failure at most, not the other 33 images
 
 
 def test_the_reader_is_picked_by_scheme(tmp_path):
