@@ -33,7 +33,7 @@ read by `export` and `report`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NotRequired, TypedDict
 
@@ -298,6 +298,81 @@ def replay(rec: Mapping[str, Any], offset: int, current: Callable[[str], Entry |
             return prev
         return Entry("pending", rec.get("rhash", ""), int(rec.get("attempt", 0)), -1)
     return None
+
+
+# -- a provider batch's chunks: the replay of the batch records (see `_batch`) ----------------------
+
+
+@dataclass
+class Chunk:
+    """What the journal says of one chunk (see the module's docstring for its steps)."""
+
+    key: str
+    endpoint: str
+    base_url: str
+    key_env: str | None
+    dialect: str
+    input: str
+    requests: int
+    images: int
+    bytes: int
+    at: str
+    file_id: str | None = None
+    batch_id: str | None = None
+    created_at: int | None = None
+    expires_at: int | None = None
+    status: str | None = None  # the provider's state, as last seen
+    counts: dict[str, int] = field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+    closed: str | None = None  # the state it ended in, once collected
+
+    @property
+    def filename(self) -> str:
+        return f"batcher-{self.key}.jsonl"
+
+    @property
+    def started(self) -> float:
+        """The chunk record's time (seconds since the epoch)."""
+        try:
+            return datetime.fromisoformat(self.at.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return 0.0
+
+    def as_row(self) -> dict[str, Any]:
+        """One line of `batcher status`."""
+        return {"key": self.key, "batch_id": self.batch_id, "endpoint": self.endpoint,
+                "state": (self.closed and f"{self.closed} (collected)") or self.status or
+                ("created" if self.batch_id else "uploaded" if self.file_id else "prepared"),
+                "requests": self.requests, "images": self.images, **self.counts,
+                "created": self.created_at, "expires": self.expires_at}
+
+
+def chunks_of(records: Iterable[Mapping[str, Any]]) -> dict[str, Chunk]:
+    """Replay the journal's batch records (in order) into chunks, by key."""
+    chunks: dict[str, Chunk] = {}
+    for rec in records:
+        kind = rec.get("t")
+        if kind not in BATCH_KINDS:
+            continue
+        if kind == "chunk":
+            chunks[rec["key"]] = Chunk(rec["key"], rec["endpoint"], rec["base_url"], rec.get("key_env"),
+                                       rec.get("dialect", "openai-compatible"), rec["input"],
+                                       int(rec["requests"]), int(rec["images"]), int(rec["bytes"]), rec["at"])
+            continue
+        chunk = chunks.get(rec.get("key", ""))
+        if chunk is None:
+            continue  # a step of a chunk whose record was lost: nothing to resume from
+        if kind == "upload":
+            chunk.file_id = rec["file_id"]
+        elif kind == "batch":
+            chunk.batch_id = rec["batch_id"]
+            chunk.created_at, chunk.expires_at = rec.get("created_at"), rec.get("expires_at")
+        elif kind == "batch_state":
+            chunk.status = rec["status"]
+            chunk.counts = {k: int(rec.get(k, 0)) for k in ("total", "completed", "failed")}
+        elif kind == "closed":
+            chunk.closed = rec["status"]
+    return chunks
+
 
 
 def check_fields(rec: Mapping[str, Any]) -> None:
