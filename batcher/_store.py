@@ -26,6 +26,7 @@ import builtins
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import mimetypes
@@ -270,7 +271,13 @@ class LocalStore(Store):
                 raise
             except OSError:
                 pass  # another file system or no hard links: copy, then publish
-        tmp = final.with_name(f".tmp-{final.name[:40]}-{uuid.uuid4().hex[:8]}")
+        prefix = f".tmp-{final.name[:40]}-"
+        # a kill -9 between writing a temporary and renaming it leaves one behind; each name has one
+        # writer (an item's rerun, a segment's owner), so this writer clears that name's leftovers
+        for old in final.parent.glob(glob.escape(prefix) + "*"):
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+        tmp = final.with_name(f"{prefix}{uuid.uuid4().hex[:8]}")
         try:
             if isinstance(src, bytes):
                 with open(tmp, "wb") as fh:

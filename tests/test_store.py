@@ -523,3 +523,17 @@ def test_a_local_run_imports_no_object_storage_library(tmp_path):
     assert seen["local"] == []
     assert "fsspec" in seen["object"]  # the check does see a lazy import when one happens
     assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_a_temporary_left_by_a_killed_write_is_cleared_by_the_next_write_of_that_name(tmp_path):
+    from batcher._store import LocalStore
+
+    store = LocalStore(tmp_path)
+    (tmp_path / "images").mkdir()
+    leftover = tmp_path / "images" / ".tmp-a.png-deadbeef"  # a kill -9 between write and rename
+    leftover.write_bytes(b"half")
+    other = tmp_path / "images" / ".tmp-b.png-cafef00d"  # another name's writer: not ours to touch
+    other.write_bytes(b"half")
+    store.put_image("images/a.png", b"\x89PNG whole", replace=True)
+    assert not leftover.exists() and other.exists()
+    assert (tmp_path / "images" / "a.png").read_bytes() == b"\x89PNG whole"
