@@ -33,7 +33,7 @@ from typing import Any
 
 from ._records import RUN_KINDS, Entry, details, replay
 
-__all__ = ["Checkpoint", "SnapshotEntries", "refresh", "checkpoint_path", "SCHEMA_VERSION", "stamp_current",
+__all__ = ["Checkpoint", "SnapshotEntries", "refresh", "checkpoint_path", "SCHEMA_VERSION", "stamp_current", "open_writer",
            "open_readonly"]
 
 SCHEMA_VERSION = "2"
@@ -134,6 +134,10 @@ class Checkpoint:
         with self.lock:
             self.db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))
 
+    def count(self) -> int:
+        with self.lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
     def rows_ids(self) -> list[tuple[str]]:
         with self.lock:
             return self.db.execute("SELECT id FROM items").fetchall()
@@ -204,7 +208,9 @@ class SnapshotEntries(MutableMapping[str, Entry]):
                 yield item_id
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        """Counted by sqlite (listing a million ids to count them took ~130 MB and half a second)."""
+        extra = sum(1 for item_id in self.tail if self.checkpoint.get(item_id) is None)
+        return self.checkpoint.count() + extra
 
     def unverified(self) -> Iterator[tuple[str, Entry]]:
         """Done entries whose image files no checkpoint refresh has seen on disk yet."""
@@ -376,47 +382,44 @@ def stamp_manifest(journal: Path, manifest: Path, items_digest: str, summary: di
 
 
 
-# -- the current items (what `batcher status` counts) ------------------------------------------
-
-_CURRENT = """
-CREATE TABLE IF NOT EXISTS current (id TEXT PRIMARY KEY, rhash TEXT, pos INTEGER NOT NULL) WITHOUT ROWID;
-"""
+# -- the current items (what `batcher status` counts, and the job cache's: see _jobcache) -------------
 
 
-def stamp_current(journal: Path, items_digest: str, items: Callable[[], Iterable[Any]]) -> None:
-    """Record the job's items (id, request hash, order) that manifest.json was written from.
+def open_writer(journal: Path) -> sqlite3.Connection | None:
+    """A connection to the journal's checkpoint (built first if there is none), or None if it can't be had."""
+    cp = Checkpoint.open(journal)
+    if cp is None and refresh(journal) is not None:
+        cp = Checkpoint.open(journal)
+    return cp.db if cp is not None else None
+
+
+def stamp_current(journal: Path, items_digest: str, items: Callable[[], Iterable[Any]],
+                  cache: dict[str, Any] | None = None) -> None:
+    """Record the job's items (id, request hash, order) that manifest.json was written from, and
+    `cache` as the job cache's entry, unless they are recorded already.
 
     `batcher status` counts these items only (a changed --size leaves old derived ids in the
-    journal: history, not items). Rewritten only when the items changed (`items_digest`), in one
-    transaction with its digest, so a kill leaves the previous table and digest together.
+    journal: history, not items). The run's manifest pass records them (see `_jobcache.CurrentWriter`);
+    this reads the job again only when that did not happen (a manifest kept from an earlier run
+    whose record was lost). One transaction with the digest: a kill leaves the previous ones.
     """
+    from ._jobcache import CurrentWriter
+
     cp = Checkpoint.open(journal)
     if cp is None:
         return
-    db = cp.db
+    writer = CurrentWriter(cp.db)
     try:
         if cp.meta("current") == items_digest:
             return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute(_CURRENT)
-            db.execute("DELETE FROM current")
-            batch: list[tuple[str, str | None, int]] = []
-            n = 0
-            for n, item in enumerate(items(), 1):
-                batch.append((item.id, item.rhash, n))
-                if len(batch) >= BATCH:
-                    db.executemany("INSERT OR REPLACE INTO current (id, rhash, pos) VALUES (?, ?, ?)", batch)
-                    batch.clear()
-            db.executemany("INSERT OR REPLACE INTO current (id, rhash, pos) VALUES (?, ?, ?)", batch)
-            total = db.execute("SELECT COUNT(*) FROM current").fetchone()[0]
-            db.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
-                           [("current", items_digest), ("current_total", str(total))])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        for _item in writer.record(items()):
+            pass
+        writer.commit(items_digest, cache)
     except Exception:  # best effort (sqlite, the disk, a job file changed since): status replays instead
+        try:
+            writer.rollback()
+        except sqlite3.Error:
+            pass
         return
     finally:
         cp.close()

@@ -45,6 +45,13 @@ class IdAssigner:
     def _key(text: str) -> int:
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
+    def seed(self, rhash: str, count: int) -> None:
+        """As if `count` items with ids derived from `rhash` were assigned already (a job's old part)."""
+        key = int(rhash, 16)
+        self._derived.add(key)
+        if count > 1:
+            self._repeats[key] = count
+
     def assign(self, explicit: str | None, rhash: str) -> str | None:
         if explicit is not None:
             key = self._key(explicit)

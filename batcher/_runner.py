@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -36,6 +37,7 @@ from ._exceptions import (
     ShardError,
 )
 from ._job import MAX_CONCURRENCY, Item, Job, Selection
+from ._jobcache import CurrentWriter, Found, cache_entry, lookup, old_items, tail_items
 from ._layout import SEGMENTS, Layout, decide_layout
 from ._manifest import Journal, count_items, needs_run, write_manifest
 from ._plan import Budget, BudgetLimits, endpoint_prices, item_price
@@ -142,11 +144,18 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
     if options.batch:
         job = job.batch_mode()  # a copy: the Job is immutable
     selection = Selection.of(job, options.endpoints)  # this run's filters live in the run, not on the Job
-    checked = selection.validate(job)
-    reporter = reporter or Reporter(quiet=True)
-    for warning in checked.warnings:
-        reporter.log(f"{warning}", level="warning")
     target = options.out or job.output or str(Path("output") / job.name)
+    found = _known_job(job, selection, options, target)
+    if found is not None and found.hit:
+        warnings = found.warnings  # validated by an earlier run: nothing parsed, or only the new lines
+    else:
+        checked = selection.validate(job)
+        warnings = list(checked.warnings)
+        if found is not None:
+            found.count, found.warnings, found.tail = checked.count, warnings, None
+    reporter = reporter or Reporter(quiet=True)
+    for warning in warnings:
+        reporter.log(f"{warning}", level="warning")
     sharded = None
     if options.shard is not None or is_remote(target):
         if any(e.batch is not None for e in selection.live(job)):
@@ -174,13 +183,20 @@ async def run(job: Job, options: RunOptions = RunOptions(), reporter: Reporter |
             reporter.log(f"removed {removed} temporary file(s) left by an interrupted run")
         journal = _open_journal(job, options, out, reporter, sharded)
         try:
-            return await _Runner(job, selection, options, out, reporter, journal, sharded).run(started)
+            return await _Runner(job, selection, options, out, reporter, journal, sharded, found).run(started)
         finally:
             journal.close()
     finally:
         if sharded is not None and sharded.committed:
             sharded.remove_work()  # the shard is in the store; removed while still locked
         out.unlock()
+
+
+def _known_job(job: Job, selection: Selection, options: RunOptions, target: str) -> Found | None:
+    """What the output's checkpoint knows of this job (see _jobcache); None for sharded and remote outputs."""
+    if options.shard is not None or is_remote(target):
+        return None
+    return lookup(job, selection.live(job), resolve_out(job, options) / "manifest.jsonl")
 
 
 def _refuse_planned(root: Path) -> None:
@@ -221,13 +237,24 @@ def _open_journal(job: Job, options: RunOptions, out: OutputDir, reporter: Repor
 FULL_FILE_CHECK_BELOW = 10_000
 
 
+@dataclass(frozen=True)
+class _Key:
+    """An item as `_needs_run` sees it."""
+
+    id: str
+    rhash: str | None
+
+
 class _Runner:
     """One run's wiring: setup (done-file check, counting pass, layout), then the pipeline (ticker,
     signals, feed, executor) under one task group, then `_finish` (manifest, checkpoint, result)."""
 
     def __init__(self, job: Job, selection: Selection, options: RunOptions, out: OutputDir, reporter: Reporter,
-                 journal: Journal, sharded: Any = None) -> None:
+                 journal: Journal, sharded: Any = None, found: Found | None = None) -> None:
         self.job = job
+        self.found = found  # what the checkpoint knew of the job (see _jobcache)
+        self._new_only = False  # every old item is finished: the run's items to send are the new lines'
+        self._current: CurrentWriter | None = None  # records the manifest pass's items as the cache
         self.selection = selection  # --endpoint and --shard: which endpoints and items are this run's
         self.live = selection.live(job)
         self.sharded = sharded
@@ -291,7 +318,7 @@ class _Runner:
         return self.selection.all_items(self.job)
 
     def _to_run(self) -> Iterator[Item]:
-        for item in self._items():
+        for item in self._new_items() if self._new_only else self._items():
             if self._needs_run(item):
                 yield item
 
@@ -310,10 +337,10 @@ class _Runner:
             if self.batch.takes(item):
                 yield item
 
-    # -- the run ----------------------------------------------------------------------------
+    # -- the counting pass ------------------------------------------------------------------
 
-    async def run(self, started: float) -> RunResult:
-        await anyio.to_thread.run_sync(self._check_done_files)
+    def _count_all(self) -> tuple[int, int, set[Any], Any]:
+        """Every item of the job read: (total, to run, their models, a sharded run's fingerprint digest)."""
         total = todo = 0
         models: set[Any] = set()
         digest = hashlib.sha256()
@@ -328,12 +355,78 @@ class _Runner:
             if self._needs_run(item):
                 todo += 1
                 models.add(item.body.get("model"))
-                if self.options.max_cost is not None and item_price(self.job, item, self.prices, self.live) is None:
-                    raise JobValidationError([Problem(
-                        item.file, item.line, "pricing",
-                        f"--max-cost needs a price for every item; none matches model="
-                        f"{item.body.get('model')!r} size={item.body.get('size')!r} "
-                        f"quality={item.body.get('quality')!r}")])
+                self._check_price(item)
+        return total, todo, models, digest
+
+    def _check_price(self, item: Item) -> None:
+        if self.options.max_cost is not None and item_price(self.job, item, self.prices, self.live) is None:
+            raise JobValidationError([Problem(
+                item.file, item.line, "pricing",
+                f"--max-cost needs a price for every item; none matches model="
+                f"{item.body.get('model')!r} size={item.body.get('size')!r} "
+                f"quality={item.body.get('quality')!r}")])
+
+    def _count_known(self) -> tuple[int, int, set[Any]] | None:
+        """The counting pass from the job cache: the old items from the checkpoint (one SQL query), the
+        new lines parsed. None (read the whole job) unless every old item is finished."""
+        found, cp = self.found, self.journal.checkpoint
+        if found is None or not found.hit or cp is None or self.sharded is not None or \
+                cp.meta("current") != found.old_digest:
+            return None
+        if self._old_to_run(cp, found.old_count):
+            return None  # an old item runs again: its body is in the job file, read as ever
+        total, todo = found.old_count, 0
+        models: set[Any] = set()
+        for item in self._new_items():
+            total += 1
+            if self._needs_run(item):
+                todo += 1
+                models.add(item.body.get("model"))
+                self._check_price(item)
+        self._new_only = True
+        return total, todo, models
+
+    def _new_items(self) -> Iterator[Item]:
+        """The items of the prompts file's new lines (validated when the run started)."""
+        found = self.found
+        if found is None or found.tail is None:
+            return
+        for entry in tail_items(self.job, Path(found.state.path), found):  # type: ignore[union-attr]
+            if isinstance(entry, Problem):
+                raise JobValidationError([entry])
+            yield entry
+
+    def _old_to_run(self, cp: Any, old_count: int, limit: int = 1000) -> bool:
+        """Whether any of the old items needs running: those the checkpoint doesn't hold finished, the
+        journal's tail since it, and done items whose files are gone, each judged as `_needs_run` does."""
+        retry = 1 if self.options.retry_failed else 0
+        with cp.lock:
+            rows = cp.db.execute(
+                "SELECT c.id, c.rhash FROM current c LEFT JOIN items s ON s.id = c.id WHERE c.pos <= ? AND "
+                "(s.id IS NULL OR s.rhash IS NOT c.rhash OR s.offset < 0 OR NOT (s.status = 'done' OR "
+                "(s.status = 'failed' AND s.error_kind = 'permanent' AND ? = 0))) LIMIT ?", (old_count, retry, limit)).fetchall()
+        if len(rows) >= limit:
+            return True
+        candidates = dict(rows)
+        tail = getattr(self.journal.entries, "tail", {})
+        for item_id in [*tail, *self._missing]:
+            if item_id not in candidates:
+                with cp.lock:
+                    row = cp.db.execute("SELECT rhash FROM current WHERE id = ? AND pos <= ?",
+                                        (item_id, old_count)).fetchone()
+                if row is not None:
+                    candidates[item_id] = row[0]
+        return any(self._needs_run(_Key(item_id, rhash)) for item_id, rhash in candidates.items())
+
+    # -- the run ----------------------------------------------------------------------------
+
+    async def run(self, started: float) -> RunResult:
+        await anyio.to_thread.run_sync(self._check_done_files)
+        counted = self._count_known()
+        if counted is not None:
+            (total, todo, models), digest = counted, None
+        else:
+            total, todo, models, digest = self._count_all()
         if self.sharded is None:  # decided once per output (a shard's files follow the store's layout)
             self.layout = decide_layout(self.out.root, total, fresh=not self.journal.runs)
             self.out.layout = self.layout.images
@@ -486,10 +579,12 @@ class _Runner:
                     from ._segments import write_segments
 
                     summary = await anyio.to_thread.run_sync(
-                        write_segments, self.journal, self.out.root, job_meta, self._items)
+                        write_segments, self.journal, self.out.root, job_meta, self._manifest_items())
                 else:
                     summary = await anyio.to_thread.run_sync(
-                        write_manifest, self.journal, self.out.manifest, job_meta, self._items)
+                        write_manifest, self.journal, self.out.manifest, job_meta, self._manifest_items())
+                if kept is None:
+                    await anyio.to_thread.run_sync(self._commit_current)
             except JobError as exc:  # changed during the run: its items are unknown, the journal is not
                 self.reporter.log(f"{self.out.manifest} not rewritten: {exc}", level="error")
                 manifest_ok = False
@@ -587,7 +682,61 @@ class _Runner:
         """manifest.json's summary if neither the job's items nor the journal changed since it was written."""
         from ._checkpoint import manifest_current
 
-        return manifest_current(self.out.journal, self._manifest_file(), self._items_digest.hexdigest())
+        return manifest_current(self.out.journal, self._manifest_file(), self._digest())
+
+    def _digest(self) -> str:
+        """The job's items digest: the job cache's (a digest of what the items are made from, known
+        without reading them), else the (id, rhash) list's, for a sharded run."""
+        if self.found is not None and self.found.digest is not None:
+            return self.found.digest
+        return self._items_digest.hexdigest()
+
+    def _manifest_items(self) -> Any:
+        """The items callable for the manifest writer. When every old item is finished (see
+        `_count_known`), the old ones come from the checkpoint (id, request hash: their records are in
+        the journal) and only the new lines are parsed; else the job file is read as ever."""
+        from ._checkpoint import open_writer
+
+        found, cp = self.found, self.journal.checkpoint
+        if not self._new_only or found is None or cp is None:
+            return self._recorded(self._items)
+        db = open_writer(self.out.journal)
+        writer = self._current = CurrentWriter(db, start=found.old_count) if db is not None else None
+        first = [True]
+
+        def items() -> Iterator[Any]:
+            new: Iterator[Any] = self._new_items()
+            if first[0] and writer is not None:
+                first[0] = False
+                new = writer.record(new)  # the old rows stay; its transaction starts once the old are read
+            return itertools.chain(old_items(cp, found.old_count), new)
+        return items
+
+    def _recorded(self, items: Any) -> Any:
+        """`items` for the manifest writer; its pass also records them as the checkpoint's current items
+        and the job cache (see _jobcache), so no pass of the job file of their own."""
+        from ._checkpoint import open_writer
+
+        if self.sharded is not None or self.found is None or self.found.digest is None:
+            return items
+        db = open_writer(self.out.journal)
+        if db is None:
+            return items
+        self._current = CurrentWriter(db)
+        return self._current.wrap(items)
+
+    def _commit_current(self) -> None:
+        writer, self._current = self._current, None
+        if writer is None:
+            return
+        try:
+            found = self.found
+            assert found is not None and found.digest is not None
+            writer.commit(found.digest, cache_entry(found, found.count, found.warnings))
+        except Exception:  # best effort (sqlite, the disk): the next run validates the job in full
+            writer.rollback()
+        finally:
+            writer.db.close()
 
     def _manifest_file(self) -> Path:
         if self.layout.manifest == SEGMENTS:
@@ -603,6 +752,7 @@ class _Runner:
         """
         from ._checkpoint import refresh, stamp_current, stamp_manifest
 
+        self._commit_current()  # a manifest pass that did not finish records nothing (rolled back)
         try:
             self.journal.sync()
         except OSError:
@@ -610,9 +760,12 @@ class _Runner:
         checked = (self.journal.loaded_end, self._missing) if self._files_checked else None
         if refresh(self.out.journal, checked=checked) is not None:
             if manifest_ok:
-                stamp_manifest(self.out.journal, self._manifest_file(), self._items_digest.hexdigest(), summary)
-                # the items manifest.json holds, for `batcher status` (rewritten only when they changed)
-                stamp_current(self.out.journal, self._items_digest.hexdigest(), self._items)
+                stamp_manifest(self.out.journal, self._manifest_file(), self._digest(), summary)
+                # the items manifest.json holds, for `batcher status`: recorded by the manifest pass;
+                # a pass of their own only if that failed (rewritten only when they changed)
+                found = self.found
+                entry = cache_entry(found, found.count, found.warnings) if found is not None else None
+                stamp_current(self.out.journal, self._digest(), self._items, entry)
 
     def _endpoint_stats(self) -> dict[str, dict[str, Any]]:
         return {e.name: {**e.stats, "cost": round(e.stats["cost"], 6), "retired": e.retired,

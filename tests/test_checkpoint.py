@@ -238,3 +238,18 @@ def test_a_small_output_checks_every_file_every_run_large_ones_only_unchecked(tm
     assert run(job, out, sim) == 0
     assert sim.stats()["requests"] == requests and not (out / "images" / "a.png").exists()
 
+
+def test_snapshot_entries_are_counted_by_sqlite_with_the_tail(tmp_path):
+    from batcher._checkpoint import SnapshotEntries
+
+    path = journal_of(tmp_path, item("a"), item("b"))
+    assert refresh(path) is not None
+    with open(path, "ab") as fh:
+        fh.write(line(item("b", "failed", error={"kind": "transient"})))  # in the checkpoint already
+        fh.write(line(item("c")))  # new
+    journal = Journal.open(path, checkpoint=True)
+    try:
+        assert isinstance(journal.entries, SnapshotEntries)
+        assert len(journal.entries) == 3 == len(list(journal.entries))
+    finally:
+        journal.close()
