@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -43,7 +44,7 @@ from ._exceptions import Problem
 from ._ids import FileNames, IdAssigner, image_stems
 
 __all__ = ["FileState", "Found", "lookup", "job_key", "stem_key", "CurrentWriter", "CACHE_META", "OldItem",
-           "old_items", "tail_items", "cache_entry"]
+           "old_items", "tail_items", "cache_entry", "KnownPrefix"]
 
 FORMAT = 1  # of the cache entry; a change makes every cache a miss (rebuilt by the next run)
 CACHE_META = "jobcache"
@@ -351,10 +352,11 @@ class OldItem:
         raise JobError(f"item {self.id!r}: its request is not in the checkpoint; rerun to rebuild the manifest")
 
 
-def old_items(cp: Any, count: int) -> Iterator[OldItem]:
-    """The first `count` items of `current`, in job order, read in chunks (bounded memory)."""
+def old_items(cp: Any, count: int, after: int = 0) -> Iterator[OldItem]:
+    """Items `after`+1 .. `count` of `current`, in job order, read in chunks (bounded memory)."""
     with cp.lock:
-        cursor = cp.db.execute("SELECT id, rhash FROM current WHERE pos <= ? ORDER BY pos", (count,))
+        cursor = cp.db.execute("SELECT id, rhash FROM current WHERE pos > ? AND pos <= ? ORDER BY pos",
+                               (after, count))
     while True:
         with cp.lock:
             chunk = cursor.fetchmany(10_000)
@@ -362,6 +364,30 @@ def old_items(cp: Any, count: int) -> Iterator[OldItem]:
             return
         for item_id, rhash in chunk:
             yield OldItem(item_id, rhash)
+
+
+class KnownPrefix:
+    """A job's items as the manifest writer reads them when its first `count` (the old ones, finished)
+    are in the checkpoint: called, every item; `items_from(k)`, those after the k-th; `positions(ids)`,
+    where those of `ids` that are old items stand (1-based)."""
+
+    def __init__(self, cp: Any, count: int, new: Callable[[], Iterator[Any]]) -> None:
+        self.cp, self.count, self.new = cp, count, new
+
+    def __call__(self) -> Iterator[Any]:
+        return self.items_from(0)
+
+    def items_from(self, start: int) -> Iterator[Any]:
+        return itertools.chain(old_items(self.cp, self.count, start), self.new())
+
+    def positions(self, ids: Iterable[str]) -> Iterator[int]:
+        wanted = list(ids)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            with self.cp.lock:
+                rows = self.cp.db.execute(f"SELECT pos FROM current WHERE pos <= ? AND id IN "
+                                          f"({', '.join('?' * len(chunk))})", (self.count, *chunk)).fetchall()
+            yield from (pos for (pos,) in rows)
 
 
 # -- writing the cache: `current`, `stems` and the entry, in one transaction ---------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import itertools
+import json
 import math
 import os
 import random
@@ -37,7 +37,7 @@ from ._exceptions import (
     ShardError,
 )
 from ._job import MAX_CONCURRENCY, Item, Job, Selection
-from ._jobcache import CurrentWriter, Found, cache_entry, lookup, old_items, tail_items
+from ._jobcache import CurrentWriter, Found, KnownPrefix, cache_entry, lookup, tail_items
 from ._layout import SEGMENTS, Layout, decide_layout
 from ._manifest import Journal, count_items, needs_run, write_manifest
 from ._plan import Budget, BudgetLimits, endpoint_prices, item_price
@@ -578,8 +578,9 @@ class _Runner:
                 elif self.layout.manifest == SEGMENTS:
                     from ._segments import write_segments
 
+                    items = self._manifest_items()
                     summary = await anyio.to_thread.run_sync(
-                        write_segments, self.journal, self.out.root, job_meta, self._manifest_items())
+                        write_segments, self.journal, self.out.root, job_meta, items, self._segments_known(items))
                 else:
                     summary = await anyio.to_thread.run_sync(
                         write_manifest, self.journal, self.out.manifest, job_meta, self._manifest_items())
@@ -704,12 +705,28 @@ class _Runner:
         writer = self._current = CurrentWriter(db, start=found.old_count) if db is not None else None
         first = [True]
 
-        def items() -> Iterator[Any]:
-            new: Iterator[Any] = self._new_items()
+        def new() -> Iterator[Any]:
+            items: Iterator[Any] = self._new_items()
             if first[0] and writer is not None:
                 first[0] = False
-                new = writer.record(new)  # the old rows stay; its transaction starts once the old are read
-            return itertools.chain(old_items(cp, found.old_count), new)
+                items = writer.record(items)  # the old rows stay; its transaction starts once the old are read
+            return items
+        return KnownPrefix(cp, found.old_count, new)
+
+    def _segments_known(self, items: Any) -> Any:
+        """`items` as write_segments' `known` when the index on disk was written from the old items (its
+        stamp names their digest, and it is unchanged since): its whole old segments are kept unread."""
+        found, cp = self.found, self.journal.checkpoint
+        if not isinstance(items, KnownPrefix) or found is None or cp is None:
+            return None
+        try:
+            stamp = json.loads(cp.meta("manifest") or "null")
+            st = self._manifest_file().stat()
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stamp, dict) or [stamp.get("items"), stamp.get("size"), stamp.get("mtime_ns")] != \
+                [found.old_digest, st.st_size, st.st_mtime_ns]:
+            return None
         return items
 
     def _recorded(self, items: Any) -> Any:

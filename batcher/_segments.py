@@ -103,8 +103,13 @@ def _batches(items: Iterable[Any]) -> Iterator[list[Any]]:
 
 
 def write_segments(journal: Journal, root: Path, job: dict[str, Any],
-                   items: Callable[[], Iterable[Any]]) -> dict[str, int]:
-    """Bring `OUT/manifest.d` up to date with the job's items and the journal; return the summary."""
+                   items: Callable[[], Iterable[Any]], known: Any = None) -> dict[str, int]:
+    """Bring `OUT/manifest.d` up to date with the job's items and the journal; return the summary.
+
+    `known` (see `_jobcache.KnownPrefix`): the index on disk was written from the job's first
+    `known.count` items, which are unchanged; its whole segments that no item journaled since
+    touches are kept without reading their items (`known.items_from` gives the rest).
+    """
     folder = root / SEGMENT_DIR
     folder.mkdir(exist_ok=True)
     try:
@@ -113,10 +118,12 @@ def write_segments(journal: Journal, root: Path, job: dict[str, Any],
         old = None  # rebuilt whole below
     old_segments = old.get("segments", []) if old else []
     changed = _changed_since(journal.path, old.get("journal")) if old else None
-    segments: list[dict[str, Any]] = []
-    summary = {"total": 0, "done": 0, "failed": 0, "pending": 0}
+    start = _kept_prefix(folder, old_segments, known, changed) if known is not None and changed is not None else 0
+    segments: list[dict[str, Any]] = list(old_segments[:start])
+    summary = {name: sum(seg["counts"][name] for seg in segments) for name in ("total", "done", "failed", "pending")}
+    source = known.items_from(start * SEGMENT_ITEMS) if start else items()
     with open(journal.path, "rb") if journal.path.exists() else open(os.devnull, "rb") as jfh:
-        for k, batch in enumerate(_batches(items())):
+        for k, batch in enumerate(_batches(source), start):
             keys = hashlib.sha256("".join(f"{i.id}\t{i.rhash}\n" for i in batch).encode()).hexdigest()
             prev = old_segments[k] if k < len(old_segments) else None
             if prev is not None and changed is not None and prev.get("keys") == keys and \
@@ -144,6 +151,18 @@ def write_segments(journal: Journal, root: Path, job: dict[str, Any],
     except FileNotFoundError:
         pass
     return summary
+
+
+def _kept_prefix(folder: Path, old: list[dict[str, Any]], known: Any, changed: set[str]) -> int:
+    """How many leading segments of the index hold only known, unchanged items (kept as they are)."""
+    full = min(known.count // SEGMENT_ITEMS, len(old))
+    touched = {(pos - 1) // SEGMENT_ITEMS for pos in known.positions(changed)}
+    for k in range(full):
+        seg = old[k]
+        if k in touched or not isinstance(seg.get("counts"), dict) or seg["counts"].get("total") != SEGMENT_ITEMS \
+                or not (folder / str(seg.get("file"))).is_file():
+            return k
+    return full
 
 
 def _write_segment(folder: Path, k: int, batch: list[Any], journal: Journal, jfh: Any, keys: str) -> dict[str, Any]:

@@ -227,9 +227,13 @@ def test_a_segmented_manifest_rewrites_only_the_segments_with_new_items(tmp_path
     assert run(job, out, sim) == 0
     index = json.loads((out / "manifest.d" / "index.json").read_text())
     append(tmp_path, lines({"id": "e", "prompt": "a fifth"}))
+    kept = []
+    real = _segments._kept_prefix
+    monkeypatch.setattr(_segments, "_kept_prefix", lambda *a: kept.append(real(*a)) or kept[-1])
     passes()
     assert run(job, out, sim) == 0
     assert passes() == {"validate": 0, "full": 0}
+    assert kept == [2]  # both old segments kept without reading their items
     after = json.loads((out / "manifest.d" / "index.json").read_text())
     assert [s["file"] for s in after["segments"][:2]] == [s["file"] for s in index["segments"]]  # kept
     header, items = iter_manifest(out / "manifest.json")
@@ -265,3 +269,23 @@ def test_an_old_item_is_never_written_without_its_request():
 
     with pytest.raises(JobError):
         OldItem("a", "h").body  # noqa: B018
+
+
+def test_only_whole_untouched_old_segments_are_kept_unread(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from batcher import _segments
+
+    monkeypatch.setattr(_segments, "SEGMENT_ITEMS", 2)
+    old = []
+    for k in range(3):
+        (tmp_path / f"s{k}").write_text("")
+        old.append({"file": f"s{k}", "counts": {"total": 2}})
+    pos = {"a": 1, "d": 4}
+    known = SimpleNamespace(count=6, positions=lambda ids: [pos[i] for i in ids if i in pos])
+    assert _segments._kept_prefix(tmp_path, old, known, set()) == 3
+    assert _segments._kept_prefix(tmp_path, old, known, {"d", "new"}) == 1  # item 4 is in segment 1
+    assert _segments._kept_prefix(tmp_path, old, known, {"a"}) == 0
+    assert _segments._kept_prefix(tmp_path, old, SimpleNamespace(count=5, positions=known.positions), set()) == 2
+    (tmp_path / "s1").unlink()
+    assert _segments._kept_prefix(tmp_path, old, known, set()) == 1
