@@ -289,3 +289,20 @@ def test_only_whole_untouched_old_segments_are_kept_unread(tmp_path, monkeypatch
     assert _segments._kept_prefix(tmp_path, old, SimpleNamespace(count=5, positions=known.positions), set()) == 2
     (tmp_path / "s1").unlink()
     assert _segments._kept_prefix(tmp_path, old, known, set()) == 1
+
+
+def test_a_journal_changed_since_the_manifest_is_asked_item_by_item(tmp_path, sim, passes):
+    """The shortcut "all done when the manifest was stamped" holds only while the journal is unchanged."""
+    job, out = job_files(tmp_path), tmp_path / "out"
+    assert run(job, out, sim) == 0
+    journal = out / "manifest.jsonl"
+    rec = next(json.loads(ln) for ln in journal.read_text().splitlines()
+               if json.loads(ln).get("t") == "item" and json.loads(ln)["id"] == "a")
+    rec.update(status="failed", images=[], error={"kind": "transient", "code": "timeout", "message": "x"})
+    with open(journal, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")  # as a crashed run would leave it
+    requests = sim.stats()["requests"]
+    passes()
+    assert run(job, out, sim) == 0
+    assert passes()["validate"] == 0
+    assert sim.stats()["requests"] == requests + 1  # "a" sent again
