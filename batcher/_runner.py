@@ -399,25 +399,20 @@ class _Runner:
     def _old_to_run(self, cp: Any, old_count: int, limit: int = 1000) -> bool:
         """Whether any of the old items needs running: those the checkpoint doesn't hold finished, the
         journal's tail since it, and done items whose files are gone, each judged as `_needs_run` does."""
-        if self._all_done_when_stamped(old_count):
-            candidates: dict[str, Any] = {}
-            for item_id in self._missing:  # the only ones that can need running
-                with cp.lock:
-                    row = cp.db.execute("SELECT rhash FROM current WHERE id = ? AND pos <= ?",
-                                        (item_id, old_count)).fetchone()
-                if row is not None:
-                    candidates[item_id] = row[0]
-            return any(self._needs_run(_Key(item_id, rhash)) for item_id, rhash in candidates.items())
-        retry = 1 if self.options.retry_failed else 0
-        with cp.lock:
-            rows = cp.db.execute(
-                "SELECT c.id, c.rhash FROM current c LEFT JOIN items s ON s.id = c.id WHERE c.pos <= ? AND "
-                "(s.id IS NULL OR s.rhash IS NOT c.rhash OR s.offset < 0 OR NOT (s.status = 'done' OR "
-                "(s.status = 'failed' AND s.error_kind = 'permanent' AND ? = 0))) LIMIT ?", (old_count, retry, limit)).fetchall()
-        if len(rows) >= limit:
-            return True
-        candidates = dict(rows)
-        tail = getattr(self.journal.entries, "tail", {})
+        candidates: dict[str, str | None] = {}
+        tail: Any = ()
+        if not self._all_done_when_stamped(old_count):  # else only gone files can make one run again
+            retry = 1 if self.options.retry_failed else 0
+            with cp.lock:
+                rows = cp.db.execute(
+                    "SELECT c.id, c.rhash FROM current c LEFT JOIN items s ON s.id = c.id WHERE c.pos <= ? "
+                    "AND (s.id IS NULL OR s.rhash IS NOT c.rhash OR s.offset < 0 OR NOT (s.status = 'done' "
+                    "OR (s.status = 'failed' AND s.error_kind = 'permanent' AND ? = 0))) LIMIT ?",
+                    (old_count, retry, limit)).fetchall()
+            if len(rows) >= limit:
+                return True
+            candidates.update(rows)
+            tail = getattr(self.journal.entries, "tail", {})
         for item_id in [*tail, *self._missing]:
             if item_id not in candidates:
                 with cp.lock:
@@ -431,13 +426,12 @@ class _Runner:
         """Whether the manifest on disk was written from the old items, all done, and the journal has not
         changed since (so they still are): then no query over every old item is needed."""
         from ._checkpoint import manifest_current
+        from ._layout import read_layout
+        from ._segments import INDEX, SEGMENT_DIR
 
         found = self.found
         if found is None or found.old_digest is None:
             return False
-        from ._layout import read_layout
-        from ._segments import INDEX, SEGMENT_DIR
-
         layout = read_layout(self.out.root) or Layout()  # (the run decides it after counting)
         manifest = self.out.root / SEGMENT_DIR / INDEX if layout.manifest == SEGMENTS else self.out.manifest
         summary = manifest_current(self.out.journal, manifest, found.old_digest)
