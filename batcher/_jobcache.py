@@ -208,11 +208,16 @@ def lookup(job: Any, live: list[Any], journal: Path, *, allow: bool = True) -> F
         found.old_count = int(entry["count"])
         found.old_digest = str(entry["digest"])
         found.warnings = [Problem(str(f), int(ln), str(fl), str(m)) for f, ln, fl, m in entry.get("warnings", [])]
-        if state is None or (state.size == at and prefix is not None and prefix[0] == cached_file["sha256"]):
-            found.hit, found.count = True, found.old_count  # unchanged (no prompts file: the key says it all)
+        if state is None or prompts is None:
+            found.hit, found.count = True, found.old_count  # no prompts file: the key says it all
             return found
-        if prefix is None or prefix[0] != cached_file["sha256"] or not prefix[1]:
-            return found  # rewritten, shorter, or the old last line continues: validate it all
+        if not isinstance(cached_file, dict) or prefix is None or prefix[0] != cached_file["sha256"]:
+            return found  # rewritten or shorter: validate it all
+        if state.size == at:
+            found.hit, found.count = True, found.old_count  # unchanged
+            return found
+        if not prefix[1]:
+            return found  # the appended bytes continue the old last line: validate it all
         found.tail = (at, prefix[2] + 1)
         checked = _check_tail(job, live, prompts, found, opened[0])
         if checked is None:
@@ -283,10 +288,11 @@ def tail_items(job: Any, prompts: Path, found: Found, db: sqlite3.Connection | N
     if db is not None:
         found.seeds = ids.seeds
     fname = str(prompts)
+    signature = found.state.signature
     with open(prompts, "rb") as fh:
         def check() -> None:
             st = os.fstat(fh.fileno())
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != found.state.signature:
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != signature:
                 raise JobChangedError(prompts)
 
         check()

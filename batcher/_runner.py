@@ -283,7 +283,7 @@ class _Runner:
 
     # -- setup ------------------------------------------------------------------------------
 
-    def _needs_run(self, item: Item) -> bool:
+    def _needs_run(self, item: Item | _Key) -> bool:
         entry = self.journal.entries.get(item.id)
         if entry is not None and entry.rhash == item.rhash and entry.status == "done":
             return item.id in self._missing
@@ -450,6 +450,7 @@ class _Runner:
             self.layout = decide_layout(self.out.root, total, fresh=not self.journal.runs)
             self.out.layout = self.layout.images
         if self.sharded is not None and self.sharded.shard.count > 1:
+            assert digest is not None  # a sharded run reads the whole job (no job cache)
             self.sharded.check_plan("sha256:" + digest.hexdigest())
         if self.sharded is not None:
             await anyio.to_thread.run_sync(self.sharded.open_writer, self.journal)
