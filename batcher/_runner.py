@@ -242,7 +242,7 @@ class _Key:
     """An item as `_needs_run` sees it."""
 
     id: str
-    rhash: str | None
+    rhash: str
 
 
 class _Runner:
@@ -399,7 +399,7 @@ class _Runner:
     def _old_to_run(self, cp: Any, old_count: int, limit: int = 1000) -> bool:
         """Whether any of the old items needs running: those the checkpoint doesn't hold finished, the
         journal's tail since it, and done items whose files are gone, each judged as `_needs_run` does."""
-        candidates: dict[str, str | None] = {}
+        candidates: dict[str, str] = {}
         tail: Any = ()
         if not self._all_done_when_stamped(old_count):  # else only gone files can make one run again
             retry = 1 if self.options.retry_failed else 0
