@@ -294,7 +294,7 @@ class _Runner:
         if not self.out.journal.exists():
             return
         entries = getattr(self.journal.entries, "unverified", None)  # a checkpoint: only what it hasn't seen
-        if entries is not None and len(self.journal.entries) < FULL_FILE_CHECK_BELOW:
+        if entries is not None and self.journal.entries.fewer_than(FULL_FILE_CHECK_BELOW):  # type: ignore[attr-defined]
             entries = None  # a small output checks every file every run: a file deleted by hand still runs again
         self._files_checked = True
         with open(self.out.journal, "rb") as fh:

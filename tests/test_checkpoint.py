@@ -251,5 +251,7 @@ def test_snapshot_entries_are_counted_by_sqlite_with_the_tail(tmp_path):
     try:
         assert isinstance(journal.entries, SnapshotEntries)
         assert len(journal.entries) == 3 == len(list(journal.entries))
+        assert journal.entries.fewer_than(4) and not journal.entries.fewer_than(3)
+        assert not journal.entries.fewer_than(2)  # a bounded count: 2 rows read, then the tail's new id
     finally:
         journal.close()
