@@ -111,9 +111,10 @@ def _plain(obj: Any) -> Any:
     return repr(obj)
 
 
-# the Job's fields its items depend on (read by name: other fields, such as run-time filters, are not)
-_JOB_FIELDS = ("path", "name", "endpoints", "defaults", "overrides", "dialects", "_inline", "_header_problems",
-               "_prompts_file")
+# the Job's fields that cannot change its items or their validation; every other field is in the key
+# (so a field added later is covered unless listed here: the safe side is a cache miss)
+_NOT_ITEMS = frozenset({"concurrency", "rate_limit", "output", "pricing", "_signature", "warnings", "shard",
+                        "active"})
 
 
 def job_key(job: Any, live: Iterable[str]) -> str | None:
@@ -121,7 +122,7 @@ def job_key(job: Any, live: Iterable[str]) -> str | None:
     import batcher
 
     doc = {"format": FORMAT, "batcher": batcher.__version__, "live": sorted(live),
-           "job": {name: getattr(job, name, None) for name in _JOB_FIELDS}}
+           "job": {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name not in _NOT_ITEMS}}
     try:
         text = json.dumps(doc, sort_keys=True, default=_plain, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError):

@@ -306,3 +306,24 @@ def test_a_journal_changed_since_the_manifest_is_asked_item_by_item(tmp_path, si
     assert run(job, out, sim) == 0
     assert passes()["validate"] == 0
     assert sim.stats()["requests"] == requests + 1  # "a" sent again
+
+
+def test_an_edit_that_cannot_change_the_items_keeps_the_cache(tmp_path, sim, passes):
+    job, out = job_files(tmp_path), tmp_path / "out"
+    assert run(job, out, sim) == 0
+    job_files(tmp_path, header="concurrency: 3\nrate_limit: {rpm: 6000}\n")
+    passes()
+    assert run(job, out, sim) == 0
+    assert passes() == {"validate": 0, "full": 0}
+
+
+def test_the_key_covers_every_job_field_but_those_listed():
+    import dataclasses
+
+    from batcher._jobcache import _NOT_ITEMS, job_key
+
+    job = load_job(Path(__file__).resolve().parent.parent / "jobs" / "example.yaml")
+    base = job_key(job, ["default"])
+    for f in dataclasses.fields(job):
+        changed = dataclasses.replace(job, **{f.name: Path("x") if f.name == "path" else "x"})
+        assert (job_key(changed, ["default"]) == base) == (f.name in _NOT_ITEMS), f.name
