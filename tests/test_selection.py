@@ -116,7 +116,7 @@ def _jsonl_job(tmp_path: Path, n: int) -> Path:
     return path
 
 
-def test_a_local_run_streams_the_job_at_most_five_times_and_an_unchanged_rerun_twice(tmp_path, passes, api_key):
+def test_a_local_run_streams_the_job_four_times_an_unchanged_rerun_never_an_appended_one_only_its_new_lines(tmp_path, passes, api_key):
     from batcher import RunOptions, run_sync, status
     from batcher._simulator import SimulatorConfig, start_in_thread
 
@@ -128,14 +128,16 @@ def test_a_local_run_streams_the_job_at_most_five_times_and_an_unchanged_rerun_t
         # validate, count, feed, manifest (summary and items in one pass), the checkpoint's current items
         # (that last one goes with the job cache, branch `rerun`: hence at most)
         assert passes[0] <= 5
+        first = passes[0]
         passes[0] = 0
         assert run_sync(load_job(path), options).exit_code == 0
-        assert passes[0] <= 2  # validate, count: nothing to send, manifest.json kept
+        assert passes[0] == 0  # the job cache: an unchanged job is not read at all (was 2: validate, count)
         with open(path, "a") as fh:
             fh.write('{"id": "late", "prompt": "late", "size": "8x8"}\n')
         passes[0] = 0
         assert run_sync(load_job(path), options).exit_code == 0
-        assert passes[0] <= 5
+        assert passes[0] <= 1  # only the appended line is read (a partial pass from the cached offset)
+    assert first <= 4  # validate, count, feed, manifest (the checkpoint's current items ride on the manifest pass)
     info = status(out)
     assert (info["total"], info["done"], info["pending"]) == (13, 13, 0)
 
