@@ -272,11 +272,13 @@ class LocalStore(Store):
             except OSError:
                 pass  # another file system or no hard links: copy, then publish
         prefix = f".tmp-{final.name[:40]}-"
-        # a kill -9 between writing a temporary and renaming it leaves one behind; each name has one
-        # writer (an item's rerun, a segment's owner), so this writer clears that name's leftovers
-        for old in final.parent.glob(glob.escape(prefix) + "*"):
-            with contextlib.suppress(FileNotFoundError):
-                old.unlink()
+        if rel.startswith("images/"):
+            # a kill -9 between writing a temporary and renaming it leaves one behind; an image name has
+            # one writer (its item's run: the claim, the shard split), so it clears that name's leftovers.
+            # Not other names: several shards may write `manifest.json` at once, each its own temporary.
+            for old in final.parent.glob(glob.escape(prefix) + "*"):
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
         tmp = final.with_name(f"{prefix}{uuid.uuid4().hex[:8]}")
         try:
             if isinstance(src, bytes):

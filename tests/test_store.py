@@ -537,3 +537,13 @@ def test_a_temporary_left_by_a_killed_write_is_cleared_by_the_next_write_of_that
     store.put_image("images/a.png", b"\x89PNG whole", replace=True)
     assert not leftover.exists() and other.exists()
     assert (tmp_path / "images" / "a.png").read_bytes() == b"\x89PNG whole"
+
+
+def test_a_write_of_another_name_leaves_a_concurrent_writers_temporary_alone(tmp_path):
+    from batcher._store import LocalStore
+
+    store = LocalStore(tmp_path)
+    live = tmp_path / ".tmp-manifest.json-0123abcd"  # another shard writing manifest.json right now
+    live.write_bytes(b"{}")
+    store.put("manifest.json", b'{"summary": {}}')
+    assert live.exists()
