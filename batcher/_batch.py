@@ -63,6 +63,8 @@ METADATA_KEY = "batcher_chunk"
 POLL_FIRST = 1.0  # seconds before the first poll; then ×1.5 per poll up to POLL_MAX (`poll:` fixes it)
 POLL_MAX = 60.0
 LOOKUP_SLACK = 600  # seconds: a batch or file made this long before its chunk record is not ours
+_LOOKUP = object()  # "look the journal entry up" (None is an answer: not in the journal)
+COLLECT_CONCURRENCY = 8  # result lines saved and recorded at once (see _record_lines)
 STEP_RETRY = RetryPolicy(max_attempts=5, base=1.0, cap=30.0)  # upload / create / retrieve, within one run
 
 
@@ -83,22 +85,66 @@ class ChunkItem:
         return Item(self.id, self.request, self.rhash, self.file, self.line, vars=self.vars)
 
 
-def read_chunk_items(root: Path, chunk: Chunk) -> dict[str, ChunkItem]:
+class ChunkItems:
+    """A chunk's items file by item id, each line kept as its raw bytes and parsed when asked for:
+    a 50,000-line chunk costs ~20 MB, not the ~60 MB of parsed requests.
+
+    >>> items = read_chunk_items(root, chunk)
+    >>> ci = items.get(line.custom_id)  # None: not one of the chunk's items
+    """
+
+    def __init__(self, lines: dict[str, bytes]) -> None:
+        self._lines = lines
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._lines
+
+    def ids(self) -> Iterator[str]:
+        return iter(self._lines)
+
+    def get(self, item_id: str) -> ChunkItem | None:
+        raw = self._lines.get(item_id)
+        return None if raw is None else parse_chunk_item(raw)
+
+    def raw(self, item_id: str) -> bytes:
+        return self._lines[item_id]
+
+    def __iter__(self) -> Iterator[ChunkItem]:
+        return (parse_chunk_item(raw) for raw in self._lines.values())
+
+
+def chunk_item_line(ci: ChunkItem) -> bytes:
+    """`ci` as a line of `KEY.items.jsonl` (without the newline)."""
+    return json.dumps({"id": ci.id, "rhash": ci.rhash, "wanted": ci.wanted, "attempt": ci.attempt, "vars": ci.vars,
+                       "file": ci.file, "line": ci.line, "request": ci.request},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def parse_chunk_item(raw: bytes) -> ChunkItem:
+    """One line of a `KEY.items.jsonl` (checked whole when the file was indexed)."""
+    d = json.loads(raw)
+    return ChunkItem(d["id"], d["rhash"], d["request"], int(d["wanted"]), int(d["attempt"]),
+                     d.get("vars"), d.get("file", ""), int(d.get("line", 0)))
+
+
+def read_chunk_items(root: Path, chunk: Chunk) -> ChunkItems:
+    """Index a chunk's items file (every line is checked here, so `get` can't fail later). Blocking: a thread."""
     path = root / _items_path(chunk.input)
-    items: dict[str, ChunkItem] = {}
+    lines: dict[str, bytes] = {}
     try:
         with open(path, "rb") as fh:
             for raw in fh:
-                d = json.loads(raw)
-                items[d["id"]] = ChunkItem(d["id"], d["rhash"], d["request"], int(d["wanted"]), int(d["attempt"]),
-                                           d.get("vars"), d.get("file", ""), int(d.get("line", 0)))
+                lines[parse_chunk_item(raw).id] = raw.rstrip(b"\n")
     except FileNotFoundError:
         raise BatcherError(f"{path}: missing; the chunk {chunk.key} (batch {chunk.batch_id or 'not created'}) "
                            f"can't be matched to its items. Restore the file, or cancel the batch and move "
                            f"the output's journal away to start over") from None
     except (ValueError, KeyError, TypeError):
         raise BatcherError(f"{path}: not a chunk file batcher wrote (edited?)") from None
-    return items
+    return ChunkItems(lines)
 
 
 def _items_path(input_rel: str) -> str:
@@ -113,7 +159,7 @@ class BatchBook:
         self.chunks = chunks_of(records)
         self.at_provider: dict[str, str] = {}  # item id -> chunk key
         for chunk in self.open():
-            for item_id in read_chunk_items(root, chunk):
+            for item_id in read_chunk_items(root, chunk).ids():
                 self.at_provider[item_id] = chunk.key
 
     def open(self) -> list[Chunk]:
@@ -140,9 +186,7 @@ class _ChunkWriter:
 
     def add(self, line: bytes, ci: ChunkItem) -> None:
         self._input.write(line)
-        self._items.write(json.dumps({"id": ci.id, "rhash": ci.rhash, "wanted": ci.wanted, "attempt": ci.attempt,
-                                      "vars": ci.vars, "file": ci.file, "line": ci.line, "request": ci.request},
-                                     ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        self._items.write(chunk_item_line(ci) + b"\n")
         self.requests += 1
         self.images += ci.wanted
         self.bytes += len(line)
@@ -190,10 +234,14 @@ class BatchExecutor:
         self.policy_violations = 0
         self.wait = wait
         self.book = book
-        self.resubmit: list[Item] = []  # items whose batch line failed transiently (or never came)
+        # items whose batch line failed transiently (or never came), as their items-file lines: an expired
+        # 50,000-line batch is ~20 MB of these, not ~60 MB of parsed items
+        self.resubmit: list[bytes] = []
         self.submitted = self.collected = 0
         self.cancelled = 0  # items of batches cancelled at the provider: pending, not resubmitted by this run
         self._cancelled_lines = 0
+        self._fresh: set[str] = set()  # chunks this run made and has not begun to collect: none of their lines
+        # can have been recorded, so collecting them looks nothing up in the journal
         self.budget_note: str | None = None  # set when the budget refused an item: nothing more is submitted
 
     # -- which items are ours ------------------------------------------------------------------
@@ -208,10 +256,12 @@ class BatchExecutor:
                 return ep
         return None  # (an endpoint that only collects what it left at the provider takes nothing new)
 
-    def _have(self, item: Item) -> tuple[list[dict[str, Any]], float | None]:
-        """A short answer's images so far (they were paid): only the missing ones are asked for."""
+    def _have(self, item: Item, entry: Any = _LOOKUP) -> tuple[list[dict[str, Any]], float | None]:
+        """A short answer's images so far (they were paid): only the missing ones are asked for.
+        `entry`: the item's journal entry when the caller has it (a lookup may be a sqlite query)."""
         if item.id not in self.recorder.have:
-            entry = self.journal.entries.get(item.id)
+            if entry is _LOOKUP:
+                entry = self.journal.entries.get(item.id)
             if entry is not None and entry.status == "failed" and entry.error_kind == "transient":
                 self.recorder.load_short(item)  # reads one journal line
         return self.recorder.have.get(item.id, ([], None))
@@ -242,7 +292,7 @@ class BatchExecutor:
             await self._poll_all()
             if self.resubmit and not self.control.stopping:
                 again, self.resubmit = self.resubmit, []
-                await self._submit(iter(again))
+                await self._submit(parse_chunk_item(raw).item() for raw in again)
             live = [c for c in self.book.open() if c.batch_id is not None]
             if not self.book.open() or not self.wait:
                 return
@@ -306,7 +356,7 @@ class BatchExecutor:
     def _line(self, ep: EndpointRun, item: Item) -> tuple[ChunkItem, bytes]:
         entry = self.journal.entries.get(item.id)
         prior = entry.attempts if entry is not None and entry.rhash == item.rhash else 0
-        have = self._have(item)  # a short answer earlier: only the missing images
+        have = self._have(item, entry)  # a short answer earlier: only the missing images
         wanted = item.images - len(have[0])
         body = ep.ep.body_for(item.body)
         if wanted != item.images:
@@ -343,6 +393,7 @@ class BatchExecutor:
         self.book.chunks[key] = chunk
         for item_id, _rhash, _attempt in writer.attempts:
             self.book.at_provider[item_id] = key
+        self._fresh.add(key)
         self.submitted += writer.requests
         ep.stats["requests"] += writer.requests
         self.reporter.log(f"batch chunk {key}: {writer.requests} request(s), {writer.images} image(s), "
@@ -451,10 +502,10 @@ class BatchExecutor:
         self.reporter.log(f"batch chunk {chunk.key}: refused by endpoint {ep.name!r}: {exc.describe()}; its "
                      f"{chunk.requests} item(s) fail", level="error")
         items = await anyio.to_thread.run_sync(read_chunk_items, self.root, chunk)
-        for ci in items.values():
+        for ci in items:
             if not await self.recorder.failure(ep, ci.item(), ci.attempt, exc, extra={"batch": chunk.key}):
                 return
-        await self._close(chunk, "rejected")
+        await self._close(chunk, "rejected", items)
 
     # -- 4. poll -------------------------------------------------------------------------------
 
@@ -489,39 +540,26 @@ class BatchExecutor:
     async def _collect(self, ep: EndpointRun, chunk: Chunk, info: BatchInfo) -> None:
         """Record every line of an ended batch; items without one are pending again."""
         items = await anyio.to_thread.run_sync(read_chunk_items, self.root, chunk)
+        if chunk.key in self._fresh:
+            self._fresh.discard(chunk.key)  # a collection cut short records some lines: look them up next time
+            recorded: set[str] = set()
+        else:
+            recorded = await anyio.to_thread.run_sync(self._recorded, items)
         answered: set[str] = set()
-        entries = self.journal.entries
         results_paged = ep.batch_client.shape.results is not None  # xAI: a paged list, by batch id
         for file_id in ((info.id,) if results_paged else (info.output_file_id, info.error_file_id)):
-            if file_id is None:
-                continue
-            try:
-                async for line in self._lines(ep, file_id):
-                    ci = items.get(line.custom_id) if line.custom_id is not None else None
-                    if ci is None or ci.id in answered:
-                        continue  # not one of ours, or said twice: the first line counts
-                    answered.add(ci.id)
-                    entry = entries.get(ci.id)
-                    if entry is not None and entry.offset >= 0 and entry.status != "pending" \
-                            and entry.attempts == ci.attempt and entry.rhash == ci.rhash:
-                        continue  # recorded by an earlier collection that was cut short
-                    if not await self._record_line(ep, chunk, ci, line):
-                        return  # the run stops (disk); the chunk stays open and is collected again
-            except RequestError as exc:
-                self.reporter.log(f"batch {chunk.batch_id}: can't read its results ({exc.describe()}); the next "
-                             f"run tries again", level="warning")
-                if exc.kind == "fatal":
-                    self.control.stop(exc, f"fatal: reading batch results: {exc.describe()}")
-                return
+            if file_id is not None and not await self._record_lines(ep, chunk, file_id, items, answered, recorded):
+                return  # the chunk stays open and is collected again
         if self.control.stopping and self.control.interrupted:
             return
-        unanswered = [ci for item_id, ci in items.items() if item_id not in answered]
+        unanswered = (item_id for item_id in items.ids() if item_id not in answered)
         if info.status == "cancelled":
-            self.cancelled += len(unanswered) + self._cancelled_lines
+            self.cancelled += sum(1 for _ in unanswered) + self._cancelled_lines
         else:
             named = _line_errors(info) if info.status == "failed" else {}
-            position = {item_id: n for n, item_id in enumerate(items, 1)} if named else {}
-            for ci in unanswered:
+            position = {item_id: n for n, item_id in enumerate(items.ids(), 1)} if named else {}
+            for ci in map(items.get, unanswered):
+                assert ci is not None
                 # the provider refused these very lines (validation): they fail; the others were not run and
                 # go into a later batch (each such round is an attempt: a batch that never answers ends)
                 line_no = position.get(ci.id, 0)
@@ -532,9 +570,57 @@ class BatchExecutor:
                 if not await self._line_failed(ep, ci, error, {"batch": chunk.key}):
                     return
         self._cancelled_lines = 0
-        if await self._close(chunk, info.status):
+        if await self._close(chunk, info.status, items):
             self.collected += 1
             await self._clean_up(ep, info, results_paged)
+
+    def _recorded(self, items: ChunkItems) -> set[str]:
+        """The chunk's items an earlier collection, cut short, recorded (journal lookups: a thread)."""
+        entries = self.journal.entries
+        recorded: set[str] = set()
+        for ci in items:
+            entry = entries.get(ci.id)
+            if entry is not None and entry.offset >= 0 and entry.status != "pending" \
+                    and entry.attempts == ci.attempt and entry.rhash == ci.rhash:
+                recorded.add(ci.id)
+        return recorded
+
+    async def _record_lines(self, ep: EndpointRun, chunk: Chunk, file_id: str, items: ChunkItems,
+                            answered: set[str], recorded: set[str]) -> bool:
+        """Save and record one result file's lines, COLLECT_CONCURRENCY at a time (each line waits on two
+        worker-thread hops: the image's write and rename, its record's append).
+        False: stop collecting (results unreadable, or the run stops on disk trouble)."""
+        ok = True
+        slots = anyio.Semaphore(COLLECT_CONCURRENCY)
+
+        async def record(ci: ChunkItem, line: BatchLine) -> None:
+            nonlocal ok
+            try:
+                if not await self._record_line(ep, chunk, ci, line):
+                    ok = False  # the run stops (disk)
+            finally:
+                slots.release()
+
+        async with anyio.create_task_group() as tg:
+            try:
+                async for line in self._lines(ep, file_id):
+                    if not ok:
+                        break
+                    ci = items.get(line.custom_id) if line.custom_id is not None else None
+                    if ci is None or ci.id in answered:
+                        continue  # not one of ours, or said twice: the first line counts
+                    answered.add(ci.id)
+                    if ci.id in recorded:
+                        continue  # recorded by an earlier collection that was cut short
+                    await slots.acquire()
+                    tg.start_soon(record, ci, line)
+            except RequestError as exc:
+                self.reporter.log(f"batch {chunk.batch_id}: can't read its results ({exc.describe()}); the next "
+                             f"run tries again", level="warning")
+                if exc.kind == "fatal":
+                    self.control.stop(exc, f"fatal: reading batch results: {exc.describe()}")
+                ok = False
+        return ok
 
     async def _clean_up(self, ep: EndpointRun, info: BatchInfo, results_paged: bool) -> None:
         """Once every line is recorded, the batch's files at the provider are of no more use (they count
@@ -557,7 +643,8 @@ class BatchExecutor:
         item = ci.item()
         extra = {"batch": chunk.key}
         if line.generation is not None:
-            have = self._have(item)
+            # the chunk asked for fewer than n only after a short answer: else there is nothing to look up
+            have = self._have(item) if ci.wanted < item.images else ([], None)
             try:
                 saved = await self.recorder.save(ep.batch_client, safe_stem(item.id), line.generation,
                                                      first=len(have[0]), count=item.images)
@@ -592,14 +679,15 @@ class BatchExecutor:
 
     def resubmit_item(self, ci: ChunkItem) -> None:
         """Back to pending; sent again in a later chunk of this run (attempts permitting)."""
-        self.resubmit.append(ci.item())
+        self.resubmit.append(chunk_item_line(ci))
 
-    async def _close(self, chunk: Chunk, status: str) -> bool:
+    async def _close(self, chunk: Chunk, status: str, items: ChunkItems) -> bool:
         if not await self._journal(closed_record(chunk.key, status)):
             return False
         chunk.closed = status
-        for item_id in [i for i, k in self.book.at_provider.items() if k == chunk.key]:
-            del self.book.at_provider[item_id]
+        for item_id in items.ids():  # the chunk's own ids, not a scan of every item at the provider
+            if self.book.at_provider.get(item_id) == chunk.key:
+                del self.book.at_provider[item_id]
         return True
 
     async def _journal(self, rec: Any) -> bool:
