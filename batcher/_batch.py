@@ -86,7 +86,7 @@ class ChunkItem:
 
 class ChunkItems:
     """A chunk's items file by item id, each line kept as its raw bytes and parsed when asked for:
-    a 50,000-line chunk costs ~20 MB, not the ~60 MB of parsed requests.
+    a 50,000-line chunk costs ~20 MB, not the ~45 MB of parsed requests.
 
     >>> items = read_chunk_items(root, chunk)
     >>> ci = items.get(line.custom_id)  # None: not one of the chunk's items
@@ -234,7 +234,7 @@ class BatchExecutor:
         self.wait = wait
         self.book = book
         # items whose batch line failed transiently (or never came), as their items-file lines: an expired
-        # 50,000-line batch is ~20 MB of these, not ~60 MB of parsed items
+        # 50,000-line batch is ~15 MB of these, not ~45 MB of parsed items
         self.resubmit: list[bytes] = []
         self.submitted = self.collected = 0
         self.cancelled = 0  # items of batches cancelled at the provider: pending, not resubmitted by this run
