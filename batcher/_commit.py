@@ -14,15 +14,16 @@ both keep the same invariants:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
 from ._client import Generation, _Endpoint
 from ._exceptions import RequestError
+from ._ids import safe_stem
 from ._job import Item
 from ._manifest import Journal
-from ._records import attempt_record, done_record, failed_record, short_record
+from ._records import ItemRecord, attempt_record, done_record, failed_record, short_record
 from ._redact import Redactor
 from ._report import Reporter
 from ._writer import OutputDir, SavedImage
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
     from ._endpoints import EndpointRun
 
 Have = tuple[list[dict[str, Any]], float | None]  # a short item's images so far, and their cost
+Answer = tuple[Item, int, Generation, Have, "Mapping[str, Any] | None"]  # item, attempts, answer, have, extra
+
+
+def _stem(item: Item) -> str:
+    return safe_stem(item.id)
 
 
 class Recorder:
@@ -102,6 +108,60 @@ class Recorder:
         came is kept (it was paid) and the item stays failed (transient), so a rerun asks only for
         the missing images. `have`: a short answer's images before this one. False: not recorded
         (the disk refused; the run stops, the item stays pending)."""
+        rec, cost = self._answer_record(ep, item, attempts, gen, saved, have, extra)
+        self._charge(ep, cost)
+        if not await self.append(rec):
+            return False
+        self._answered(ep, item, rec, len(saved))
+        return True
+
+    async def answer_many(self, ep: EndpointRun, client: _Endpoint, rows: list[Answer]) -> bool:
+        """Save and record many answers whose images are all inline (b64) in ONE worker-thread call:
+        what `save` then `answer` do for each, without two thread hand-offs per answer (a provider
+        batch's collection is CPU-bound on them). Each row's images are renamed into place before
+        its record is appended, as always. False: the disk refused one (the rows before it are
+        recorded; the run stops)."""
+        if self.sharded is not None:  # images are published one by one to the store: the plain path
+            for item, attempts, gen, have, extra in rows:
+                saved = await self.save(client, _stem(item), gen, first=len(have[0]), count=item.images)
+                if not await self.answer(ep, item, attempts, gen, saved, have, extra=extra):
+                    return False
+            return True
+        done: list[tuple[Item, Any, int, float | None]] = []
+
+        def commit() -> OSError | None:
+            for item, attempts, gen, have, extra in rows:
+                count = max(len(gen.images), item.images)
+                saved = []
+                for index, image in enumerate(gen.images, len(have[0])):
+                    assert image.data is not None
+                    saved.append(self.out.save_bytes(_stem(item), index, count, image.data))
+                    image.data = None
+                rec, cost = self._answer_record(ep, item, attempts, gen, saved, have, extra)
+                try:
+                    self.journal.append(rec)
+                except OSError as exc:
+                    done.append((item, None, len(saved), cost))
+                    return exc
+                done.append((item, rec, len(saved), cost))
+            return None
+
+        try:
+            trouble = await anyio.to_thread.run_sync(commit)
+        except OSError as exc:  # an image the disk refused: its row is not recorded
+            trouble = exc
+        for item, rec, images, cost in done:
+            self._charge(ep, cost)
+            if rec is not None:
+                self._answered(ep, item, rec, images)
+        if trouble is not None:
+            self.disk_trouble(trouble)
+            return False
+        return True
+
+    def _answer_record(self, ep: EndpointRun, item: Item, attempts: int, gen: Generation, saved: list[SavedImage],
+                       have: Have, extra: Mapping[str, Any] | None) -> tuple[ItemRecord, float | None]:
+        """The done (or short) record of an answer whose images are saved, and what they cost."""
         model = ep.ep.model_sent(item.body.get("model", ""))
         images = have[0] + [
             {"file": s.file, "revised_prompt": g.revised_prompt, "sha256": s.sha256, "bytes": s.bytes,
@@ -119,22 +179,25 @@ class Recorder:
             rec = done_record(item.id, item.rhash, item.body, created=gen.created, images=images,
                               attempts=attempts, request_id=gen.request_id, endpoint=ep.name, vars=item.vars,
                               cost=rec_cost, usage=gen.usage)
-        error = rec["error"]
+        return (cast(ItemRecord, {**rec, **extra}) if extra else rec), cost
+
+    def _charge(self, ep: EndpointRun, cost: float | None) -> None:
         if cost is not None:  # paid whether or not the record makes it to disk
             self.cost += cost
             ep.stats["cost"] += cost
-        if not await self.append({**rec, **extra} if extra else rec):
-            return False
-        self.images += len(saved)
-        ep.stats["failed" if short else "done"] += 1
-        ep.stats["images"] += len(saved)
+
+    def _answered(self, ep: EndpointRun, item: Item, rec: ItemRecord, images: int) -> None:
+        """The counters and the reporter, once an answer's record is in the journal."""
+        error = rec["error"]
+        self.images += images
+        ep.stats["failed" if error is not None else "done"] += 1
+        ep.stats["images"] += images
         if error is not None:
-            self.reporter.images += len(saved)
+            self.reporter.images += images
             self.reporter.item_finished(False)
             self.reporter.log(f"{item.id}: short answer: {error['message']}", level="warning")
         else:
-            self.reporter.item_finished(True, len(saved))
-        return True
+            self.reporter.item_finished(True, images)
 
     async def failure(self, ep: EndpointRun, item: Item, attempts: int, exc: RequestError, *,
                       extra: Mapping[str, Any] | None = None) -> bool:

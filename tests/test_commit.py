@@ -207,3 +207,45 @@ def test_redis_away_means_going_on_without_claims_other_errors_are_not_swallowed
     _, broken = redis_claims(_DownStore(redis.exceptions.ResponseError("WRONGTYPE")))
     with pytest.raises(redis.exceptions.ResponseError):
         anyio.run(broken.claim, "x")
+
+
+def _item(i: int) -> Item:
+    return Item(id=f"i{i}", body={"model": "m", "prompt": f"p{i}", "n": 1}, rhash="h", file="job.yaml", line=i)
+
+
+def test_answer_many_records_what_answer_would_in_one_thread_call(tmp_path):
+    one, many, ep1, ep2 = recorder(tmp_path / "a", []), recorder(tmp_path / "b", []), endpoint(), endpoint()
+
+    async def main():
+        for i in range(3):
+            gen = Generation(created=1, images=[GeneratedImage(data=tiny_png())], request_id=f"r{i}")
+            saved = await one.save(None, f"i{i}", gen, count=1)  # type: ignore[arg-type]
+            assert await one.answer(ep1, _item(i), 1, gen, saved, extra={"batch": "k"})
+        rows = [(_item(i), 1, Generation(created=1, images=[GeneratedImage(data=tiny_png())], request_id=f"r{i}"),
+                 ([], None), {"batch": "k"}) for i in range(3)]
+        assert await many.answer_many(ep2, None, rows)  # type: ignore[arg-type]
+
+    anyio.run(main)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "finished"} for r in recs]  # noqa: E731
+    assert strip(records(one)) == strip(records(many))
+    assert (many.images, many.cost, ep2.stats["done"]) == (one.images, one.cost, ep1.stats["done"]) == (3, 1.5, 3)
+    assert all((many.out.root / r["images"][0]["file"]).is_file() for r in records(many))
+
+
+def test_answer_many_stops_at_a_refused_append_keeping_the_rows_before(tmp_path, monkeypatch):
+    troubles: list[OSError] = []
+    rec, ep = recorder(tmp_path, troubles), endpoint()
+    real = rec.journal.append
+
+    def append(r):
+        if r["id"] == "i1":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(r)
+
+    monkeypatch.setattr(rec.journal, "append", append)
+    rows = [(_item(i), 1, Generation(created=1, images=[GeneratedImage(data=tiny_png())]), ([], None), None)
+            for i in range(3)]
+    assert anyio.run(rec.answer_many, ep, None, rows) is False
+    assert [r["id"] for r in records(rec)] == ["i0"]  # i1 refused, i2 never tried
+    assert troubles and troubles[0].errno == errno.ENOSPC
+    assert (rec.images, ep.stats["done"], rec.cost) == (1, 1, 1.0)  # i1's images were paid: its cost counts
