@@ -270,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output folder or s3:// URL")
     m.add_argument("--job", help="the job file, for pending items and the job's order (default: what the journal knows)")
 
-    ex = sub.add_parser("export", help="write an output as a dataset (imagefolder, webdataset, openai-batch)")
+    ex = sub.add_parser("export", help="write an output as a dataset (imagefolder, webdataset, parquet, openai-batch)")
     ex.add_argument("out", help="output folder or s3:// URL of a run")
-    ex.add_argument("--format", required=True, choices=("imagefolder", "webdataset", "openai-batch"))
+    ex.add_argument("--format", required=True, choices=("imagefolder", "webdataset", "parquet", "openai-batch"))
     ex.add_argument("--to", required=True, metavar="DIR",
                     help="destination: absent, empty, or an earlier export of the same format (replaced)")
     ex.add_argument("--include-failed", action="store_true", help="also export failed items with their error")

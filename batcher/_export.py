@@ -6,6 +6,7 @@
 Formats:
     imagefolder    DIR/train/metadata.jsonl + images: Hugging Face `load_dataset("imagefolder", data_dir=DIR)`
     webdataset     DIR/shard-000000.tar ...: `<key>.<ext>` + `<key>.json` per image, `shard_size` per shard
+    parquet        DIR/train/metadata.parquet + images: imagefolder's columns as one parquet table (`[parquet]` extra)
     openai-batch   DIR/results.jsonl in the Batch API's output format, images in DIR/images/
 
 Read-only on OUT: items stream from `OUT/manifest.json` (constant memory) and images are
@@ -39,7 +40,7 @@ from ._output import FolderOutput, OutputReader, OutsideError, is_inside, open_o
 
 __all__ = ["export", "FORMATS"]
 
-FORMATS = ("imagefolder", "webdataset", "openai-batch")
+FORMATS = ("imagefolder", "webdataset", "parquet", "openai-batch")
 MARKER = ".batcher-export.json"  # hidden: dataset loaders skip dot files
 
 
@@ -60,6 +61,8 @@ def export(
         raise ValueError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
     if shard_size < 1:
         raise ValueError("shard_size must be ≥ 1")
+    if fmt == "parquet":
+        _import_pyarrow()  # a missing extra fails before OUT is read or DIR touched
     reader, dest = open_output(out), Path(to)
     reader.manifest()[1].close()  # a missing or foreign manifest fails before DIR is touched
     _check_destination(dest, fmt)
@@ -248,9 +251,13 @@ def _var_value(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
-def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int) -> None:
-    # Pass 1 learns the column set (matrix variables, cost, endpoint) so every row has the same
-    # columns, as the loader requires; memory holds the variable names only.
+def _imagefolder_rows(src: _Source, tmp: Path, counts: dict[str, Any]) -> tuple[list[str], Iterator[dict[str, Any]]]:
+    """The metadata columns and rows (one per image, images placed in `tmp/train/`) of an imagefolder
+    export; failed items go to `tmp/failed.jsonl` as the rows are consumed.
+
+    Pass 1 learns the column set (matrix variables, cost, endpoint) so every row has the same
+    columns, as the loader requires; memory holds the variable names only.
+    """
     var_names: set[str] = set()
     has = {"cost": False, "endpoint": False}
     for _, item in src.items(images=False):
@@ -262,9 +269,12 @@ def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: in
                *(_var_column(n) for n in sorted(var_names))]
     train = tmp / "train"
     train.mkdir()
-    train_dir = str(train)
-    with open(train / "metadata.jsonl", "w", encoding="utf-8") as meta, \
-            open(tmp / "failed.jsonl", "w", encoding="utf-8") as failed:
+    return columns, _image_rows(src, tmp, str(train), columns, counts)
+
+
+def _image_rows(src: _Source, tmp: Path, train_dir: str, columns: list[str],
+                counts: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    with open(tmp / "failed.jsonl", "w", encoding="utf-8") as failed:
         for lineno, item in src.items():
             base = _common(item)
             variables: dict[str, Any] = item["vars"] if isinstance(item.get("vars"), dict) else {}
@@ -288,10 +298,60 @@ def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: in
                 row = {**base, "file_name": name, "image_index": index,
                        "revised_prompt": image.get("revised_prompt"), "endpoint": item.get("endpoint"),
                        "cost": item["cost"] / len(images) if item.get("cost") is not None else None, **extra}
-                meta.write(_jsonl({c: row.get(c) for c in columns}))
                 counts["images"] += 1
+                yield {c: row.get(c) for c in columns}
     if counts["failed"] == 0:
         (tmp / "failed.jsonl").unlink()
+
+
+def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int) -> None:
+    columns, rows = _imagefolder_rows(src, tmp, counts)
+    with open(tmp / "train" / "metadata.jsonl", "w", encoding="utf-8") as meta:
+        for row in rows:
+            meta.write(_jsonl(row))
+
+
+# -- parquet ---------------------------------------------------------------------------------
+
+ROW_GROUP = 50_000  # rows buffered per parquet row group: bounds memory (~tens of MB), not the file size
+
+
+def _import_pyarrow() -> Any:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise OutputError("`--format parquet` needs pyarrow: pip install 'batcher[parquet]'") from None
+    return pa, pq
+
+
+def _parquet_type(pa: Any, column: str) -> Any:
+    # one fixed type per column (Arrow wants it before the first row): numbers as numbers, the rest text
+    return {"image_index": pa.int64(), "created": pa.int64(), "cost": pa.float64()}.get(column, pa.string())
+
+
+def _parquet_value(column: str, value: Any) -> Any:
+    """A value that fits its column's type; a hand-edited manifest's odd value becomes null or text."""
+    if value is None:
+        return None
+    if column in ("image_index", "created"):
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if column == "cost":
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _parquet(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int) -> None:
+    """The imagefolder layout with `train/metadata.parquet` (same columns) instead of metadata.jsonl:
+    `datasets` loads it as an imagefolder, pyarrow/pandas/duckdb read the table directly. Rows are
+    written ROW_GROUP at a time, so memory stays flat however many items there are."""
+    pa, pq = _import_pyarrow()
+    columns, rows = _imagefolder_rows(src, tmp, counts)
+    schema = pa.schema([(c, _parquet_type(pa, c)) for c in columns])
+    with pq.ParquetWriter(tmp / "train" / "metadata.parquet", schema, compression="zstd") as writer:
+        while batch := list(itertools.islice(rows, ROW_GROUP)):
+            data = {c: [_parquet_value(c, row[c]) for row in batch] for c in columns}
+            writer.write_table(pa.Table.from_pydict(data, schema=schema))
 
 
 # -- webdataset ------------------------------------------------------------------------------
@@ -413,7 +473,7 @@ def _openai_batch(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: i
 
 
 _WRITERS: dict[str, Callable[[_Source, Path, dict[str, Any], int], None]] = {
-    "imagefolder": _imagefolder, "webdataset": _webdataset, "openai-batch": _openai_batch}
+    "imagefolder": _imagefolder, "webdataset": _webdataset, "parquet": _parquet, "openai-batch": _openai_batch}
 
 
 # -- putting DIR in place ----------------------------------------------------------------------

@@ -320,9 +320,72 @@ def test_missing_image_files_are_skipped_and_counted(tmp_path):
 
 def test_unknown_format_and_bad_shard_size(out, tmp_path):
     with pytest.raises(ValueError, match="unknown export format"):
-        batcher.export(out, "parquet", tmp_path / "x")
+        batcher.export(out, "zip", tmp_path / "x")
     with pytest.raises(ValueError, match="shard_size"):
         batcher.export(out, "webdataset", tmp_path / "x", shard_size=0)
+
+
+# -- parquet -------------------------------------------------------------------------------------
+
+
+def test_parquet_reads_back_with_pyarrow_with_imagefolders_columns_in_row_groups(tmp_path, monkeypatch):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install -e '.[test]')")
+    src = optional_fields_out(tmp_path / "out")
+    monkeypatch.setattr(_export, "ROW_GROUP", 2)  # several row groups from a few rows
+    counts = batcher.export(src, "parquet", tmp_path / "pq", include_failed=True)
+    assert counts == {"format": "parquet", "items": 3, "images": 4, "failed": 1, "missing": 0, "shards": 0}
+    batcher.export(src, "imagefolder", tmp_path / "hf")
+    jsonl = [json.loads(line) for line in (tmp_path / "hf" / "train" / "metadata.jsonl").read_text().splitlines()]
+    parquet = pq.ParquetFile(tmp_path / "pq" / "train" / "metadata.parquet")
+    assert parquet.metadata.num_row_groups == 2
+    table = parquet.read()
+    assert table.column_names == list(jsonl[0])  # the same columns, in the same order
+    assert table.to_pylist() == jsonl  # and the same values (steps=30 is text in both)
+    assert str(table.schema.field("created").type) == "int64" and str(table.schema.field("cost").type) == "double"
+    assert sorted(p.name for p in (tmp_path / "pq" / "train").iterdir()) == [
+        "a.png", "b_1.png", "b_2.png", "c.png", "metadata.parquet"]
+    assert [json.loads(x)["id"] for x in (tmp_path / "pq" / "failed.jsonl").read_text().splitlines()] == ["d"]
+
+
+def test_parquet_odd_values_become_null_not_a_crash(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install -e '.[test]')")
+    images = tmp_path / "out" / "images"
+    items = [{"id": "a", "status": "done", "request": {"prompt": ["not", "text"], "model": 7},
+              "created": "yesterday", "cost": True, "images": [tiny_png(images / "a.png")]},
+             {"id": "b", "status": "done", "request": {"prompt": "p"}, "created": 2.0, "cost": 0.5,
+              "images": [tiny_png(images / "b.png")]}]
+    write_manifest_file(tmp_path / "out", items)
+    batcher.export(tmp_path / "out", "parquet", tmp_path / "pq")
+    rows = pq.read_table(tmp_path / "pq" / "train" / "metadata.parquet").to_pylist()
+    # cost True / 1 image = 1.0, as metadata.jsonl has it
+    assert [(r["prompt"], r["model"], r["created"], r["cost"]) for r in rows] == [
+        ('["not", "text"]', "7", None, 1.0), ("p", None, 2, 0.5)]  # cost: as imagefolder's
+
+
+def test_parquet_loads_in_datasets_as_an_imagefolder(out, tmp_path):
+    to = tmp_path / "pq"
+    batcher.export(out, "parquet", to)
+    loaded = load_imagefolder(to, tmp_path)
+    assert loaded["columns"] == ["image", *_export.FIXED_COLUMNS[1:], "endpoint"]
+    expected = done_images(out)
+    assert [(r["id"], r["image_index"], r["_size"]) for r in loaded["rows"]] == [
+        (item["id"], k, [img["width"], img["height"]]) for item, k, img in expected]
+
+
+def test_parquet_without_pyarrow_names_the_extra_and_touches_nothing(out, tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_pyarrow(name, *args, **kwargs):
+        if name.split(".")[0] == "pyarrow":
+            raise ImportError("no pyarrow here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(OutputError, match=r"batcher\[parquet\]"):
+        batcher.export(out, "parquet", tmp_path / "pq")
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- CLI -----------------------------------------------------------------------------------------
