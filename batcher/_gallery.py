@@ -1,17 +1,31 @@
-"""`batcher report OUT`: one static HTML page to look through a job's items.
+"""`batcher report OUT`: a static HTML page to look through a job's items, however many there are.
 
     >>> batcher.report("output/example")
     PosixPath('output/example/report.html')
 
-The page is self-contained (inline CSS and JS, no framework, no network; a Content-Security-Policy
-allows only its own script, by hash) and opens from disk. Items are embedded once as JSON and
-rendered as cards a page at a time while the reader scrolls, so 10,000 items cost one JSON parse,
-not 10,000 DOM subtrees up front. Every user string reaches the DOM through `textContent`, never
-as markup; the embedded JSON escapes `<`, `>`, `&`, U+2028 and U+2029 so no prompt can close the
-`<script>` element that holds it.
+`report.html` is small (CSS, one script, the summary); the items live beside it in
+`report-data/<version>/` as JavaScript files the page loads on demand with `<script>` elements
+(a file:// page can't `fetch()`):
 
-Writing streams the manifest (constant memory) into a temporary file renamed into place; for an
-output in object storage (`s3://...`) that file is then put into the store as `report.html`.
+    c-000000.js ...   the cards, CHUNK items each: the first cards need report.html + one chunk
+    facets.js         one character per item for its status and one for its failure code, so a
+                      status/code filter is one scan of two strings (2 MB at 1,000,000 items)
+    w-000.js ...      the search index: every word (case-folded, letters/digits/_) of an item's id,
+                      prompts, model, endpoint, vars and error, with the items that hold it (a
+                      delta list, or a bitmap for common words), split into buckets by CRC-32 of
+                      the word; a search loads one bucket per query word
+
+So a 1,000,000-item report opens as fast as a 100-item one, and a filter or search touches a few
+files, not the data. A search matches items holding every query word (whole words, not substrings).
+
+The page runs no inline script but its own, by hash; `'strict-dynamic'` lets that script (and
+only it) add the data scripts. Every user string reaches the DOM through `textContent`, never as
+markup. The data directory's name is a digest of its contents, so a page never mixes two
+reports' files; the page is replaced last (readers see the old report or the new one).
+
+Writing streams the manifest: memory holds the words of one item and a cache of word hashes,
+not the items. For an output in object storage (`s3://...`) the files are built locally, then
+put through the output's reader, `report.html` last.
 """
 
 from __future__ import annotations
@@ -21,9 +35,14 @@ import hashlib
 import html
 import json
 import os
+import re
+import shutil
 import tempfile
+import uuid
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ._output import FolderOutput, OutputReader, is_inside, open_output
 from ._records import failure_code
@@ -31,6 +50,12 @@ from ._records import failure_code
 __all__ = ["report"]
 
 REPORT_NAME = "report.html"
+DATA_DIR = "report-data"
+CHUNK = 256  # cards per data file: ~80 KB, so 50 results scattered over 50 chunks still load quickly
+STATUS_CHAR = {"done": "d", "failed": "f", "pending": "p"}
+CODE_BASE = 0x100  # failure code k is chr(CODE_BASE + k) in facets.js: never a JSON escape or a quote
+MAX_CODES = 4000  # distinct failure codes kept apart; the rest share the last one ("other")
+_WORD = re.compile(r"\w+")  # the page's /[\p{L}\p{N}_]+/gu: str.isalnum() characters and _
 
 # Inside <script> the HTML parser only looks for `</script` and `<!--`: escaping these characters
 # (valid JSON escapes) keeps any prompt inert; U+2028/9 are escaped for older JS parsers.
@@ -39,54 +64,240 @@ _SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
 
 
 def script_json(obj: Any) -> str:
-    """JSON that is safe to embed inside a `<script>` element."""
+    """JSON that is safe to embed inside a `<script>` element (and as a JS expression)."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)
 
 
 def report(out: str | Path) -> Path | str:
-    """Write `OUT/report.html` from `OUT/manifest.json`; return its path (its URL in object storage).
+    """Write `OUT/report.html` and `OUT/report-data/` from OUT's manifest; return the page's path
+    (its URL in object storage).
 
-    In object storage the page is built in a local temporary file, then put in one request that
-    replaces any earlier report (readers see the old page or the new one, never part of one).
+    In object storage the files are built in a local temporary folder, then put one by one, the
+    page last, in one request that replaces any earlier page.
     """
     reader = open_output(out)
+    reader.manifest()[1].close()  # a missing or foreign manifest fails before anything is written
     if isinstance(reader, FolderOutput):
-        return _write(reader, reader.root)
+        return _write_folder(reader)
     with tempfile.TemporaryDirectory(prefix="batcher-report-") as tmp:
-        path = _write(reader, Path(tmp))
-        return reader.put(REPORT_NAME, path)
+        page, version, data = _build(reader, Path(tmp))
+        for name in sorted(os.listdir(data)):
+            reader.put(f"{DATA_DIR}/{version}/{name}", data / name)
+        return reader.put(REPORT_NAME, page)
 
 
-def _write(reader: OutputReader, folder: Path) -> Path:
-    """Write the report of `reader`'s manifest as `folder/report.html` (temp file, then rename)."""
+def _write_folder(reader: FolderOutput) -> Path:
+    """Build in `OUT/report-data/.tmp-*`, move the data into place, then the page; drop older data."""
+    root = reader.root / DATA_DIR
+    root.mkdir(exist_ok=True)
+    tmp = root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        page, version, data = _build(reader, tmp)
+        final = root / version
+        if final.is_dir():
+            shutil.rmtree(data)  # the same contents are already there (the name is their digest)
+        else:
+            os.rename(data, final)
+        os.replace(page, reader.root / REPORT_NAME)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for entry in root.iterdir():  # older reports' data, and what killed reports left
+        if entry.name != version and entry.is_dir() and _stale(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+    return reader.root / REPORT_NAME
+
+
+def _stale(name: str) -> bool:
+    from ._export import _alive
+
+    match = re.fullmatch(r"\.tmp-(\d+)-[0-9a-f]{8}", name)
+    return not _alive(int(match.group(1))) if match else re.fullmatch(r"[0-9a-f]{16}", name) is not None
+
+
+class _Data:
+    """The data files of one report, written into `folder` while their digest (the version) grows."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.digest = hashlib.sha256()
+
+    def write(self, name: str, text: str) -> None:
+        data = text.encode("utf-8", "backslashreplace")  # a lone surrogate becomes a JS escape again
+        self.digest.update(name.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+        with open(self.folder / name, "wb") as fh:
+            fh.write(data)
+
+    def script(self, name: str, payload: str) -> None:
+        """A data file: it hands `payload` (a JS literal) to the page under its own name."""
+        self.write(name, f"__batcherReport.data({json.dumps(name)},\n{payload}\n);\n")
+
+
+def _build(reader: OutputReader, folder: Path) -> tuple[Path, str, Path]:
+    """Write the page as `folder/report.html` and its data in `folder/data/`; (page, version, data)."""
     header, items = reader.manifest()
     job: dict[str, Any] = header["job"] if isinstance(header.get("job"), dict) else {}
     title = f"batcher report: {job.get('name') or reader.name}"
     summary: dict[str, Any] = {"total": 0, "done": 0, "failed": 0, "pending": 0, "images": 0, "cost": None,
                                "codes": {}}
-    path = folder / REPORT_NAME
-    tmp = folder / f".{REPORT_NAME}.tmp-{os.getpid()}"
-    try:
-        # backslashreplace: a lone surrogate (legal in JSON escapes) becomes a JSON escape again
-        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as fh:
-            fh.write(_HEAD.replace("{csp}", _CSP).replace("{title}", html.escape(title)))
-            fh.write('<script type="application/json" id="items">[')
-            sep = "\n"
-            for item in items:
-                fh.write(sep + script_json(_card(item, summary)))
-                sep = ",\n"
-            fh.write('\n]</script>\n<script type="application/json" id="summary-data">')
-            fh.write(script_json(summary))
-            fh.write("</script>\n<script>" + _SCRIPT + "</script>\n</body>\n</html>\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    data_dir = folder / "data"
+    data_dir.mkdir()
+    data = _Data(data_dir)
+    expected = (header.get("summary") or {}).get("total") if isinstance(header.get("summary"), dict) else None
+    index = _WordIndex(folder / "words", _bucket_count(expected))
+    codes: dict[str, int] = {}
+    with open(folder / "status", "w", encoding="utf-8") as st, open(folder / "code", "w", encoding="utf-8") as cf:
+        for n, chunk in enumerate(_chunks(items)):
+            cards = []
+            for k, item in enumerate(chunk):
+                card = _card(item, summary)
+                cards.append(script_json(card))
+                index.add(n * CHUNK + k, _words(card))
+                st.write(STATUS_CHAR[card["s"]])
+                if "x" in card:  # a failure with an error: counted in the summary's codes too
+                    code = str(failure_code(item["error"]))
+                    slot = codes.setdefault(code, min(len(codes), MAX_CODES - 1))
+                    cf.write(chr(CODE_BASE + slot))
+                else:
+                    cf.write(" ")
+            data.script(_chunk_name(n), "[" + ",\n".join(cards) + "]")
+    total = summary["total"]
+    data.script("facets.js", '{"s":' + script_json(Path(folder / "status").read_text(encoding="utf-8"))
+                + ',"c":' + script_json(Path(folder / "code").read_text(encoding="utf-8"))
+                + ',"codes":' + script_json(_code_names(codes)) + "}")
+    for bucket, words in index.buckets(total):
+        data.script(_bucket_name(bucket), words)
+    version = data.digest.hexdigest()[:16]
+    meta = {"dir": f"{DATA_DIR}/{version}/", "n": total, "chunk": CHUNK, "buckets": index.count}
+    page = folder / REPORT_NAME
+    with open(page, "w", encoding="utf-8", errors="backslashreplace") as fh:
+        fh.write(_HEAD.replace("{csp}", _CSP).replace("{title}", html.escape(title)))
+        fh.write('<script type="application/json" id="summary-data">' + script_json(summary) + "</script>\n")
+        fh.write('<script type="application/json" id="report-meta">' + script_json(meta) + "</script>\n")
+        fh.write("<script>" + _SCRIPT + "</script>\n</body>\n</html>\n")
+    return page, version, data_dir
+
+
+def _chunks(items: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _chunk_name(n: int) -> str:
+    return f"c-{n:06d}.js"
+
+
+def _bucket_name(n: int) -> str:
+    return f"w-{n:03d}.js"
+
+
+def _code_names(codes: dict[str, int]) -> list[str]:
+    names = [""] * len(set(codes.values()))
+    for code, slot in codes.items():
+        names[slot] = code if len(codes) <= MAX_CODES or slot < MAX_CODES - 1 else "other"
+    return names
+
+
+def _bucket_count(expected: Any) -> int:
+    """Word buckets: about 4,000 items' words per bucket, a power of two from 1 to 512."""
+    if not isinstance(expected, int) or expected < 0:
+        return 256
+    count = 1
+    while count < 512 and count * 4000 < expected:
+        count *= 2
+    return count
+
+
+def _words(card: dict[str, Any]) -> set[str]:
+    """The searchable words of a card: what the page shows of it, case-folded."""
+    parts = [card["id"], card.get("p"), card.get("m"), card.get("e")]
+    for image in card.get("i") or ():
+        parts.append(image[1])
+    for k, v in (card.get("v") or {}).items():
+        parts.append(f"{k} {v}")
+    if card.get("x"):
+        parts += [card["x"].get("code"), card["x"].get("kind"), card["x"].get("message")]
+    return set(_WORD.findall(" ".join(p for p in parts if isinstance(p, str)).lower()))
+
+
+class _WordIndex:
+    """Word -> items, spilled to one temporary file per bucket so memory does not grow with items."""
+
+    FLUSH = 1 << 16  # buffered lines per bucket before they are appended to its file
+
+    def __init__(self, folder: Path, count: int) -> None:
+        self.folder = folder
+        self.count = count
+        folder.mkdir()
+        self._buffers: list[list[str]] = [[] for _ in range(count)]
+        self._bucket_of: dict[str, int] = {}  # a cache: CRC-32 per word, not per occurrence
+
+    def bucket(self, word: str) -> int:
+        b = self._bucket_of.get(word)
+        if b is None:
+            if len(self._bucket_of) > 200_000:
+                self._bucket_of.clear()  # bounded: a huge vocabulary costs CRCs, not memory
+            b = self._bucket_of[word] = zlib.crc32(word.encode("utf-8", "surrogatepass")) % self.count
+        return b
+
+    def add(self, item: int, words: set[str]) -> None:
+        for word in words:
+            buf = self._buffers[self.bucket(word)]
+            buf.append(f"{word}\t{item}\n")
+            if len(buf) >= self.FLUSH:
+                self._flush(self.bucket(word))
+
+    def _flush(self, b: int) -> None:
+        with open(self.folder / str(b), "a", encoding="utf-8", errors="surrogatepass") as fh:
+            fh.writelines(self._buffers[b])
+        self._buffers[b].clear()
+
+    def buckets(self, total: int) -> Iterator[tuple[int, str]]:
+        """(bucket, JS literal [[word, posting], ...]) for every bucket, one in memory at a time."""
+        for b in range(self.count):
+            self._flush(b)
+            postings: dict[str, list[int]] = {}
+            with open(self.folder / str(b), encoding="utf-8", errors="surrogatepass") as fh:
+                for line in fh:
+                    word, _, item = line.rstrip("\n").rpartition("\t")
+                    postings.setdefault(word, []).append(int(item))
+            os.unlink(self.folder / str(b))
+            # pairs, not an object literal: a word like `__proto__` stays a word
+            yield b, "[" + ",\n".join(f"[{script_json(w)},{_posting(p, total)}]" for w, p in postings.items()) + "]"
+
+
+def _posting(items: list[int], total: int) -> str:
+    """Items (ascending) as the smaller of a base-36 delta list ("d") and a base64 bitmap ("b", bit i of byte i>>3)."""
+    if len(items) * 12 > total:  # a delta list costs >= 2 characters an item, a bitmap 1/6
+        bits = bytearray((total + 7) // 8)
+        for i in items:
+            bits[i >> 3] |= 1 << (i & 7)
+        return '["b","' + base64.b64encode(bits).decode() + '"]'
+    out, last = [], 0
+    for i in items:
+        out.append(_base36(i - last))
+        last = i
+    return '["d","' + ",".join(out) + '"]'
+
+
+def _base36(n: int) -> str:
+    if n < 36:
+        return "0123456789abcdefghijklmnopqrstuvwxyz"[n]
+    digits = []
+    while n:
+        n, r = divmod(n, 36)
+        digits.append("0123456789abcdefghijklmnopqrstuvwxyz"[r])
+    return "".join(reversed(digits))
 
 
 def _card(item: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """What one card shows, with short keys (10,000 of them are embedded)."""
+    """What one card shows, with short keys (a chunk holds CHUNK of them)."""
     status = item["status"]
     summary["total"] += 1
     summary[status] += 1
@@ -157,10 +368,10 @@ main{display:grid;grid-template-columns:1fr;gap:12px;padding:16px 20px}
 _SCRIPT = r"""
 "use strict";
 (() => {
-const ITEMS = JSON.parse(document.getElementById("items").textContent);
-const SUM = JSON.parse(document.getElementById("summary-data").textContent);
-const PAGE = 50;
 const $ = (id) => document.getElementById(id);
+const SUM = JSON.parse($("summary-data").textContent);
+const META = JSON.parse($("report-meta").textContent);
+const N = META.n, CHUNK = META.chunk, PAGE = 50;
 const el = (tag, cls, text) => {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
@@ -171,7 +382,38 @@ for (const k of ["total", "done", "failed", "pending", "images"]) $("n-" + k).te
 $("n-cost").textContent = SUM.cost === null ? "n/a" : "$" + SUM.cost.toFixed(2);
 const codes = Object.entries(SUM.codes).map(([c, n]) => c + " ×" + n).join(", ");
 $("codes").textContent = codes ? "failed: " + codes : "";
+for (const c of Object.keys(SUM.codes)) {
+  const o = el("option", "", "failed: " + c);
+  o.value = "code:" + c;
+  $("filter").append(o);
+}
 
+// -- data files: script elements added by this script (file:// pages can't fetch) --------------
+const files = new Map(), waiting = new Map();
+window.__batcherReport = Object.freeze({data(name, value) {
+  const w = waiting.get(name);
+  if (w) { waiting.delete(name); w(value); }
+}});
+function load(name) {
+  let p = files.get(name);
+  if (!p) {
+    p = new Promise((resolve, reject) => {
+      waiting.set(name, resolve);
+      const s = document.createElement("script");
+      s.src = META.dir + name;
+      s.async = true;
+      s.onload = () => { s.remove(); if (waiting.has(name)) { waiting.delete(name); reject(new Error(name + ": no data")); } };
+      s.onerror = () => { s.remove(); waiting.delete(name); files.delete(name); reject(new Error("could not load " + META.dir + name)); };
+      document.head.append(s);
+    });
+    files.set(name, p);
+  }
+  return p;
+}
+const pad = (n, w) => String(n).padStart(w, "0");
+const chunkOf = (i) => load("c-" + pad(Math.floor(i / CHUNK), 6) + ".js");
+
+// -- cards ---------------------------------------------------------------------------------------
 // a manifest path inside OUT -> a relative URL (each segment encoded, so no scheme or query sneaks in)
 const href = (file) => file.split("/").map(encodeURIComponent).join("/");
 
@@ -225,56 +467,144 @@ function card(it) {
   return c;
 }
 
-const hay = new Array(ITEMS.length);
-function haystack(i) {
-  if (hay[i] === undefined) {
-    const it = ITEMS[i];
-    const parts = [it.id, it.p, it.m, it.e];
-    if (it.i) for (const im of it.i) parts.push(im[1]);
-    if (it.v) for (const [k, v] of Object.entries(it.v)) parts.push(k + ": " + v);
-    if (it.x) parts.push(it.x.code, it.x.message);
-    hay[i] = parts.filter((p) => p !== null && p !== undefined).join("\n").toLowerCase();
+// -- search: words -> bitmaps of items (the index is split in buckets by CRC-32 of the word) ------
+const CRC = new Int32Array(256).map((_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320 ^ (c >>> 1) : c >>> 1;
+  return c;
+});
+function crc32(text) {
+  let c = -1;
+  for (const b of new TextEncoder().encode(text)) c = CRC[(c ^ b) & 255] ^ (c >>> 8);
+  return (c ^ -1) >>> 0;
+}
+const BYTES = (N + 7) >> 3;
+const decoded = new Map(), buckets = new Map();
+function bitmap(posting) {
+  const bits = new Uint8Array(BYTES);
+  if (!posting) return bits;
+  if (posting[0] === "b") {
+    const raw = atob(posting[1]);
+    for (let k = 0; k < raw.length; k++) bits[k] = raw.charCodeAt(k);
+  } else {
+    let i = 0;
+    for (const d of posting[1].split(",")) { i += parseInt(d, 36); bits[i >> 3] |= 1 << (i & 7); }
   }
-  return hay[i];
+  return bits;
+}
+async function wordBits(word) {
+  if (!decoded.has(word)) {
+    const name = "w-" + pad(crc32(word) % META.buckets, 3) + ".js";
+    if (!buckets.has(name)) buckets.set(name, new Map(await load(name)));
+    decoded.set(word, bitmap(buckets.get(name).get(word)));
+  }
+  return decoded.get(word);
+}
+const words = (q) => [...new Set(q.toLowerCase().match(/[\p{L}\p{N}_]+/gu) || [])];
+
+// -- the view: which items, in order (null: all of them) -----------------------------------------
+async function select(filter, q) {
+  const ws = words(q);
+  if (filter === "all" && !ws.length) return null;
+  const [facets, ...maps] = await Promise.all([filter === "all" ? null : load("facets.js"), ...ws.map(wordBits)]);
+  let bits = null;
+  if (maps.length) {
+    bits = maps[0].slice();
+    for (const m of maps.slice(1)) for (let k = 0; k < BYTES; k++) bits[k] &= m[k];
+  }
+  let str = null, want = 0;
+  if (facets) {
+    if (filter.startsWith("code:")) {
+      const slot = facets.codes.indexOf(filter.slice(5));
+      if (slot < 0) return new Int32Array(0);
+      [str, want] = [facets.c, 0x100 + slot];
+    } else {
+      const ch = {done: "d", failed: "f", pending: "p"}[filter];  // as facets.js writes them
+      if (!ch) return new Int32Array(0);
+      [str, want] = [facets.s, ch.charCodeAt(0)];
+    }
+  }
+  const out = new Int32Array(N);
+  let n = 0;
+  if (bits) {
+    for (let k = 0; k < BYTES; k++) {
+      const b = bits[k];
+      if (!b) continue;
+      for (let j = 0; j < 8; j++) {
+        const i = (k << 3) + j;
+        if (b & (1 << j) && i < N && (!str || str.charCodeAt(i) === want)) out[n++] = i;
+      }
+    }
+  } else {
+    for (let i = 0; i < N; i++) if (str.charCodeAt(i) === want) out[n++] = i;
+  }
+  return out.subarray(0, n);
 }
 
 const cards = $("cards"), sentinel = $("more");
-let view = [], rendered = 0;
-function renderMore() {
-  const end = Math.min(view.length, rendered + PAGE);
-  const frag = document.createDocumentFragment();
-  for (let k = rendered; k < end; k++) frag.append(card(ITEMS[view[k]]));
-  cards.append(frag);
-  rendered = end;
-  $("shown").textContent = "showing " + view.length.toLocaleString("en") + " of " + ITEMS.length.toLocaleString("en");
+let view = null, rendered = 0, gen = 0, busy = false;
+const size = () => (view ? view.length : N);
+const at = (k) => (view ? view[k] : k);
+
+// Render the next PAGE cards of the view in order, each chunk's as soon as it has loaded.
+async function renderMore() {
+  if (busy || rendered >= size()) return;
+  busy = true;
+  const g = gen, start = rendered, end = Math.min(size(), start + PAGE);
+  try {
+    const wanted = [];
+    for (let k = start; k < end; k++) wanted.push(at(k));
+    const loads = new Map();
+    for (const i of wanted) { const c = Math.floor(i / CHUNK); if (!loads.has(c)) loads.set(c, chunkOf(i)); }
+    let k = 0;
+    while (k < wanted.length) {
+      const c = Math.floor(wanted[k] / CHUNK), data = await loads.get(c);
+      if (g !== gen) return;
+      const frag = document.createDocumentFragment();
+      for (; k < wanted.length && Math.floor(wanted[k] / CHUNK) === c; k++) frag.append(card(data[wanted[k] % CHUNK]));
+      cards.append(frag);
+      rendered = start + k;
+      if (window.__firstCards === undefined) window.__firstCards = performance.now();
+    }
+  } catch (err) {
+    if (g === gen) $("shown").textContent = String(err.message || err);
+    return;
+  } finally {
+    if (g === gen) busy = false;
+  }
   // observe afresh: if the sentinel is still in view, the observer fires again and renders more
   io.unobserve(sentinel);
-  if (rendered < view.length) io.observe(sentinel);
+  if (rendered < size()) io.observe(sentinel);
 }
 const io = new IntersectionObserver((entries) => {
-  if (entries.some((e) => e.isIntersecting) && rendered < view.length) renderMore();
+  if (entries.some((e) => e.isIntersecting)) renderMore();
 }, {rootMargin: "1200px 0px"});
 
-function apply() {
-  const status = $("filter").value;
-  const words = $("q").value.toLowerCase().split(/\s+/).filter(Boolean);
-  view = [];
-  for (let i = 0; i < ITEMS.length; i++) {
-    if (status !== "all" && ITEMS[i].s !== status) continue;
-    if (words.length) { const h = haystack(i); if (!words.every((w) => h.includes(w))) continue; }
-    view.push(i);
+async function apply() {
+  const g = ++gen, filter = $("filter").value, q = $("q").value;
+  busy = false;
+  let v;
+  try {
+    v = await select(filter, q);
+  } catch (err) {
+    if (g === gen) $("shown").textContent = String(err.message || err);
+    return;
   }
-  cards.replaceChildren();
+  if (g !== gen) return;
+  view = v;
   rendered = 0;
-  renderMore();
-  document.documentElement.dataset.view = status + "|" + $("q").value;
+  cards.replaceChildren();
+  $("shown").textContent = "showing " + size().toLocaleString("en") + " of " + N.toLocaleString("en");
+  await renderMore();
+  if (g !== gen) return;
+  window.__viewReady = performance.now();
+  document.documentElement.dataset.view = filter + "|" + q;
+  document.documentElement.dataset.ready = "1";
 }
 let timer = 0;
 $("q").addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(apply, 120); });
 $("filter").addEventListener("change", apply);
 apply();
-window.__firstRender = performance.now();
-document.documentElement.dataset.ready = "1";
 })();
 """
 
@@ -284,9 +614,10 @@ def _sha256_source(text: str) -> str:
 
 
 # Only this page's own script and style run: an injected <script> or on* handler would be refused
-# by the browser even if escaping ever failed. Images: relative files only.
+# by the browser even if escaping ever failed. 'strict-dynamic': the scripts that script adds (the
+# data files) run, parser-inserted ones never. Images: relative files only.
 _CSP = (f"default-src 'none'; img-src 'self' file: data:; style-src {_sha256_source(_CSS)}; "
-        f"script-src {_sha256_source(_SCRIPT)}; base-uri 'none'; form-action 'none'")
+        f"script-src {_sha256_source(_SCRIPT)} 'strict-dynamic'; base-uri 'none'; form-action 'none'")
 
 _HEAD = """<!doctype html>
 <html lang="en">
@@ -312,11 +643,11 @@ _HEAD = """<!doctype html>
 <option value="all">all</option><option value="done">done</option>
 <option value="failed">failed</option><option value="pending">pending</option>
 </select></label>
-<input id="q" type="search" placeholder="search prompts, revised prompts, ids, variables, errors" autocomplete="off">
+<input id="q" type="search" placeholder="search words in prompts, revised prompts, ids, variables, errors" autocomplete="off">
 <span id="shown"></span>
 </div>
 </header>
-<noscript><p>This report renders its items with JavaScript; the data is in the page source and in manifest.json.</p></noscript>
+<noscript><p>This report renders its items with JavaScript; the data is in report-data/ and in manifest.json.</p></noscript>
 <main id="cards"></main>
 <div id="more"></div>
 """

@@ -37,6 +37,20 @@ def embedded(page: str, element_id: str):
     return json.loads(match.group(1))
 
 
+def data_file(out: Path, name: str):
+    """What one of the report's data files hands the page (the JSON between its first and last line)."""
+    meta = embedded((out / "report.html").read_text(), "report-meta")
+    text = (out / meta["dir"] / name).read_text()
+    head = f"__batcherReport.data({json.dumps(name)},\n"
+    assert text.startswith(head) and text.endswith("\n);\n")
+    return json.loads(text[len(head):-4])
+
+
+def all_cards(out: Path) -> list[dict]:
+    meta = embedded((out / "report.html").read_text(), "report-meta")
+    return [c for n in range(-(-meta["n"] // meta["chunk"])) for c in data_file(out, f"c-{n:06d}.js")]
+
+
 # -- the page as text -------------------------------------------------------------------------------
 
 
@@ -50,7 +64,7 @@ def test_script_json_is_inert_inside_a_script_element_and_round_trips(text):
 def test_report_embeds_every_item_escaped(out):
     page = (out / "report.html").read_text()
     doc = manifest(out)
-    cards = embedded(page, "items")
+    cards = all_cards(out)
     assert [c["id"] for c in cards] == [i["id"] for i in doc["items"]]
     assert [c["p"] for c in cards] == [i["request"]["prompt"] for i in doc["items"]]
     assert "<script>alert(1)" not in page and "<img src=x" not in page and "</script> \u2028" not in page
@@ -76,7 +90,7 @@ def test_report_sums_optional_cost_and_carries_vars(tmp_path):
     summary = embedded(page, "summary-data")
     assert summary["cost"] == pytest.approx(0.05) and summary["images"] == 2  # paths leaving OUT are dropped
     assert summary["codes"] == {"transient": 1}
-    cards = {c["id"]: c for c in embedded(page, "items")}
+    cards = {c["id"]: c for c in all_cards(tmp_path)}
     assert cards["a"]["v"] == {"subject": "cat", "steps": "30"} and cards["a"]["c"] == 0.04
     assert cards["a"]["e"] == "https://one.example/v1" and "v" not in cards["c"] and "c" not in cards["c"]
     assert [i[0] for i in cards["c"]["i"]] == ["images/c.png"]
