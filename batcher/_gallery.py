@@ -10,7 +10,7 @@
     c-000000.js ...   the cards, CHUNK items each: the first cards need report.html + one chunk
     facets.js         one character per item for its status and one for its failure code, so a
                       status/code filter is one scan of two strings (2 MB at 1,000,000 items)
-    w-000.js ...      the search index: every word (case-folded, letters/digits/_) of an item's id,
+    w-000.js ...      the search index: every word (case-folded runs of letters and digits) of an item's id,
                       prompts, model, endpoint, vars and error, with the items that hold it (a
                       delta list, or a bitmap for common words), split into buckets by CRC-32 of
                       the word; a search loads one bucket per query word
@@ -55,7 +55,8 @@ CHUNK = 256  # cards per data file: ~80 KB, so 50 results scattered over 50 chun
 STATUS_CHAR = {"done": "d", "failed": "f", "pending": "p"}
 CODE_BASE = 0x100  # failure code k is chr(CODE_BASE + k) in facets.js: never a JSON escape or a quote
 MAX_CODES = 4000  # distinct failure codes kept apart; the rest share the last one ("other")
-_WORD = re.compile(r"\w+")  # the page's /[\p{L}\p{N}_]+/gu: str.isalnum() characters and _
+# the page's /[\p{L}\p{N}]+/gu: runs of str.isalnum() characters (`content_policy_violation` is 3 words)
+_WORD = re.compile(r"[^\W_]+")
 
 # Inside <script> the HTML parser only looks for `</script` and `<!--`: escaping these characters
 # (valid JSON escapes) keeps any prompt inert; U+2028/9 are escaped for older JS parsers.
@@ -500,7 +501,7 @@ async function wordBits(word) {
   }
   return decoded.get(word);
 }
-const words = (q) => [...new Set(q.toLowerCase().match(/[\p{L}\p{N}_]+/gu) || [])];
+const words = (q) => [...new Set(q.toLowerCase().match(/[\p{L}\p{N}]+/gu) || [])];
 
 // -- the view: which items, in order (null: all of them) -----------------------------------------
 async function select(filter, q) {

@@ -85,6 +85,11 @@ def compare(store_url: str, folder: Path, job: Path, tmp: Path) -> None:
     local_page = batcher.report(folder)
     assert batcher.report(store_url) == f"{store_url}/report.html"
     assert open_output(store_url).store.read("report.html") == Path(local_page).read_bytes()
+    data = next(Path(local_page).parent.joinpath("report-data").iterdir())  # the page's chunks, facets, index
+    names = sorted(p.name for p in data.iterdir())
+    assert "c-000000.js" in names and "facets.js" in names and "w-000.js" in names
+    for name in names:
+        assert open_output(store_url).store.read(f"report-data/{data.name}/{name}") == (data / name).read_bytes()
     same_status(batcher.status(store_url), batcher.status(folder))
 
 

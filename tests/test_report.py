@@ -224,3 +224,94 @@ def test_many_items_render_a_page_at_a_time_as_the_reader_scrolls(browser, tmp_p
     assert p.show("all", "k: 123") == ["item-0123"]  # matrix variables are searchable
     assert p.problems == []
     p.page.close()
+
+
+# -- paged data: chunks, facets and the word index, loaded on demand ---------------------------------
+
+
+def big_out(root: Path, n: int) -> Path:
+    items = [{"id": f"item-{k:04d}", "status": "failed" if k % 7 == 0 else "pending" if k % 11 == 0 else "done",
+              "request": {"prompt": f"prompt number {k} {'lighthouse' if k % 5 == 0 else 'fox'}"}, "images": [],
+              "error": {"kind": "permanent", "status": 400, "code": "content_policy_violation" if k % 2 else
+                        "rate_limit_exceeded", "message": "m"} if k % 7 == 0 else None}
+             for k in range(n)]
+    write_manifest_file(root, items)
+    return root
+
+
+def test_data_is_chunked_and_the_word_index_finds_every_word(tmp_path, monkeypatch):
+    from batcher import _gallery
+
+    monkeypatch.setattr(_gallery, "CHUNK", 16)
+    out = big_out(tmp_path, 100)
+    batcher.report(out)
+    meta = embedded((out / "report.html").read_text(), "report-meta")
+    assert meta["n"] == 100 and meta["chunk"] == 16
+    cards = all_cards(out)
+    assert [c["id"] for c in cards] == [f"item-{k:04d}" for k in range(100)]
+    facets = data_file(out, "facets.js")
+    assert facets["s"] == "".join({"done": "d", "failed": "f", "pending": "p"}[c["s"]] for c in cards)
+    failed = {i: facets["codes"][ord(ch) - _gallery.CODE_BASE] for i, ch in enumerate(facets["c"]) if ch != " "}
+    assert failed == {k: "content_policy_violation" if k % 2 else "rate_limit_exceeded" for k in range(0, 100, 7)}
+    index: dict[str, list[int]] = {}
+    for b in range(meta["buckets"]):
+        for word, posting in data_file(out, f"w-{b:03d}.js"):
+            index[word] = decode_posting(posting, 100)
+    assert index["lighthouse"] == list(range(0, 100, 5))  # a bitmap: a common word
+    assert index["42"] == [42] and index["0042"] == [42]  # a delta list: the prompt's number and the id's
+    assert index["violation"] == [k for k in range(0, 100, 7) if k % 2]
+
+
+def decode_posting(posting: list[str], n: int) -> list[int]:
+    import base64
+
+    kind, data = posting
+    if kind == "b":
+        bits = base64.b64decode(data)
+        return [i for i in range(n) if bits[i >> 3] >> (i & 7) & 1]
+    out, at = [], 0
+    for d in data.split(","):
+        at += int(d, 36)
+        out.append(at)
+    return out
+
+
+def test_a_new_report_replaces_the_data_of_the_old_one(tmp_path):
+    out = big_out(tmp_path, 30)
+    batcher.report(out)
+    first = embedded((out / "report.html").read_text(), "report-meta")["dir"]
+    batcher.report(out)  # the same manifest: the same data, by name
+    assert embedded((out / "report.html").read_text(), "report-meta")["dir"] == first
+    big_out(tmp_path, 31)
+    batcher.report(out)
+    second = embedded((out / "report.html").read_text(), "report-meta")["dir"]
+    assert second != first and [p.name for p in (out / "report-data").iterdir()] == [second.split("/")[1]]
+
+
+def test_the_page_loads_data_on_demand_and_filters_by_code(browser, tmp_path):
+    out = big_out(tmp_path, 600)  # 3 chunks of 256
+    items = manifest(out)["items"]
+    batcher.report(out)
+    requested: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("request", lambda r: requested.append(r.url.rsplit("/", 1)[-1]))
+    problems: list[str] = []
+    page.on("console", lambda m: m.type in ("error", "warning") and problems.append(m.text))
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto((out / "report.html").as_uri())
+    page.wait_for_selector("html[data-ready]")
+    assert [r for r in requested if r.endswith(".js")] == ["c-000000.js"]  # the first cards need one chunk
+    p = Page.__new__(Page)
+    p.page, p.problems, p.dialogs = page, problems, []
+    assert p.show("failed") == [i["id"] for i in items if i["status"] == "failed"][:50]
+    assert "facets.js" in requested and not [r for r in requested if r.startswith("w-")]
+    assert p.show("code:rate_limit_exceeded") == [f"item-{k:04d}" for k in range(0, 600, 14)][:50]
+    assert page.inner_text("#shown") == f"showing {len(range(0, 600, 14))} of 600"
+    options = page.eval_on_selector_all("#filter option", "os => os.map(o => o.value)")
+    assert options[4:] == ["code:rate_limit_exceeded", "code:content_policy_violation"]  # as first met
+    assert p.show("all", "Lighthouse 595") == ["item-0595"]  # case-folded; every word; the last chunk
+    assert p.show("pending", "lighthouse") == [f"item-{k:04d}" for k in range(0, 600, 55) if k % 7][:50]
+    assert p.show("all", "__proto__ constructor") == [] and p.show("all", "nowhere") == []
+    assert page.inner_text("#shown") == "showing 0 of 600"
+    assert problems == []
+    page.close()
