@@ -1,16 +1,19 @@
 """The report page at scale: `batcher.report()` time and memory, and page load in headless Chromium.
 
     .venv/bin/python bench/report.py                    # 1,000 and 10,000 items
-    .venv/bin/python bench/report.py --items 10000,50000
+    .venv/bin/python bench/report.py --items 10000,100000,1000000 --repeat 3
 
 For each size: a synthetic output folder (85% done, 10% failed, 5% pending; every 10th item n=2;
 ~200-character prompts, matrix vars, cost; one tiny PNG per image), then
-1. `batcher.report(OUT)` and `batcher.export(OUT, fmt, DIR)` for each format: wall time, and peak
-   Python allocation under tracemalloc (a second run; constant memory means it does not grow with N),
+1. `batcher.report(OUT)` and (up to `--export-max` items) `batcher.export(OUT, fmt, DIR)` for each
+   format: wall time, and peak Python allocation under tracemalloc (a second run; constant memory
+   means it does not grow with N); bench/export_rate.py measures exports at 100k and 1M,
 2. Debian chromium via Playwright (`--repeat` loads, median): time from navigation start to the
-   first cards on screen (the page's own `performance.now()` when its first page of cards is in the
-   DOM), first contentful paint, DOMContentLoaded, the wall time Python waited for it, elements in the DOM, JS heap used,
-   and the time one status filter and one search take to re-render.
+   first cards on screen (the page's own `performance.now()` when its first cards are in the DOM),
+   first contentful paint, DOMContentLoaded, the wall time Python waited for it, elements in the DOM,
+   JS heap used; then, each from the event to the first matching cards in the DOM and to the full
+   page of 50: a status filter (failed, 10%), a rare-word search (one item: its number) and a
+   common two-word search (`lighthouse dawn`, ~30% of items), and the data files the page loaded.
 """
 
 from __future__ import annotations
@@ -58,7 +61,6 @@ def synthetic_out(root: Path, n: int) -> Path:
     images = root / "images"
     images.mkdir(parents=True)
     seed = images / ".seed.png"
-    seed.write_bytes(PNG)
     with open(root / "manifest.json", "w", encoding="utf-8") as fh:
         counts = {"done": 0, "failed": 0, "pending": 0}
         statuses = ["done" if k % 20 < 17 else "failed" if k % 20 < 19 else "pending" for k in range(n)]
@@ -67,6 +69,9 @@ def synthetic_out(root: Path, n: int) -> Path:
         fh.write('{"version": 1, "job": {"name": "bench"}, "summary": %s, "items": [' % json.dumps(
             {"total": n, **counts}))
         for k, status in enumerate(statuses):
+            if k % 60_000 == 0:  # ext4 allows ~65,000 hard links per inode: a fresh source now and then
+                seed = images / f".seed-{k}.png"
+                seed.write_bytes(PNG)
             words = " ".join(WORDS[(k * 7 + j) % len(WORDS)] for j in range(30))
             prompt = f"Item {k}: {words}, <detailed> & \"quoted\""
             item = {"id": f"item-{k:06d}", "status": status, "request": {"prompt": prompt, "model": "grok-imagine",
@@ -110,42 +115,62 @@ def time_report(out: Path) -> tuple[float, float]:
     return seconds, peak / 2**20
 
 
-PROBE = """() => {
+PROBE = """async (rare) => {
   const nav = performance.getEntriesByType("navigation")[0];
-  const sel = document.getElementById("filter"), q = document.getElementById("q");
-  let t = performance.now();
-  sel.value = "failed"; sel.dispatchEvent(new Event("change"));
-  const filterMs = performance.now() - t;
-  const failedCards = document.querySelectorAll("article.card").length;
-  t = performance.now();
-  sel.value = "all"; q.value = "lighthouse dawn"; sel.dispatchEvent(new Event("change"));
-  const searchMs = performance.now() - t;
   const fcp = performance.getEntriesByName("first-contentful-paint")[0];
-  return {first: window.__firstRender, dcl: nav.domContentLoadedEventEnd, fcp: fcp ? fcp.startTime : -1,
-          elements: document.getElementsByTagName("*").length,
-          heap: performance.memory ? performance.memory.usedJSHeapSize : null,
-          filterMs, searchMs, failedCards};
+  const loaded = {first: window.__firstCards, dcl: nav.domContentLoadedEventEnd, fcp: fcp ? fcp.startTime : -1,
+                  elements: document.getElementsByTagName("*").length};
+  const sel = document.getElementById("filter"), q = document.getElementById("q");
+  const html = document.documentElement;
+  // one view change: ms to its first cards in the DOM and to its full page (data-view set)
+  async function change(filter, query) {
+    const want = filter + "|" + query;
+    window.__firstCards = undefined;
+    const done = new Promise((resolve) => {
+      const mo = new MutationObserver(() => { if (html.dataset.view === want) { mo.disconnect(); resolve(); } });
+      mo.observe(html, {attributes: true});
+    });
+    const t = performance.now();
+    sel.value = filter; q.value = query; sel.dispatchEvent(new Event("change"));
+    await done;
+    const all = performance.now() - t;
+    const first = window.__firstCards === undefined ? all : window.__firstCards - t;
+    return [first, all, document.querySelectorAll("article.card").length];
+  }
+  const filter = await change("failed", "");
+  const rareSearch = await change("all", rare);
+  const search = await change("all", "lighthouse dawn");
+  return {...loaded, filter, rareSearch, search,
+          heap: performance.memory ? performance.memory.usedJSHeapSize : null};
 }"""
 
 
-def browse(browser, page_path: Path, repeat: int) -> dict:
+def browse(browser, page_path: Path, repeat: int, rare: str) -> dict:
     runs = []
     for _ in range(repeat):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
+        scripts: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: r.url.endswith(".js") and scripts.append(r.url))
         started = time.perf_counter()
         page.goto(page_path.as_uri(), wait_until="commit", timeout=120_000)
         page.wait_for_selector("html[data-ready]", timeout=120_000)
         waited = (time.perf_counter() - started) * 1000
         cards = page.eval_on_selector_all("article.card", "els => els.length")
-        probe = page.evaluate(PROBE)
+        probe = page.evaluate(PROBE, rare)
         page.close()
         if errors:
             raise SystemExit(f"page errors: {errors}")
-        runs.append({**probe, "waited": waited, "cards": cards})
-    return {k: statistics.median(r[k] for r in runs) if isinstance(runs[0][k], (int, float)) else runs[0][k]
-            for k in runs[0]}
+        runs.append({**probe, "waited": waited, "cards": cards, "files": len(scripts)})
+    def median(key: str, pos: int | None = None) -> float:
+        return statistics.median(r[key] if pos is None else r[key][pos] for r in runs)
+
+    out = {k: median(k) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    for k in ("filter", "rareSearch", "search"):
+        out[k] = [median(k, 0), median(k, 1), runs[0][k][2]]
+    out["heap"] = median("heap") if runs[0]["heap"] is not None else None
+    return out
 
 
 def main() -> None:
@@ -154,6 +179,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="page loads per size (median)")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     parser.add_argument("--keep", action="store_true", help="keep the generated folders")
+    parser.add_argument("--export-max", type=int, default=10_000, help="time exports only up to this many items")
     args = parser.parse_args()
     sizes = [int(s) for s in args.items.split(",")]
     from playwright.sync_api import sync_playwright
@@ -170,7 +196,7 @@ def main() -> None:
         for n in sizes:
             print(f"report() and exports on {n} items ...", file=sys.stderr)
             measured[n] = time_report(outs[n])
-            for fmt in batcher._export.FORMATS:
+            for fmt in batcher._export.FORMATS if n <= args.export_max else ():
                 seconds, peak_mb = time_export(outs[n], fmt, tmp / f"{fmt}-{n}")
                 exports.append([n, fmt, round(seconds, 3), round(peak_mb, 2)])
         with sync_playwright() as pw:
@@ -178,12 +204,14 @@ def main() -> None:
             for n in sizes:
                 print(f"chromium on {n} items ...", file=sys.stderr)
                 page = outs[n] / "report.html"
-                b = browse(browser, page, args.repeat)
+                b = browse(browser, page, args.repeat, str(n // 2 + 1))  # "Item {k}:" — one item's number
                 seconds, peak_mb = measured[n]
-                rows.append([n, round(page.stat().st_size / 2**20, 2), round(seconds, 3), round(peak_mb, 2),
-                             round(b["first"]), round(b["fcp"]), round(b["dcl"]), round(b["waited"]), b["cards"], b["elements"],
-                             round(b["heap"] / 2**20, 1) if b["heap"] else "n/a", round(b["filterMs"], 1),
-                             b["failedCards"], round(b["searchMs"], 1)])
+                data = sum(f.stat().st_size for f in (outs[n] / "report-data").rglob("*") if f.is_file())
+                ms = lambda v: f"{round(v[0])} / {round(v[1])} ({v[2]})"  # noqa: E731
+                rows.append([n, round(page.stat().st_size / 2**10, 1), round(data / 2**20, 1), round(seconds, 1),
+                             round(peak_mb, 1), round(b["first"]), round(b["fcp"]), round(b["waited"]),
+                             b["elements"], round(b["heap"] / 2**20, 1) if b["heap"] else "n/a",
+                             ms(b["filter"]), ms(b["rareSearch"]), ms(b["search"]), round(b["files"])])
             browser.close()
     finally:
         if not args.keep:
@@ -191,14 +219,16 @@ def main() -> None:
         else:
             print(f"kept {tmp}", file=sys.stderr)
     print(markdown_table(
-        ["items", "page MB", "report() s", "report() peak MB", "first cards ms", "first paint ms", "DOMContentLoaded ms",
-         "load waited ms", "cards in DOM", "DOM elements", "JS heap MB", "filter failed ms", "cards after",
-         "search ms"], rows))
+        ["items", "page KB", "report-data MB", "report() s", "report() peak MB", "first cards ms", "first paint ms",
+         "load waited ms", "DOM elements", "JS heap MB", "filter failed: first / page ms (cards)",
+         "rare word: first / page ms (cards)", "`lighthouse dawn`: first / page ms (cards)", "data files loaded"],
+        rows))
     print()
     print(markdown_table(["items", "export format", "export s", "export peak MB"], exports))
     print()
     print(f"`{command_line()}` — batcher {batcher_revision()}; chromium {args.chromium}; median of {args.repeat} "
-          f"loads; 'first cards ms' is the page's performance.now() when its first cards are in the DOM.")
+          f"loads; 'first cards ms' is the page's performance.now() when its first cards are in the DOM; "
+          f"filter/search: from the change event to the first matching cards / to the full page of 50.")
 
 
 if __name__ == "__main__":
