@@ -60,13 +60,17 @@ _WORD = re.compile(r"[^\W_]+")
 
 # Inside <script> the HTML parser only looks for `</script` and `<!--`: escaping these characters
 # (valid JSON escapes) keeps any prompt inert; U+2028/9 are escaped for older JS parsers.
-_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
-                              "\u2028": "\\u2028", "\u2029": "\\u2029"})
+# str.replace, not str.translate: ~10x faster on the long lines a million cards make.
+_SCRIPT_SAFE = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
 def script_json(obj: Any) -> str:
     """JSON that is safe to embed inside a `<script>` element (and as a JS expression)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    for char, escape in _SCRIPT_SAFE:
+        if char in text:
+            text = text.replace(char, escape)
+    return text
 
 
 def report(out: str | Path) -> Path | str:
@@ -248,11 +252,15 @@ class _WordIndex:
         return b
 
     def add(self, item: int, words: set[str]) -> None:
+        tail = f"\t{item}\n"
         for word in words:
-            buf = self._buffers[self.bucket(word)]
-            buf.append(f"{word}\t{item}\n")
+            b = self._bucket_of.get(word)
+            if b is None:
+                b = self.bucket(word)
+            buf = self._buffers[b]
+            buf.append(word + tail)
             if len(buf) >= self.FLUSH:
-                self._flush(self.bucket(word))
+                self._flush(b)
 
     def _flush(self, b: int) -> None:
         with open(self.folder / str(b), "a", encoding="utf-8", errors="surrogatepass") as fh:
