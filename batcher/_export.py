@@ -305,7 +305,7 @@ def _image_rows(src: _Source, tmp: Path, train_dir: str, columns: list[str],
 
 
 def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int) -> None:
-    columns, rows = _imagefolder_rows(src, tmp, counts)
+    _, rows = _imagefolder_rows(src, tmp, counts)
     with open(tmp / "train" / "metadata.jsonl", "w", encoding="utf-8") as meta:
         for row in rows:
             meta.write(_jsonl(row))

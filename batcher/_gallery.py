@@ -42,7 +42,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ._output import FolderOutput, OutputReader, is_inside, open_output
 from ._records import failure_code
