@@ -5,7 +5,7 @@
 
 For each size: a synthetic output folder (85% done, 10% failed, 5% pending; every 10th item n=2;
 ~200-character prompts, matrix vars, cost; one tiny PNG per image), then
-1. `batcher.report(OUT)` and (up to `--export-max` items) `batcher.export(OUT, fmt, DIR)` for each
+1. `batcher.report(OUT)` (its own process: wall time and peak RSS) and (up to `--export-max` items) `batcher.export(OUT, fmt, DIR)` for each
    format: wall time, and peak Python allocation under tracemalloc (a second run; constant memory
    means it does not grow with N); bench/export_rate.py measures exports at 100k and 1M,
 2. Debian chromium via Playwright (`--repeat` loads, median): time from navigation start to the
@@ -24,6 +24,7 @@ import os
 import shutil
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,14 +106,14 @@ def time_export(out: Path, fmt: str, to: Path) -> tuple[float, float]:
 
 
 def time_report(out: Path) -> tuple[float, float]:
+    """`batcher.report(out)` in its own process: wall seconds and peak RSS in MB (os.wait4)."""
     started = time.perf_counter()
-    batcher.report(out)
-    seconds = time.perf_counter() - started
-    tracemalloc.start()
-    batcher.report(out)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return seconds, peak / 2**20
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, batcher; batcher.report(sys.argv[1])", str(out)],
+                            cwd=Path(__file__).resolve().parent.parent)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"report() failed on {out}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024
 
 
 PROBE = """async (rare) => {
@@ -219,7 +220,7 @@ def main() -> None:
         else:
             print(f"kept {tmp}", file=sys.stderr)
     print(markdown_table(
-        ["items", "page KB", "report-data MB", "report() s", "report() peak MB", "first cards ms", "first paint ms",
+        ["items", "page KB", "report-data MB", "report() s", "report() peak RSS MB", "first cards ms", "first paint ms",
          "load waited ms", "DOM elements", "JS heap MB", "filter failed: first / page ms (cards)",
          "rare word: first / page ms (cards)", "`lighthouse dawn`: first / page ms (cards)", "data files loaded"],
         rows))
