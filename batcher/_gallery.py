@@ -234,13 +234,14 @@ def _words(card: dict[str, Any]) -> set[str]:
 class _WordIndex:
     """Word -> items, spilled to one temporary file per bucket so memory does not grow with items."""
 
-    FLUSH = 1 << 16  # buffered lines per bucket before they are appended to its file
+    BUFFERED = 1 << 17  # (word, item) lines held across all buckets before they all go to their files
 
     def __init__(self, folder: Path, count: int) -> None:
         self.folder = folder
         self.count = count
         folder.mkdir()
         self._buffers: list[list[str]] = [[] for _ in range(count)]
+        self._held = 0
         self._bucket_of: dict[str, int] = {}  # a cache: CRC-32 per word, not per occurrence
 
     def bucket(self, word: str) -> int:
@@ -257,10 +258,12 @@ class _WordIndex:
             b = self._bucket_of.get(word)
             if b is None:
                 b = self.bucket(word)
-            buf = self._buffers[b]
-            buf.append(word + tail)
-            if len(buf) >= self.FLUSH:
+            self._buffers[b].append(word + tail)
+        self._held += len(words)
+        if self._held >= self.BUFFERED:  # one budget for all buckets: memory doesn't grow with their count
+            for b in range(self.count):
                 self._flush(b)
+            self._held = 0
 
     def _flush(self, b: int) -> None:
         with open(self.folder / str(b), "a", encoding="utf-8", errors="surrogatepass") as fh:

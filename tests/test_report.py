@@ -243,6 +243,7 @@ def test_data_is_chunked_and_the_word_index_finds_every_word(tmp_path, monkeypat
     from batcher import _gallery
 
     monkeypatch.setattr(_gallery, "CHUNK", 16)
+    monkeypatch.setattr(_gallery._WordIndex, "BUFFERED", 7)  # spilled to the bucket files many times
     out = big_out(tmp_path, 100)
     batcher.report(out)
     meta = embedded((out / "report.html").read_text(), "report-meta")
