@@ -313,7 +313,7 @@ def _imagefolder(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: in
 
 # -- parquet ---------------------------------------------------------------------------------
 
-ROW_GROUP = 50_000  # rows buffered per parquet row group: bounds memory (~tens of MB), not the file size
+ROW_GROUP = 10_000  # rows buffered per parquet row group: bounds memory (~40 MB of Python objects), not the file size
 
 
 def _import_pyarrow() -> Any:
