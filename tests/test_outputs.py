@@ -299,3 +299,19 @@ def test_a_sharded_run_on_s3_reads_the_same_as_its_folder_copy(tmp_path, s3_env)
         assert (status["done"], status["images_on_disk"]) == (10, 10)
     finally:
         procs.close()
+
+
+def test_a_linked_image_folder_leading_out_is_refused_and_links_inside_are_followed(tmp_path):
+    (tmp_path / "out" / "images").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.png").write_bytes(b"x")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "images" / "ab")  # a subfolder that leads out
+    reader = open_output(tmp_path / "out")
+    with pytest.raises(OutsideError):
+        reader.find("images/ab/b.png")
+    with pytest.raises(OutsideError):  # a folder leading out is never cached as good
+        reader.find("images/ab/b.png")
+    (tmp_path / "out" / "images" / "c.png").write_bytes(b"y")
+    os.symlink(tmp_path / "out" / "images" / "c.png", tmp_path / "out" / "images" / "d.png")  # inside: fine
+    assert reader.find("images/d.png") == os.path.join(str(tmp_path / "out"), "images/d.png")
+    assert reader.find("images/missing.png") is None
