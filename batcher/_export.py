@@ -373,11 +373,15 @@ def _webdataset(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int
         assert shard is not None
         shard.addfile(info, io.BytesIO(data))
 
-    def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        info.mode = 0o644
-        return info
+    def add_file(name: str, local: str) -> None:
+        # the member built here, not by TarFile.add: no user/group name lookups, no TarInfo copy per
+        # image (a fifth of a webdataset export's time); the same header TarFile.add + a filter made
+        with open(local, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = st.st_size, 0o644, int(st.st_mtime)
+            assert shard is not None
+            shard.addfile(info, fh)
 
     try:
         for lineno, item in src.items():
@@ -407,7 +411,7 @@ def _webdataset(src: _Source, tmp: Path, counts: dict[str, Any], shard_size: int
                 if path is not None:
                     ext = os.path.splitext(path)[1].lstrip(".").lower() or "bin"
                     with src.opened(path) as local:
-                        shard.add(local, arcname=f"{key}.{ext}", recursive=False, filter=plain)
+                        add_file(f"{key}.{ext}", local)
                     counts["images"] += 1
                 add_bytes(f"{key}.json", json.dumps(record, ensure_ascii=False).encode())
                 shard.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every TarInfo it wrote; a writer never reads them back
