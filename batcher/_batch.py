@@ -753,11 +753,6 @@ def run_records(journal: Path) -> list[dict[str, Any]]:
     return records
 
 
-def batch_rows(journal: Path) -> list[dict[str, Any]]:
-    """`batcher status`'s batches: one row per chunk, oldest first."""
-    return [c.as_row() for c in chunks_of(run_records(journal)).values()]
-
-
 async def cancel(out: Path) -> list[dict[str, Any]]:
     """Cancel every batch of `out` still at the provider; what a batch finished is kept there and collected by
     the next run. The key comes from the environment variable the run used (recorded by name), never from disk."""

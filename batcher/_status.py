@@ -12,7 +12,7 @@ from ._exceptions import ManifestError
 from ._ids import request_hash
 from ._manifest import Journal
 from ._output import FolderOutput, OutputReader, open_output
-from ._records import check_fields, details, kind
+from ._records import RUN_KINDS, check_fields, chunks_of, details, kind
 
 __all__ = ["status", "short_reason"]
 
@@ -25,13 +25,9 @@ def status(out: str | Path) -> dict[str, Any]:
     reader = open_output(out)
     if isinstance(reader, FolderOutput) and (journal_path := reader.journal_path) is not None:
         # a single run's journal: answered from its checkpoint when it can
-        from ._batch import batch_rows
-
         fast = _from_checkpoint(reader.root, journal_path)
         # replayed by `_records.replay` (`Journal.read`: a clear ManifestError on a corrupt journal)
-        info = fast if fast is not None else _status(journal_path, reader)
-        info["batches"] = batch_rows(journal_path)  # provider batches (`run --batch`), as the journal last saw them
-        return info
+        return fast if fast is not None else _status(journal_path, reader)
     with reader.journal() as journal:  # every shard's segments, merged (a folder's or a store's)
         if journal is None:
             raise ManifestError(f"{reader.where}: no batcher manifest here (missing manifest.jsonl)")
@@ -104,13 +100,38 @@ def _latest(journal: Journal) -> dict[str, dict[str, Any]]:
     return latest
 
 
+def _result(out: str, total: int, totals: dict[str, int], failures: dict[str, dict[str, Any]], made: int,
+            cost: float | None, by_endpoint: dict[str, dict[str, Any]], images: int, nbytes: int,
+            run_level: list[dict[str, Any]]) -> dict[str, Any]:
+    """`status`'s answer, whichever way it was counted (replayed, or from the checkpoint): `run_level`
+    are the journal's records about the run (runs, and a provider batch's steps), in order."""
+    runs = [rec.get("at", "") for rec in run_level if kind(rec) == "run"]
+    return {
+        "out": out,
+        "total": total,
+        **totals,
+        "failures": {code: {**g, "reasons": dict(sorted(g["reasons"].items(), key=lambda kv: -kv[1]))}
+                     for code, g in sorted(failures.items(), key=lambda kv: -kv[1]["count"])},
+        "images": made,
+        "cost": round(cost, 6) if cost is not None else None,
+        "endpoints": by_endpoint,
+        "images_on_disk": images,
+        "bytes_on_disk": nbytes,
+        "first_run": runs[0] if runs else None,
+        "last_run": runs[-1] if runs else None,
+        "runs": len(runs),
+        # provider batches (`run --batch`), as the journal last saw them
+        "batches": [chunk.as_row() for chunk in chunks_of(run_level).values()],
+    }
+
+
 def _status(journal_path: Path, out: OutputReader | Path, journal: Journal | None = None) -> dict[str, Any]:
     """The status of the output `out` (a reader, or a folder's path) from its journal, replayed."""
     reader = out if isinstance(out, OutputReader) else FolderOutput(out)
     if journal is None:
         journal = Journal.read(journal_path)
     latest = _latest(journal)
-    runs = [rec.get("at", "") for rec in journal.runs if kind(rec) == "run"]
+    run_level = journal.runs
     has_manifest = reader.has_manifest()
     current = _current_items(reader) if has_manifest else None
     if current is not None:
@@ -150,21 +171,8 @@ def _status(journal_path: Path, out: OutputReader | Path, journal: Journal | Non
         total = _manifest_total(reader)
     if total is not None:
         totals["pending"] = max(total - totals["done"] - totals["failed"], totals["pending"])
-    return {
-        "out": reader.where,
-        "total": total if total is not None else sum(totals.values()),
-        **totals,
-        "failures": {code: {**g, "reasons": dict(sorted(g["reasons"].items(), key=lambda kv: -kv[1]))}
-                     for code, g in sorted(failures.items(), key=lambda kv: -kv[1]["count"])},
-        "images": made,
-        "cost": round(cost, 6) if cost is not None else None,
-        "endpoints": by_endpoint,
-        "images_on_disk": images,
-        "bytes_on_disk": nbytes,
-        "first_run": runs[0] if runs else None,
-        "last_run": runs[-1] if runs else None,
-        "runs": len(runs),
-    }
+    return _result(reader.where, total if total is not None else sum(totals.values()), totals, failures, made, cost, by_endpoint, images, nbytes,
+                   run_level)
 
 
 # -- from the checkpoint: SQL aggregates, no replay ---------------------------------------------
@@ -211,14 +219,15 @@ def _manifest_matches(db: sqlite3.Connection, root: Path) -> int | None:
     return int(meta["current_total"])
 
 
-def _tail(db: sqlite3.Connection, journal: Path, offset: int) -> tuple[dict[str, list[Any]], list[str]] | None:
+def _tail(db: sqlite3.Connection, journal: Path, offset: int
+          ) -> tuple[dict[str, list[Any]], list[dict[str, Any]]] | None:
     """The journal past the checkpoint, replayed by the checkpoint's rules into rows; None if unreadable."""
     from ._checkpoint import _COLUMNS, _apply, _Tail
 
     select = f"SELECT {', '.join(_COLUMNS)} FROM items WHERE id = ?"
     changed = _Tail(lambda item_id: db.execute(select, (item_id,)).fetchone())
     rows = changed.rows
-    runs: list[str] = []
+    runs: list[dict[str, Any]] = []  # the records about the run (RUN_KINDS), as the checkpoint keeps them
     with open(journal, "rb") as fh:
         fh.seek(offset)
         at = offset
@@ -234,8 +243,8 @@ def _tail(db: sqlite3.Connection, journal: Path, offset: int) -> tuple[dict[str,
             if rec["t"] in ("attempt", "item"):
                 check_fields(rec)
                 _apply(changed, rec, at)
-            elif rec["t"] == "run":
-                runs.append(rec.get("at", ""))
+            elif rec["t"] in RUN_KINDS:
+                runs.append(rec)
             at += len(raw)
     return rows, runs
 
@@ -335,20 +344,6 @@ def _aggregate(db: sqlite3.Connection, root: Path, journal: Path, offset: int) -
                         images += 1
                         nbytes += path.stat().st_size
 
-    runs = [rec["at"] if "at" in rec else "" for (raw,) in db.execute("SELECT rec FROM main.runs ORDER BY n")
-            for rec in (json.loads(raw),) if rec.get("t") == "run"] + tail_runs
-    return {
-        "out": str(root),
-        "total": total,
-        **totals,
-        "failures": {code: {**g, "reasons": dict(sorted(g["reasons"].items(), key=lambda kv: -kv[1]))}
-                     for code, g in sorted(failures.items(), key=lambda kv: -kv[1]["count"])},
-        "images": made,
-        "cost": round(cost, 6) if cost is not None else None,
-        "endpoints": by_endpoint,
-        "images_on_disk": images,
-        "bytes_on_disk": nbytes,
-        "first_run": runs[0] if runs else None,
-        "last_run": runs[-1] if runs else None,
-        "runs": len(runs),
-    }
+    run_level = [json.loads(raw) for (raw,) in db.execute("SELECT rec FROM main.runs ORDER BY n")] + tail_runs
+    return _result(str(root), total, totals, failures, made, cost, by_endpoint, images, nbytes,
+                   run_level)
