@@ -201,13 +201,16 @@ def _kill_when(proc: subprocess.Popen, ready: Any, limit: float = 30.0) -> None:
 @pytest.mark.parametrize("step", ["chunk", "upload", "create", "collect"])
 def test_kill_9_at_each_step_then_rerun(tmp_path: Path, step: str) -> None:
     out = tmp_path / "out"
-    prompts = [f"kill test prompt {i}" for i in range(40)]
+    # mid-collection: URL answers downloaded at a drip, so the collection lasts seconds, one line at a time
+    # (inline answers are recorded 64 lines per thread call: 40 of them would be in and closed at once)
+    prompts = [f"kill test prompt {i}" if step != "collect" else {"prompt": f"kill test prompt {i}",
+                                                                    "response_format": "url"} for i in range(40)]
     job = _job(tmp_path, prompts, max_requests=50)
     config = {
         "chunk": SimulatorConfig(batch_upload_fault="hang", hang_s=60.0),  # killed after the chunk record
         "upload": SimulatorConfig(batch_upload_fault="hang", hang_s=60.0),  # killed mid-upload (file stored)
         "create": SimulatorConfig(batch_create_fault="hang", hang_s=60.0),  # made, its id never journaled
-        "collect": SimulatorConfig(batch_time_scale=3.0 / 86400),
+        "collect": SimulatorConfig(batch_time_scale=3.0 / 86400, drip_bytes_per_s=4000.0),
     }[step]
     with start_in_thread(config) as sim:
         proc = _spawn(job, out, sim.base_url)
