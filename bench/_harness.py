@@ -156,6 +156,13 @@ class ClientRun:
         return None
 
 
+def write_unique_job(path: Path, count: int, size: str, prefix: str) -> None:
+    """A JSONL job of `count` items with unique PartiPrompts-based prompts, ids `PREFIX-0000001`..."""
+    prompts = base_prompts()
+    write_jsonl_job(path, ({"id": f"{prefix}-{i:07d}", "prompt": unique_prompt(prompts, i), "size": size, "n": 1}
+                           for i in range(count)))
+
+
 def open_fds(pid: int) -> tuple[int, int]:
     """(open file descriptors, of which sockets) of a process, from /proc; (0, 0) when gone."""
     fds = sockets = 0

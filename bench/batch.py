@@ -26,23 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
     Simulator,
-    base_prompts,
     batcher_env,
     batcher_revision,
     command_line,
     markdown_table,
     run_client,
-    unique_prompt,
-    write_jsonl_job,
+    write_unique_job,
 )
 
 RSS_TARGET_MB = 200.0
-
-
-def make_job(path: Path, count: int, size: str) -> None:
-    prompts = base_prompts()
-    write_jsonl_job(path, ({"id": f"b-{i:07d}", "prompt": unique_prompt(prompts, i), "size": size, "n": 1}
-                           for i in range(count)))
 
 
 def journal_facts(path: Path) -> dict[str, float | int | None]:
@@ -66,7 +58,7 @@ def run_row(n: int, args: argparse.Namespace, tmp: Path, env: dict[str, str]) ->
     rdir = tmp / f"run-{n}"
     rdir.mkdir()
     job, out = rdir / "job.jsonl", rdir / "out"
-    make_job(job, n, args.size)
+    write_unique_job(job, n, args.size, "b")
     sim_args = ["--latency-ms", "0", "--batch-time-scale", str(args.batch_seconds / 86400.0)]
     cmd = [sys.executable, "-m", "batcher", "run", str(job), "--out", str(out), "--batch", "--quiet", "--json"]
     with Simulator(sim_args, rdir / "simulator.log") as sim:

@@ -25,23 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
     Simulator,
-    base_prompts,
     batcher_env,
     batcher_revision,
     command_line,
     markdown_table,
     run_client,
-    unique_prompt,
-    write_jsonl_job,
+    write_unique_job,
 )
 
 RSS_TARGET_MB = 200.0
-
-
-def make_job(path: Path, count: int, size: str) -> None:
-    prompts = base_prompts()
-    write_jsonl_job(path, ({"id": f"s-{i:07d}", "prompt": unique_prompt(prompts, i), "size": size, "n": 1}
-                           for i in range(count)))
 
 
 def manifest_summary(path: Path) -> dict | None:
@@ -76,7 +68,7 @@ def main() -> int:
         if not args.skip_validate:
             job = tmp / "validate.jsonl"
             t0 = time.monotonic()
-            make_job(job, args.validate_lines, "1024x1024")
+            write_unique_job(job, args.validate_lines, "1024x1024", "s")
             notes.append(f"- validate job: {args.validate_lines:,} lines, {job.stat().st_size / 1e6:.1f} MB, "
                          f"written in {time.monotonic() - t0:.1f}s")
             vdir = tmp / "validate"
@@ -95,7 +87,7 @@ def main() -> int:
 
         if not args.skip_run:
             job = tmp / "run.jsonl"
-            make_job(job, args.items, "8x8")
+            write_unique_job(job, args.items, "8x8", "s")
             rdir = tmp / "run"
             rdir.mkdir()
             out = rdir / "out"
