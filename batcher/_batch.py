@@ -25,7 +25,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,7 +237,6 @@ class BatchExecutor:
         # items whose batch line failed transiently (or never came), as their items-file lines: an expired
         # 50,000-line batch is ~15 MB of these, not ~45 MB of parsed items
         self.resubmit: list[bytes] = []
-        self.submitted = self.collected = 0
         self.cancelled = 0  # items of batches cancelled at the provider: pending, not resubmitted by this run
         self._cancelled_lines = 0
         self._fresh: set[str] = set()  # chunks this run made and has not begun to collect: none of their lines
@@ -394,7 +393,6 @@ class BatchExecutor:
         for item_id, _rhash, _attempt in writer.attempts:
             self.book.at_provider[item_id] = key
         self._fresh.add(key)
-        self.submitted += writer.requests
         ep.stats["requests"] += writer.requests
         self.reporter.log(f"batch chunk {key}: {writer.requests} request(s), {writer.images} image(s), "
                      f"{writer.bytes / 1e6:.1f} MB for endpoint {ep.name!r}")
@@ -571,7 +569,6 @@ class BatchExecutor:
                     return
         self._cancelled_lines = 0
         if await self._close(chunk, info.status, items):
-            self.collected += 1
             await self._clean_up(ep, info, results_paged)
 
     def _recorded(self, items: ChunkItems) -> set[str]:
@@ -593,7 +590,7 @@ class BatchExecutor:
         unreadable, or the run stops on disk trouble); the chunk stays open."""
         group: list[Answer] = []
         try:
-            async for line in self._lines(ep, file_id):
+            async for line in ep.batch_client.lines(file_id):
                 ci = items.get(line.custom_id) if line.custom_id is not None else None
                 if ci is None or ci.id in answered:
                     continue  # not one of ours, or said twice: the first line counts
@@ -637,10 +634,6 @@ class BatchExecutor:
                 if exc.kind == "fatal":
                     return
 
-    async def _lines(self, ep: EndpointRun, file_id: str) -> AsyncIterator[Any]:
-        async for line in ep.batch_client.lines(file_id):
-            yield line
-
     async def _record_line(self, ep: EndpointRun, chunk: Chunk, ci: ChunkItem, line: BatchLine) -> bool:
         item = ci.item()
         extra = {"batch": chunk.key}
@@ -676,8 +669,7 @@ class BatchExecutor:
             return True
         if isinstance(decision, Fail) and decision.stop is not None:
             self.control.stop(exc, decision.stop)
-        exc.message = self.recorder.redact(exc.message)
-        return bool(await self.recorder.failure(ep, ci.item(), ci.attempt, exc, extra=extra))
+        return bool(await self.recorder.failure(ep, ci.item(), ci.attempt, exc, extra=extra))  # it redacts
 
     def resubmit_item(self, ci: ChunkItem) -> None:
         """Back to pending; sent again in a later chunk of this run (attempts permitting)."""
