@@ -605,7 +605,7 @@ class BatchExecutor:
                     self.recorder.have.pop(item.id, None)
                     group.append((item, ci.attempt, gen, have, {"batch": chunk.key}))
                     if len(group) >= GROUP:
-                        if not await self.recorder.answer_many(ep, ep.batch_client, group):
+                        if not await self.recorder.answer_many(ep, group):
                             return False  # the run stops (disk)
                         group = []
                 elif not await self._record_line(ep, chunk, ci, line):
@@ -619,7 +619,7 @@ class BatchExecutor:
         return await self._flush(ep, group)
 
     async def _flush(self, ep: EndpointRun, group: list[Answer]) -> bool:
-        return not group or await self.recorder.answer_many(ep, ep.batch_client, group)
+        return not group or await self.recorder.answer_many(ep, group)
 
     async def _clean_up(self, ep: EndpointRun, info: BatchInfo, results_paged: bool) -> None:
         """Once every line is recorded, the batch's files at the provider are of no more use (they count

@@ -115,18 +115,14 @@ class Recorder:
         self._answered(ep, item, rec, len(saved))
         return True
 
-    async def answer_many(self, ep: EndpointRun, client: _Endpoint, rows: list[Answer]) -> bool:
+    async def answer_many(self, ep: EndpointRun, rows: list[Answer]) -> bool:
         """Save and record many answers whose images are all inline (b64) in ONE worker-thread call:
         what `save` then `answer` do for each, without two thread hand-offs per answer (a provider
         batch's collection is CPU-bound on them). Each row's images are renamed into place before
         its record is appended, as always. False: the disk refused one (the rows before it are
-        recorded; the run stops)."""
-        if self.sharded is not None:  # images are published one by one to the store: the plain path
-            for item, attempts, gen, have, extra in rows:
-                saved = await self.save(client, _stem(item), gen, first=len(have[0]), count=item.images)
-                if not await self.answer(ep, item, attempts, gen, saved, have, extra=extra):
-                    return False
-            return True
+        recorded; the run stops). A local output only (batch mode refuses sharded ones): nothing is
+        published to a store here."""
+        assert self.sharded is None, "answer_many writes a local output only"
         done: list[tuple[Item, Any, int, float | None]] = []
 
         def commit() -> OSError | None:

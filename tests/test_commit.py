@@ -223,7 +223,7 @@ def test_answer_many_records_what_answer_would_in_one_thread_call(tmp_path):
             assert await one.answer(ep1, _item(i), 1, gen, saved, extra={"batch": "k"})
         rows = [(_item(i), 1, Generation(created=1, images=[GeneratedImage(data=tiny_png())], request_id=f"r{i}"),
                  ([], None), {"batch": "k"}) for i in range(3)]
-        assert await many.answer_many(ep2, None, rows)  # type: ignore[arg-type]
+        assert await many.answer_many(ep2, rows)
 
     anyio.run(main)
     strip = lambda recs: [{k: v for k, v in r.items() if k != "finished"} for r in recs]  # noqa: E731
@@ -245,7 +245,7 @@ def test_answer_many_stops_at_a_refused_append_keeping_the_rows_before(tmp_path,
     monkeypatch.setattr(rec.journal, "append", append)
     rows = [(_item(i), 1, Generation(created=1, images=[GeneratedImage(data=tiny_png())]), ([], None), None)
             for i in range(3)]
-    assert anyio.run(rec.answer_many, ep, None, rows) is False
+    assert anyio.run(rec.answer_many, ep, rows) is False
     assert [r["id"] for r in records(rec)] == ["i0"]  # i1 refused, i2 never tried
     assert troubles and troubles[0].errno == errno.ENOSPC
     assert (rec.images, ep.stats["done"], rec.cost) == (1, 1, 1.0)  # i1's images were paid: its cost counts
