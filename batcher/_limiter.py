@@ -183,18 +183,22 @@ class Permit:
     """A granted send. `sent()` moves its window entries to the moment it really leaves;
     `refund()` gives them back when the server rejected it (a 429 is not counted there)."""
 
-    __slots__ = ("_clock", "_entries", "_late", "sent_at")
+    __slots__ = ("_clock", "_entries", "_late", "_on_sent", "granted", "sent_at")
 
-    def __init__(self, clock: Clock, *entries: tuple[Window, list], late: float = 0.0) -> None:
+    def __init__(self, clock: Clock, *entries: tuple[Window, list], late: float = 0.0,
+                 on_sent: Callable[[float], None] | None = None) -> None:
         self._clock = clock
         self._entries = entries
         self._late = late  # how much later than `sent()` the server may count it (a cold start)
-        self.sent_at = clock()  # the grant, until `sent()` says when it really left
+        self._on_sent = on_sent  # told the delay from the grant to this send
+        self.granted = self.sent_at = clock()  # the grant, until `sent()` says when it really left
 
     def sent(self) -> None:
         now = self.sent_at = self._clock()
         for _, entry in self._entries:
             entry[0] = max(entry[0], now + self._late)
+        if self._on_sent is not None:
+            self._on_sent(now - self.granted)
 
     def refund(self) -> None:
         for window, entry in self._entries:
@@ -223,7 +227,11 @@ class RateLimiter:
     # ~0.1-0.2 s after `sent()` (measured on a loaded 2-core box), and the next window, sent on warm
     # connections, would land early and draw a 429 for most of its share. Counting the first
     # window's sends COLD_S late costs COLD_S once per run.
-    COLD_S = 0.1
+    COLD_S = 0.02
+    # A grant becomes a send a little later (the waiter wakes, journals its attempt, writes its
+    # headers): granting that much early keeps each window's sends on time instead of drifting
+    # by it every window. The lead is the least delay seen lately, never more than the margin.
+    LEAD_SAMPLES = 64
     CALM_WINDOWS = 5  # clean windows before a widened margin starts to shrink back
     NARROW_STEP_S = 0.005  # ...by this much per window
 
@@ -234,7 +242,7 @@ class RateLimiter:
         *,
         clock: Clock = anyio.current_time,
         sleep: Sleep = anyio.sleep,
-        margin: float = 0.015,
+        margin: float = 0.005,
         max_margin: float = 0.200,
         cold_s: float | None = None,
     ) -> None:
@@ -264,6 +272,8 @@ class RateLimiter:
         self._probe: dict[str, tuple[int, int] | None] = {"requests": None, "images": None}  # (from, step)
         self._queue: deque[_Waiter] = deque()
         self._first_grant: float | None = None
+        self._delays: deque[float] = deque(maxlen=self.LEAD_SAMPLES)
+        self.lead = 0.0  # how early a grant may be made for its send to land on time
 
     def _windows(self) -> dict[str, Window]:
         return {"requests": self.requests, "images": self.images}
@@ -275,10 +285,11 @@ class RateLimiter:
 
     def wait_time(self, images: int, now: float | None = None) -> float:
         now = self._clock() if now is None else now
+        lead = min(self.lead, self.margin)
         return max(
             self.pause_until - now,
-            self.requests.wait_time(now, 1, self.margin),
-            self.images.wait_time(now, images, self.margin),
+            self.requests.wait_time(now, 1, self.margin) - lead,
+            self.images.wait_time(now, images, self.margin) - lead,
             self.drained["requests"].wait(now, 1),
             self.drained["images"].wait(now, images),
         )
@@ -319,12 +330,20 @@ class RateLimiter:
             self._first_grant = now
         cold = now - self._first_grant < max(self.requests.period, self.images.period)
         permit = Permit(self._clock, (self.requests, self.requests.record(now, 1)),
-                        (self.images, self.images.record(now, images)), late=self.cold_s if cold else 0.0)
+                        (self.images, self.images.record(now, images)), late=self.cold_s if cold else 0.0,
+                        on_sent=None if cold else self._sent_after)
         self.drained["requests"].grant(now, 1)
         self.drained["images"].grant(now, images)
         self._maybe_probe(now)
         self._maybe_narrow(now)
         return permit
+
+    def _sent_after(self, delay: float) -> None:
+        """A warm send left `delay` s after its grant (the last call per permit counts: on the wire)."""
+        delays = self._delays
+        delays.append(max(0.0, delay))
+        if len(delays) >= 8:
+            self.lead = min(delays)
 
     def _dispatch(self) -> None:
         now = self._clock()

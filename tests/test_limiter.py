@@ -330,3 +330,44 @@ def test_sent_moves_the_entry_to_the_real_send(clock):
         assert limiter.wait_time(1) == pytest.approx(0.2)  # counted from the send, not the grant
 
     anyio.run(main)
+
+
+def test_grants_lead_their_sends_by_the_least_delay_seen_never_more_than_the_margin(clock):
+    # 1 per second, 20 ms margin; every send leaves 3 ms after its grant (wake-up, journal, headers)
+    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.020, cold_s=0.0)
+    sends: list[float] = []
+
+    async def main():
+        for _ in range(14):
+            permit = await limiter.acquire()
+            clock.now += 0.003
+            permit.sent()
+            sends.append(clock.now)
+
+    anyio.run(main)
+    gaps = [b - a for a, b in zip(sends, sends[1:])]
+    # the first window is cold (no lead learned from it); until 8 delays are seen, sends drift by the
+    # delay every window; after, the grant comes 3 ms early and each send lands exactly period + margin
+    # after the one before it: never sooner
+    assert gaps[1] == pytest.approx(1.023)
+    assert gaps[-1] == pytest.approx(1.020)
+    assert limiter.lead == pytest.approx(0.003)
+    assert min(gaps) >= 1.020 - 1e-9
+
+
+def test_the_lead_never_exceeds_the_margin(clock):
+    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.002, cold_s=0.0)
+    sends: list[float] = []
+
+    async def main():
+        for _ in range(14):
+            permit = await limiter.acquire()
+            clock.now += 0.050  # a slow machine: 50 ms from grant to send
+            permit.sent()
+            sends.append(clock.now)
+
+    anyio.run(main)
+    assert limiter.lead == pytest.approx(0.050)
+    # the lead is capped by the margin: a send never plans inside the server's window
+    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(sends, sends[1:]))
+    assert sends[-1] - sends[-2] == pytest.approx(1.0 + 0.050)
