@@ -266,6 +266,7 @@ class RateLimiter:
         self._last_429 = -1e9
         self._last_probe = -1e9
         self._last_widen = -1e9
+        self._widened_from = margin  # the margin before this window's 429s widened it
         self._learning_until = -1e9
         self._429s: dict[str, deque[float]] = {"requests": deque(), "images": deque()}
         self._ceiling: dict[str, float] = {"requests": math.inf, "images": math.inf}
@@ -422,14 +423,15 @@ class RateLimiter:
             window.capacity = max(1, min(int(window.capacity or 1), accepted))
         elif source == "learned":
             self._probe_failed(kind, window, evidence)
-        elif now - self._last_widen >= window.period:
-            # once per window: one late burst answers with many 429s at once
-            self._last_widen = now
-            if retry_after is not None and retry_after < 0.1 * window.period:
-                # a few ms early: the trip to the server needs more slack, the limit is right
-                self.margin = min(self.max_margin, self.margin + max(0.005, retry_after))
-            else:
-                self.margin = min(self.max_margin, self.margin + 0.005)
+        else:
+            # One step per window, sized by the earliest of its 429s: one late burst answers with
+            # many 429s at once (a step each would overshoot), and they are not equally early.
+            if now - self._last_widen >= window.period:
+                self._last_widen = now
+                self._widened_from = self.margin
+            early = retry_after if retry_after is not None and retry_after < 0.1 * window.period else 0.0
+            # a few ms early: the trip to the server needs that much more slack, the limit is right
+            self.margin = min(self.max_margin, max(self.margin, self._widened_from + max(0.005, early)))
 
     def _probe_failed(self, kind: str, window: Window, evidence: bool) -> None:
         """A learned limit drew a 429: back to the capacity before the last raise, and never probe

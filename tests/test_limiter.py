@@ -371,3 +371,14 @@ def test_the_lead_never_exceeds_the_margin(clock):
     # the lead is capped by the margin: a send never plans inside the server's window
     assert all(b - a >= 1.0 - 1e-9 for a, b in zip(sends, sends[1:]))
     assert sends[-1] - sends[-2] == pytest.approx(1.0 + 0.050)
+
+
+def test_a_windows_429s_widen_the_margin_once_by_the_earliest_of_them(clock):
+    limiter = RateLimiter(rpm=3000, clock=clock, sleep=clock.sleep, margin=0.005, cold_s=0.0)
+    for early in (0.002, 0.011, 0.004, 0.001):  # one burst of 429s within a window, unequally early
+        limiter.on_rate_limited(retry_after=early)
+        clock.now += 0.001
+    assert limiter.margin == pytest.approx(0.005 + 0.011)  # not 4 steps, not the first one's 5 ms
+    clock.now += 1.0  # the next window: a new step on top of the widened margin
+    limiter.on_rate_limited(retry_after=0.003)
+    assert limiter.margin == pytest.approx(0.016 + 0.005)
