@@ -298,12 +298,15 @@ def refresh(journal: Path, *, checked: tuple[int, set[str]] | None = None) -> in
 
 def _refresh(cp: Checkpoint, checked: tuple[int, set[str]] | None) -> int | None:
     """Apply the journal past the checkpoint in one transaction, flushing rows as it goes (bounded memory)."""
+    from . import _tally
+
     db = cp.db
     changed = _Tail(cp.get)
     rows = changed.rows
     runs: list[str] = []
     db.execute("BEGIN IMMEDIATE")
     try:
+        tally = _Tally(db, _tally.load_matching(db))  # status's counts, moved along with the rows
         with open(cp.journal, "rb") as fh:
             fh.seek(cp.offset)
             end = cp.offset
@@ -321,19 +324,22 @@ def _refresh(cp: Checkpoint, checked: tuple[int, set[str]] | None) -> int | None
                 else:
                     _apply(changed, rec, end)  # sees the rows flushed earlier in this transaction
                     if len(rows) >= FLUSH:
-                        _flush(db, rows)
+                        _flush(db, rows, tally)
                 end += len(raw)
             head, tail = _probes(fh, end)
-        _flush(db, rows)
+        _flush(db, rows, tally)
         if checked is not None:
             end_checked, missing = checked
+            tally.verified(end_checked)
             db.execute("UPDATE items SET verified = 1 WHERE verified = 0 AND status = 'done' AND offset < ?",
                        (end_checked,))
+            tally.unverified(missing)
             db.executemany("UPDATE items SET verified = 0 WHERE id = ?", ((i,) for i in missing))
         base = db.execute("SELECT COALESCE(MAX(n), 0) FROM runs").fetchone()[0]
         db.executemany("INSERT INTO runs (n, rec) VALUES (?, ?)", ((base + 1 + i, r) for i, r in enumerate(runs)))
         db.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", [
             ("version", SCHEMA_VERSION), ("offset", str(end)), ("head", head), ("tail", tail)])
+        tally.store()
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -342,8 +348,52 @@ def _refresh(cp: Checkpoint, checked: tuple[int, set[str]] | None) -> int | None
     return end
 
 
-def _flush(db: sqlite3.Connection, rows: dict[str, list[Any]]) -> None:
+class _Tally:
+    """A refresh's side of `_tally`: the stored tally moved along with each flush (None once it can't be;
+    `store` then counts in full, as it does when there was none to move)."""
+
+    def __init__(self, db: sqlite3.Connection, tally: Any) -> None:
+        self.db = db
+        self.tally = tally
+
+    def rows(self, batch: list[tuple[Any, ...]]) -> None:
+        from ._tally import TallyError, apply_rows
+
+        if self.tally is None:
+            return
+        try:
+            apply_rows(self.db, self.tally, batch)
+        except TallyError:
+            self.tally = None
+
+    def verified(self, end: int) -> None:
+        """Before `verified` is set on the unverified done rows before `end` (in bulk: all of them, once)."""
+        if self.tally is None:
+            return
+        images, nbytes = self.db.execute(
+            "SELECT COALESCE(SUM(s.images), 0), COALESCE(SUM(s.bytes), 0) FROM items s JOIN current c "
+            "ON c.id = s.id WHERE s.verified = 0 AND s.status = 'done' AND s.offset < ? "
+            "AND (c.rhash IS NULL OR c.rhash = s.rhash)", (end,)).fetchone()
+        self.tally.images += images
+        self.tally.nbytes += nbytes
+
+    def unverified(self, missing: Iterable[str]) -> None:
+        """Before `verified` is cleared on the rows of `missing` (after `verified`'s update)."""
+        if self.tally is None:
+            return
+        self.rows([(i, *row[:-1], 0) for i in sorted(missing)
+                   for row in [self.db.execute(_SELECT_ONE, (i,)).fetchone()] if row is not None])
+
+    def store(self) -> None:
+        from ._tally import count, store
+
+        store(self.db, self.tally if self.tally is not None else count(self.db))
+
+
+def _flush(db: sqlite3.Connection, rows: dict[str, list[Any]], tally: _Tally | None = None) -> None:
     batch = [(k, *v) for k, v in rows.items()]
+    if tally is not None:
+        tally.rows(batch)
     for i in range(0, len(batch), BATCH):
         db.executemany(_UPSERT, batch[i : i + BATCH])
     rows.clear()

@@ -426,8 +426,11 @@ class CurrentWriter:
         self._began = False
         self._batch: list[tuple[int, str, str | None, int]] = []
         self._stems: list[tuple[int]] = []
+        self._tally: Any = None  # status's counts (see _tally), moved along when only new items are added
 
     def begin(self) -> None:
+        from ._tally import TallyError, current_rows, load_matching, move_current
+
         self.db.execute("BEGIN IMMEDIATE")
         self._began = True
         if self.start == 0:
@@ -435,6 +438,12 @@ class CurrentWriter:
                 if statement.strip():
                     self.db.execute(statement)
         else:
+            self._tally = load_matching(self.db)
+            if self._tally is not None:
+                try:
+                    move_current(self._tally, current_rows(self.db, self.start), -1)
+                except TallyError:
+                    self._tally = None
             self.db.execute("DELETE FROM current WHERE pos > ?", (self.start,))
 
     def add(self, item: Any) -> None:
@@ -483,9 +492,22 @@ class CurrentWriter:
         else:
             self.db.execute("DELETE FROM meta WHERE k = ?", (CACHE_META,))
         self.db.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", meta)
+        self._store_tally()
         self.db.execute("COMMIT")
         self._began = False
         return True
+
+    def _store_tally(self) -> None:
+        """The new items' rows counted in (a rewrite, or a tally that did not match: counted in full)."""
+        from ._tally import TallyError, count, current_rows, move_current, store
+
+        tally, self._tally = self._tally, None
+        if tally is not None:
+            try:
+                move_current(tally, current_rows(self.db, self.start), +1)
+            except TallyError:
+                tally = None
+        store(self.db, tally if tally is not None else count(self.db))
 
     def rollback(self) -> None:
         if self._began:

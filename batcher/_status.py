@@ -260,57 +260,100 @@ def _aggregate(db: sqlite3.Connection, root: Path, journal: Path, offset: int) -
         return None
     tail_rows, tail_runs = tail
     db.create_function("short_reason", 1, short_reason, deterministic=True)
-    sources = ["main.items s"]
     if tail_rows:
         db.execute(f"CREATE TEMP TABLE tail (id TEXT PRIMARY KEY, {', '.join(_COLUMNS)})")
         db.executemany(f"INSERT INTO temp.tail VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})",
                        [(k, *v) for k, v in tail_rows.items()])
-        sources = ["main.items s", "temp.tail s"]
+    counted = _tallied(db, tail_rows)
+    if counted is not None:
+        found = _counted(db, root, journal, total, tail_rows, tail_runs, counted)
+        if found is not None:
+            return found
+    return _counted(db, root, journal, total, tail_rows, tail_runs, None)
 
-    def query(select: str, where: str = "1", group: str = "", args: list[Any] | None = None) -> list[tuple[Any, ...]]:
+
+def _tallied(db: sqlite3.Connection, tail_rows: dict[str, list[Any]]) -> Any:
+    """The run-kept tally (see _tally) with the journal's tail counted in, in memory; None when there is
+    none for this checkpoint as it stands, or the tail moves an endpoint's first item (counted in full)."""
+    from ._checkpoint import _SELECT_ONE
+    from ._tally import TallyError, load_matching, place
+
+    tally = load_matching(db)
+    if tally is None:
+        return None
+    try:
+        for item_id, row in tail_rows.items():
+            where = place(db, item_id)
+            if where is not None:
+                tally.change(db.execute(_SELECT_ONE, (item_id,)).fetchone(), row, where)
+        tally.check()
+    except TallyError:
+        return None
+    return None if tally.lost_first else tally
+
+
+def _counted(db: sqlite3.Connection, root: Path, journal: Path, total: int, tail_rows: dict[str, list[Any]],
+             tail_runs: list[dict[str, Any]], tally: Any) -> dict[str, Any] | None:
+    """`status` from the checkpoint: the counts from `tally` when given (then only failed and unverified
+    rows are read, through the `unverified` index; None if they disagree with it), else counted in full."""
+    sources = ["main.items s", "temp.tail s"] if tail_rows else ["main.items s"]
+
+    def query(select: str, where: str = "1", group: str = "", args: list[Any] | None = None,
+              indexed: bool = False) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []
         for src in sources:  # the checkpoint's rows the tail did not replace, then the tail's
-            skip = " AND s.id NOT IN (SELECT id FROM temp.tail)" if src.startswith("main") and tail_rows else ""
+            main = src.startswith("main")
+            skip = " AND s.id NOT IN (SELECT id FROM temp.tail)" if main and tail_rows else ""
+            # indexed: `where` names unverified rows only (failed rows are never verified): O(those rows)
+            if main and indexed:
+                src = "main.items AS s INDEXED BY unverified"
             out += db.execute(f"SELECT {select} FROM main.current c JOIN {src} ON s.id = c.id "
                               f"WHERE (c.rhash IS NULL OR c.rhash = s.rhash) AND ({where}){skip} {group}",
                               args or []).fetchall()
         return out
 
-    # one pass over the current items with conditional aggregates: no GROUP BY sort, so constant memory
-    endpoints = sorted({e for (e,) in db.execute("SELECT DISTINCT endpoint FROM main.items")} |
-                       {row[7] for row in tail_rows.values()} - {None, ""}, key=str)
-    if len(endpoints) > MAX_ENDPOINTS:
-        return None
     df = _DONE_OR_FAILED
-    columns = ["SUM(s.status = 'done')", "SUM(s.status = 'failed')", "SUM(s.status = 'pending')",
-               "SUM(CASE WHEN s.status = 'done' THEN s.images END)",
-               "SUM(CASE WHEN s.status = 'done' THEN s.cost END)",
-               f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.images END)",
-               f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.bytes END)",
-               f"SUM(s.verified = 0 AND s.images > 0 AND {df})", f"SUM(s.images > 0 AND {df})"]
-    for _ in endpoints:
-        columns += ["SUM(s.endpoint = ? AND s.status = 'done')", "SUM(s.endpoint = ? AND s.status = 'failed')",
-                    "SUM(CASE WHEN s.endpoint = ? AND s.status = 'done' THEN s.cost END)",
-                    f"MIN(CASE WHEN s.endpoint = ? AND {df} THEN c.pos END)"]
-    args = [e for e in endpoints for _ in range(4)]
-    totals: dict[str, int] = {"done": 0, "failed": 0, "pending": 0}
-    made = images = nbytes = unverified = with_images = 0
-    cost: float | None = None
-    endpoint_rows: list[tuple[Any, ...]] = []
-    for row in query(", ".join(columns), args=args):
-        for k, key in enumerate(("done", "failed", "pending")):
-            totals[key] += row[k] or 0
-        made += row[3] or 0
-        if row[4] is not None:
-            cost = (cost or 0.0) + row[4]
-        images += row[5] or 0
-        nbytes += row[6] or 0
-        unverified += row[7] or 0
-        with_images += row[8] or 0
-        for i, endpoint in enumerate(endpoints):
-            done, failed, ep_cost, pos = row[9 + 4 * i : 13 + 4 * i]
-            if pos is not None:
-                endpoint_rows.append((pos, endpoint, done or 0, failed or 0, ep_cost))
+    full_check = total < FULL_FILE_CHECK_BELOW  # a run checks every file of a small output: status too
+    if tally is not None:
+        totals = tally.totals()
+        made, cost, images, nbytes = tally.made, tally.total_cost(), tally.images, tally.nbytes
+        endpoint_rows = tally.endpoint_rows()
+        unverified = with_images = 1  # not counted: the query below finds out
+    else:
+        # one pass over the current items with conditional aggregates: no GROUP BY sort, so constant memory
+        endpoints = sorted({e for (e,) in db.execute("SELECT DISTINCT endpoint FROM main.items")} |
+                           {row[7] for row in tail_rows.values()} - {None, ""}, key=str)
+        if len(endpoints) > MAX_ENDPOINTS:
+            return None
+        columns = ["SUM(s.status = 'done')", "SUM(s.status = 'failed')", "SUM(s.status = 'pending')",
+                   "SUM(CASE WHEN s.status = 'done' THEN s.images END)",
+                   "SUM(CASE WHEN s.status = 'done' THEN s.cost END)",
+                   f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.images END)",
+                   f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.bytes END)",
+                   f"SUM(s.verified = 0 AND s.images > 0 AND {df})", f"SUM(s.images > 0 AND {df})"]
+        for _ in endpoints:
+            columns += ["SUM(s.endpoint = ? AND s.status = 'done')", "SUM(s.endpoint = ? AND s.status = 'failed')",
+                        "SUM(CASE WHEN s.endpoint = ? AND s.status = 'done' THEN s.cost END)",
+                        f"MIN(CASE WHEN s.endpoint = ? AND {df} THEN c.pos END)"]
+        args = [e for e in endpoints for _ in range(4)]
+        totals = {"done": 0, "failed": 0, "pending": 0}
+        made = images = nbytes = unverified = with_images = 0
+        cost = None
+        endpoint_rows = []
+        for row in query(", ".join(columns), args=args):
+            for k, key in enumerate(("done", "failed", "pending")):
+                totals[key] += row[k] or 0
+            made += row[3] or 0
+            if row[4] is not None:
+                cost = (cost or 0.0) + row[4]
+            images += row[5] or 0
+            nbytes += row[6] or 0
+            unverified += row[7] or 0
+            with_images += row[8] or 0
+            for i, endpoint in enumerate(endpoints):
+                done, failed, ep_cost, pos = row[9 + 4 * i : 13 + 4 * i]
+                if pos is not None:
+                    endpoint_rows.append((pos, endpoint, done or 0, failed or 0, ep_cost))
     totals["pending"] = max(total - totals["done"] - totals["failed"], totals["pending"])
     by_endpoint: dict[str, dict[str, Any]] = {}
     for _pos, endpoint, done, failed, ep_cost in sorted(endpoint_rows, key=lambda r: r[0]):
@@ -319,20 +362,23 @@ def _aggregate(db: sqlite3.Connection, root: Path, journal: Path, offset: int) -
         counts["failed"] += failed
         if ep_cost is not None:
             counts["cost"] = round((counts["cost"] or 0.0) + ep_cost, 6)
-    full_check = total < FULL_FILE_CHECK_BELOW  # a run checks every file of a small output: status too
     if full_check:
         images = nbytes = 0
 
     failures: dict[str, dict[str, Any]] = {}
-    for code, reason, count, _pos, message in sorted(query(
-            "s.code, short_reason(s.message), COUNT(*), MIN(c.pos), s.message", "s.status = 'failed'",
-            "GROUP BY 1, 2"), key=lambda r: r[3]):
+    fast = tally is not None
+    groups = query("s.code, short_reason(s.message), COUNT(*), MIN(c.pos), s.message",
+                   "s.verified = 0 AND s.status = 'failed'" if fast else "s.status = 'failed'", "GROUP BY 1, 2",
+                   indexed=fast)
+    if fast and sum(g[2] for g in groups) != totals["failed"]:
+        return None  # a failed row outside the index: not as the checkpoint writes them
+    for code, reason, n, _pos, message in sorted(groups, key=lambda r: r[3]):
         group = failures.setdefault(str(code), {"count": 0, "example": message, "reasons": {}})
-        group["count"] += count
-        group["reasons"][reason] = group["reasons"].get(reason, 0) + count
+        group["count"] += n
+        group["reasons"][reason] = group["reasons"].get(reason, 0) + n
 
     checked = "1" if full_check else "s.verified = 0"
-    unchecked = query("s.offset", f"{checked} AND s.images > 0 AND {df}") \
+    unchecked = query("s.offset", f"{checked} AND s.images > 0 AND {df}", indexed=fast and not full_check) \
         if (with_images if full_check else unverified) else []
     if unchecked:
         with open(journal, "rb") as fh:

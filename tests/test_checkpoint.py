@@ -255,3 +255,89 @@ def test_snapshot_entries_are_counted_by_sqlite_with_the_tail(tmp_path):
         assert not journal.entries.fewer_than(2)  # a bounded count: 2 rows read, then the tail's new id
     finally:
         journal.close()
+
+
+# -- the tally (status's counts) moved along by every writer equals a full count ---------------------
+
+
+class _Item:
+    def __init__(self, item_id: str, rhash: str) -> None:
+        self.id, self.rhash, self.images, self.explicit_id = item_id, rhash, 1, True
+
+
+def _current(path: Path, items: list[_Item], start: int = 0, digest: str = "d") -> None:
+    from batcher._jobcache import CurrentWriter
+
+    db = _checkpoint.open_writer(path)
+    assert db is not None
+    writer = CurrentWriter(db, start=start)
+    for _ in writer.record(items[start:]):
+        pass
+    assert writer.commit(digest, None)
+    db.close()
+
+
+def _stored_and_counted(path: Path) -> tuple[object, object]:
+    from batcher import _tally
+
+    with sqlite3.connect(checkpoint_path(path)) as db:
+        stored, counted = _tally.load_matching(db), _tally.count(db)
+    assert stored is not None and counted is not None
+    stored.stamp = None
+    return stored, counted
+
+
+def _random_record(rng, ids: list[str], offsets: int) -> dict:
+    item_id = rng.choice(ids)
+    rhash = rng.choice(["h1", "h1", "h1", "h2"])  # now and then a request the current item does not have
+    if rng.random() < 0.3:
+        return {"t": "attempt", "id": item_id, "rhash": rhash, "attempt": rng.randint(1, 3)}
+    status = rng.choice(["done", "done", "failed"])
+    n = rng.randint(0, 2) if status == "done" else rng.choice([0, 0, 1])
+    return item(item_id, status, rhash, endpoint=rng.choice(["x", "y", "z", None]),
+                cost=rng.choice([None, 0.04, 0.1, 1 / 3]) if status == "done" else None,
+                images=[{"file": f"images/{item_id}-{offsets}-{k}.png", "bytes": rng.randint(1, 99)} for k in range(n)],
+                error={"kind": "permanent", "code": rng.choice(["policy", "http_500"]), "message": "no"}
+                if status == "failed" else None)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_tally_moved_by_each_refresh_and_each_new_current_equals_a_full_count(tmp_path, seed):
+    import random
+
+    rng = random.Random(seed)
+    ids = [f"i{k}" for k in range(30)]
+    path = journal_of(tmp_path, {"t": "run", "job": "t", "at": "x"},
+                      *(_random_record(rng, ids[:20], k) for k in range(40)))
+    assert refresh(path) is not None
+    _current(path, [_Item(i, "h1") for i in ids[:20]])  # a rewrite: counted in full
+    for step in range(12):
+        with open(path, "ab") as fh:
+            fh.writelines(line(_random_record(rng, ids, 100 * step + k)) for k in range(rng.randint(1, 15)))
+        missing: set[str] = set(rng.sample(ids, 3)) if step % 3 == 2 else set()
+        assert refresh(path, checked=(path.stat().st_size, missing) if step % 3 else None) is not None
+        stored, counted = _stored_and_counted(path)
+        assert stored == counted
+        if step == 5:  # new items appended to the job: only they are counted in
+            _current(path, [_Item(i, "h1") for i in ids], start=20, digest="d2")
+            stored, counted = _stored_and_counted(path)
+            assert stored == counted and stored.done + stored.failed + stored.pending > 0
+
+
+def test_a_checkpoint_without_a_tally_is_counted_in_full_by_the_next_refresh(tmp_path):
+    from batcher import _tally
+
+    path = journal_of(tmp_path, {"t": "run", "job": "t", "at": "x"}, item("a", endpoint="x", cost=0.5),
+                      item("b", "failed", error={"kind": "permanent", "code": "c"}, endpoint="y"))
+    refresh(path)
+    _current(path, [_Item("a", "h1"), _Item("b", "h1")])
+    with sqlite3.connect(checkpoint_path(path)) as db:
+        db.execute("DELETE FROM meta WHERE k = 'tally'")  # written by a batcher before the tally
+    with open(path, "ab") as fh:
+        fh.write(line(item("b", endpoint="y", cost=0.25)))
+    refresh(path)
+    stored, counted = _stored_and_counted(path)
+    assert stored == counted and (stored.done, stored.failed) == (2, 0)
+    with sqlite3.connect(checkpoint_path(path)) as db:  # a writer that did not move it: its stamp says so
+        db.execute("UPDATE meta SET v = 'other' WHERE k = 'current'")
+        assert _tally.load(db) is not None and _tally.load_matching(db) is None
