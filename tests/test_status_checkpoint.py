@@ -213,3 +213,136 @@ def test_a_large_output_counts_the_files_its_last_run_verified(tmp_path, sim, mo
     gone = next(r for r in journal_records(out) if r.get("id") == "a" and r["t"] == "item")["images"][0]["file"]
     (out / gone).unlink()  # by hand, after the run verified it: like a rerun, status trusts that check
     assert from_checkpoint(out)["images_on_disk"] == expected["images_on_disk"] == 3
+
+
+# -- the tally: the counts kept by the runs, read with the journal's tail; the same bytes as a full count ----
+
+
+def _json(capsys, out: Path) -> str:
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    return capsys.readouterr().out
+
+
+def kept_equals_counted(out: Path, monkeypatch, capsys, *, kept: bool = True) -> dict:
+    """`status --json` from the kept tally is byte for byte the full count's (and a replay's);
+    `kept`: whether the tally was usable (else status counted in full, as it must)."""
+    real = _status._counted
+    used: list[bool] = []  # per count: from the tally, and answered by it
+
+    def spy(*args):
+        found = real(*args)
+        used.append(args[-1] is not None and found is not None)
+        return found
+
+    monkeypatch.setattr(_status, "_counted", spy)
+    fast = _json(capsys, out)
+    with monkeypatch.context() as m:
+        m.setattr(_status, "_tallied", lambda db, rows: None)
+        full = _json(capsys, out)
+    monkeypatch.setattr(_status, "_counted", real)
+    assert used[0] == kept and not any(used[1:])
+    assert fast == full
+    assert json.loads(fast) == json.loads(json.dumps({**replayed(out), "out": str(out), "batches": []}))
+    return json.loads(fast)
+
+
+MIXED = [
+    {"id": "a", "prompt": "A calm lake at dawn"},
+    {"id": "b", "prompt": "Two foxes", "n": 2},
+    {"id": "bad", "prompt": "something forbidden here"},
+    {"id": "c", "prompt": "A lighthouse", "n": 3},
+    {"id": "bad2", "prompt": "another forbidden thing"},
+    {"id": "d", "prompt": "A red kite"},
+]
+
+
+@pytest.mark.parametrize("files_checked_below", [10_000, 2])  # a small output's full file check, a large one's
+def test_status_from_the_kept_tally_is_the_full_count_as_an_output_grows(tmp_path, sim, monkeypatch, capsys,
+                                                                          files_checked_below):
+    monkeypatch.setattr(_status, "FULL_FILE_CHECK_BELOW", files_checked_below)
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", MIXED, defaults={"size": "16x16"}, pricing=[{"per_image": 0.04}])
+    assert run(job, out, sim, "--max-images", "3", "--concurrency", "1") == 4  # done, pending
+    kept_equals_counted(out, monkeypatch, capsys)
+    assert run(job, out, sim) == 1  # the rest: done, multi-n, failed
+    got = kept_equals_counted(out, monkeypatch, capsys)
+    assert (got["done"], got["failed"], got["pending"], got["images"]) == (4, 2, 0, 7)
+    with start_in_thread(SimulatorConfig(policy_word="nothing-forbidden")) as lenient:
+        assert run(job, out, lenient, "--retry-failed") == 0  # the failed ones retried: now done
+    got = kept_equals_counted(out, monkeypatch, capsys)
+    assert (got["done"], got["failed"], got["failures"]) == (6, 0, {})
+    records = {r["id"]: r for r in journal_records(out) if r["t"] == "item"}
+    rhash = {k: r["rhash"] for k, r in records.items()}
+    # a journal tail after the checkpoint (a run in progress): an attempt, a done item failing again
+    append(out, {"t": "run", "job": "t", "at": "2026-02-02T00:00:00.000Z", "pid": 1},
+           {"t": "attempt", "id": "d", "rhash": rhash["d"], "attempt": 2},
+           {**failed_record("c", rhash["c"], "http_500", "the server said no"), "request": records["c"]["request"]},
+           {"t": "attempt", "id": "zz", "rhash": "0" * 16, "attempt": 1})
+    got = kept_equals_counted(out, monkeypatch, capsys)
+    assert got["failures"]["http_500"]["count"] == 1 and got["runs"] == 4
+    # the job changed: a new size for every item (their requests change): `current` rewritten, counted in full
+    assert run(job, out, sim, "--size", "8x8", "--max-images", "4", "--concurrency", "1") == 4
+    got = kept_equals_counted(out, monkeypatch, capsys)
+    assert got["pending"] > 0
+    # items appended to the job: only they are counted in
+    job = write_job(tmp_path / "job.yaml", [*MIXED, "one more", {"id": "e", "prompt": "forbidden too"}],
+                    defaults={"size": "16x16"}, pricing=[{"per_image": 0.04}])
+    assert run(job, out, sim) == 1
+    got = kept_equals_counted(out, monkeypatch, capsys)
+    assert got["total"] == 8 and set(got["failures"]) == {"content_policy_violation", "http_500"}
+
+
+def test_endpoints_keep_their_order_when_an_endpoints_first_item_moves(tmp_path, monkeypatch, capsys):
+    from batcher._checkpoint import refresh
+
+    with start_in_thread(SimulatorConfig(policy_word="forbidden")) as x, \
+            start_in_thread(SimulatorConfig(policy_word="forbidden")) as y:
+        job = write_job(tmp_path / "job.yaml", [
+            {"id": "x1", "prompt": "p1", "model": "mx"}, {"id": "y1", "prompt": "p2", "model": "my"},
+            {"id": "x2", "prompt": "forbidden p3", "model": "mx"}, {"id": "y2", "prompt": "p4", "model": "my", "n": 2},
+            {"id": "x3", "prompt": "p5", "model": "mx"},
+        ], defaults={"size": "16x16"}, endpoints=[
+            {"name": "x", "base_url": x.base_url, "models": ["mx"], "price": 0.25},
+            {"name": "y", "base_url": y.base_url, "models": ["my"], "price": 0.1}])
+        out = tmp_path / "out"
+        assert main(["run", str(job), "--out", str(out), "--quiet", "--timeout", "10"]) == 1
+    got = kept_equals_counted(out, monkeypatch, capsys)
+    assert list(got["endpoints"]) == ["x", "y"] and got["endpoints"]["x"]["cost"] == 0.5
+    records = {r["id"]: r for r in journal_records(out) if r["t"] == "item"}
+    # x's first item re-sent and not finished: x is now first at x2 (after y1): status counts in full
+    append(out, {"t": "attempt", "id": "x1", "rhash": "0" * 16, "attempt": 1})
+    got = kept_equals_counted(out, monkeypatch, capsys, kept=False)
+    assert list(got["endpoints"]) == ["y", "x"]
+    assert refresh(out / "manifest.jsonl") is not None  # a run's refresh finds x's new first item
+    assert kept_equals_counted(out, monkeypatch, capsys)["endpoints"] == got["endpoints"]
+    # it finishes on y, and y's first (y1) fails on x: both move again
+    append(out, {**records["x1"], "rhash": "0" * 16, "endpoint": "y"},
+           {**records["x2"], "id": "y1", "rhash": records["y1"]["rhash"]})
+    got = kept_equals_counted(out, monkeypatch, capsys, kept=False)
+    assert refresh(out / "manifest.jsonl") is not None
+    assert kept_equals_counted(out, monkeypatch, capsys) == got
+
+
+def test_a_tally_that_is_stale_or_disagrees_is_not_used(tmp_path, sim, monkeypatch, capsys):
+    job = write_job(tmp_path / "job.yaml", PROMPTS, defaults={"size": "16x16"})
+    out = tmp_path / "out"
+    assert run(job, out, sim) == 1
+    expected = kept_equals_counted(out, monkeypatch, capsys)
+    path = checkpoint_path(out / "manifest.jsonl")
+    with sqlite3.connect(path) as db:  # a failed row outside the `unverified` index (no run writes one)
+        db.execute("UPDATE items SET verified = 1 WHERE id = 'bad'")
+    assert kept_equals_counted(out, monkeypatch, capsys, kept=False) == expected
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE items SET verified = 0 WHERE id = 'bad'")
+        # a writer that did not move the tally (an older batcher): the offset it counted is not the checkpoint's
+        tally = json.loads(db.execute("SELECT v FROM meta WHERE k = 'tally'").fetchone()[0])
+        db.execute("UPDATE meta SET v = ? WHERE k = 'tally'", (json.dumps({**tally, "offset": tally["offset"] - 1}),))
+    assert kept_equals_counted(out, monkeypatch, capsys, kept=False) == expected
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET v = 'not json' WHERE k = 'tally'")
+    assert kept_equals_counted(out, monkeypatch, capsys, kept=False) == expected
+    assert run(job, out, sim) == 1  # the next run counts it in full again
+    got = kept_equals_counted(out, monkeypatch, capsys)
+    assert {k: got[k] for k in ("done", "failed", "failures", "images_on_disk")} == \
+        {k: expected[k] for k in ("done", "failed", "failures", "images_on_disk")}
