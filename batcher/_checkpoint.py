@@ -306,7 +306,7 @@ def _refresh(cp: Checkpoint, checked: tuple[int, set[str]] | None) -> int | None
     runs: list[str] = []
     db.execute("BEGIN IMMEDIATE")
     try:
-        tally = _Tally(db, _tally.load_matching(db))  # status's counts, moved along with the rows
+        tally = _MovingTally(db, _tally.load_matching(db))  # status's counts, moved along with the rows
         with open(cp.journal, "rb") as fh:
             fh.seek(cp.offset)
             end = cp.offset
@@ -348,7 +348,7 @@ def _refresh(cp: Checkpoint, checked: tuple[int, set[str]] | None) -> int | None
     return end
 
 
-class _Tally:
+class _MovingTally:
     """A refresh's side of `_tally`: the stored tally moved along with each flush (None once it can't be;
     `store` then counts in full, as it does when there was none to move)."""
 
@@ -390,7 +390,7 @@ class _Tally:
         store(self.db, self.tally if self.tally is not None else count(self.db))
 
 
-def _flush(db: sqlite3.Connection, rows: dict[str, list[Any]], tally: _Tally | None = None) -> None:
+def _flush(db: sqlite3.Connection, rows: dict[str, list[Any]], tally: _MovingTally | None = None) -> None:
     batch = [(k, *v) for k, v in rows.items()]
     if tally is not None:
         tally.rows(batch)

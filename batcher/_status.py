@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,53 @@ def _tallied(db: sqlite3.Connection, tail_rows: dict[str, list[Any]]) -> Any:
     return None if tally.lost_first else tally
 
 
+# totals, images made, cost, verified images and bytes, endpoint rows, unverified rows, rows with images
+_Counts = tuple[dict[str, int], int, float | None, int, int, list[tuple[Any, ...]], int, int]
+
+
+def _count_all(db: sqlite3.Connection, query: Callable[..., list[tuple[Any, ...]]],
+               tail_rows: dict[str, list[Any]]) -> _Counts | None:
+    """Every current item counted (O(items)); None with more than MAX_ENDPOINTS endpoints (replayed instead).
+
+    One pass over the current items with conditional aggregates: no GROUP BY sort, so constant memory.
+    """
+    df = _DONE_OR_FAILED
+    endpoints = sorted({e for (e,) in db.execute("SELECT DISTINCT endpoint FROM main.items")} |
+                       {row[7] for row in tail_rows.values()} - {None, ""}, key=str)
+    if len(endpoints) > MAX_ENDPOINTS:
+        return None
+    columns = ["SUM(s.status = 'done')", "SUM(s.status = 'failed')", "SUM(s.status = 'pending')",
+               "SUM(CASE WHEN s.status = 'done' THEN s.images END)",
+               "SUM(CASE WHEN s.status = 'done' THEN s.cost END)",
+               f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.images END)",
+               f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.bytes END)",
+               f"SUM(s.verified = 0 AND s.images > 0 AND {df})", f"SUM(s.images > 0 AND {df})"]
+    for _ in endpoints:
+        columns += ["SUM(s.endpoint = ? AND s.status = 'done')", "SUM(s.endpoint = ? AND s.status = 'failed')",
+                    "SUM(CASE WHEN s.endpoint = ? AND s.status = 'done' THEN s.cost END)",
+                    f"MIN(CASE WHEN s.endpoint = ? AND {df} THEN c.pos END)"]
+    args = [e for e in endpoints for _ in range(4)]
+    totals: dict[str, int] = {"done": 0, "failed": 0, "pending": 0}
+    made = images = nbytes = unverified = with_images = 0
+    cost: float | None = None
+    endpoint_rows: list[tuple[Any, ...]] = []
+    for row in query(", ".join(columns), args=args):
+        for k, key in enumerate(("done", "failed", "pending")):
+            totals[key] += row[k] or 0
+        made += row[3] or 0
+        if row[4] is not None:
+            cost = (cost or 0.0) + row[4]
+        images += row[5] or 0
+        nbytes += row[6] or 0
+        unverified += row[7] or 0
+        with_images += row[8] or 0
+        for i, endpoint in enumerate(endpoints):
+            done, failed, ep_cost, pos = row[9 + 4 * i : 13 + 4 * i]
+            if pos is not None:
+                endpoint_rows.append((pos, endpoint, done or 0, failed or 0, ep_cost))
+    return totals, made, cost, images, nbytes, endpoint_rows, unverified, with_images
+
+
 def _counted(db: sqlite3.Connection, root: Path, journal: Path, total: int, tail_rows: dict[str, list[Any]],
              tail_runs: list[dict[str, Any]], tally: Any) -> dict[str, Any] | None:
     """`status` from the checkpoint: the counts from `tally` when given (then only failed and unverified
@@ -315,45 +363,13 @@ def _counted(db: sqlite3.Connection, root: Path, journal: Path, total: int, tail
     df = _DONE_OR_FAILED
     full_check = total < FULL_FILE_CHECK_BELOW  # a run checks every file of a small output: status too
     if tally is not None:
-        totals = tally.totals()
-        made, cost, images, nbytes = tally.made, tally.total_cost(), tally.images, tally.nbytes
-        endpoint_rows = tally.endpoint_rows()
-        unverified = with_images = 1  # not counted: the query below finds out
+        numbers: _Counts | None = (tally.totals(), tally.made, tally.total_cost(), tally.images, tally.nbytes,
+                                   tally.endpoint_rows(), 1, 1)  # unverified, with images: the queries below say
     else:
-        # one pass over the current items with conditional aggregates: no GROUP BY sort, so constant memory
-        endpoints = sorted({e for (e,) in db.execute("SELECT DISTINCT endpoint FROM main.items")} |
-                           {row[7] for row in tail_rows.values()} - {None, ""}, key=str)
-        if len(endpoints) > MAX_ENDPOINTS:
-            return None
-        columns = ["SUM(s.status = 'done')", "SUM(s.status = 'failed')", "SUM(s.status = 'pending')",
-                   "SUM(CASE WHEN s.status = 'done' THEN s.images END)",
-                   "SUM(CASE WHEN s.status = 'done' THEN s.cost END)",
-                   f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.images END)",
-                   f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.bytes END)",
-                   f"SUM(s.verified = 0 AND s.images > 0 AND {df})", f"SUM(s.images > 0 AND {df})"]
-        for _ in endpoints:
-            columns += ["SUM(s.endpoint = ? AND s.status = 'done')", "SUM(s.endpoint = ? AND s.status = 'failed')",
-                        "SUM(CASE WHEN s.endpoint = ? AND s.status = 'done' THEN s.cost END)",
-                        f"MIN(CASE WHEN s.endpoint = ? AND {df} THEN c.pos END)"]
-        args = [e for e in endpoints for _ in range(4)]
-        totals = {"done": 0, "failed": 0, "pending": 0}
-        made = images = nbytes = unverified = with_images = 0
-        cost = None
-        endpoint_rows = []
-        for row in query(", ".join(columns), args=args):
-            for k, key in enumerate(("done", "failed", "pending")):
-                totals[key] += row[k] or 0
-            made += row[3] or 0
-            if row[4] is not None:
-                cost = (cost or 0.0) + row[4]
-            images += row[5] or 0
-            nbytes += row[6] or 0
-            unverified += row[7] or 0
-            with_images += row[8] or 0
-            for i, endpoint in enumerate(endpoints):
-                done, failed, ep_cost, pos = row[9 + 4 * i : 13 + 4 * i]
-                if pos is not None:
-                    endpoint_rows.append((pos, endpoint, done or 0, failed or 0, ep_cost))
+        numbers = _count_all(db, query, tail_rows)
+    if numbers is None:
+        return None
+    totals, made, cost, images, nbytes, endpoint_rows, unverified, with_images = numbers
     totals["pending"] = max(total - totals["done"] - totals["failed"], totals["pending"])
     by_endpoint: dict[str, dict[str, Any]] = {}
     for _pos, endpoint, done, failed, ep_cost in sorted(endpoint_rows, key=lambda r: r[0]):
