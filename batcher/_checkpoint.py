@@ -350,7 +350,7 @@ def _refresh(cp: Checkpoint, checked: tuple[int, set[str]] | None) -> int | None
 
 class _MovingTally:
     """A refresh's side of `_tally`: the stored tally moved along with each flush (None once it can't be;
-    `store` then counts in full, as it does when there was none to move)."""
+    `_tally.store` then counts in full, as when there was none to move)."""
 
     def __init__(self, db: sqlite3.Connection, tally: Any) -> None:
         self.db = db
@@ -385,9 +385,9 @@ class _MovingTally:
                    for row in [self.db.execute(_SELECT_ONE, (i,)).fetchone()] if row is not None])
 
     def store(self) -> None:
-        from ._tally import count, store
+        from ._tally import store
 
-        store(self.db, self.tally if self.tally is not None else count(self.db))
+        store(self.db, self.tally)
 
 
 def _flush(db: sqlite3.Connection, rows: dict[str, list[Any]], tally: _MovingTally | None = None) -> None:

@@ -502,12 +502,15 @@ class CurrentWriter:
         from ._tally import TallyError, count, current_rows, move_current, store
 
         tally, self._tally = self._tally, None
+        if self.start == 0:
+            store(self.db, count(self.db), counted=True)
+            return
         if tally is not None:
             try:
                 move_current(tally, current_rows(self.db, self.start), +1)
             except TallyError:
                 tally = None
-        store(self.db, tally if tally is not None else count(self.db))
+        store(self.db, tally)
 
     def rollback(self) -> None:
         if self._began:

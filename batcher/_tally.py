@@ -173,21 +173,40 @@ def load_matching(db: sqlite3.Connection) -> Tally | None:
         return None
 
 
-def store(db: sqlite3.Connection, tally: Tally | None) -> None:
-    """Write `tally` stamped with the checkpoint as it stands (inside the caller's transaction); None
-    (or a tally that can't be settled) removes the stored one, so nothing stale is read."""
+def store(db: sqlite3.Connection, tally: Tally | None, *, counted: bool = False) -> None:
+    """Write `tally` (moved along; its endpoints' first items settled here) stamped with the checkpoint
+    as it stands, inside the caller's transaction.
+
+    None (or a tally that can't be settled): counted in full instead, unless `counted` (a full count
+    just failed) or a full count failed before: then a marker says so, so that every later run does not
+    pay O(items) for nothing (a rewrite of `current` counts again); `status` counts in full meanwhile.
+    """
     stamp = _stamp(db)
-    if tally is not None and stamp is not None:
+    if stamp is None:
+        db.execute("DELETE FROM meta WHERE k = ?", (META,))
+        return
+    if tally is not None:
         try:
             settle(db, tally)
             tally.check()
         except TallyError:
             tally = None
-        if tally is not None:
-            db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (META, tally.to_json(stamp)))
-            tally.stamp = stamp
-            return
-    db.execute("DELETE FROM meta WHERE k = ?", (META,))
+    if tally is None and not counted and not _uncountable(db):
+        tally = count(db)
+    if tally is None:
+        db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (META, json.dumps({"v": VERSION,
+                                                                                        "uncountable": True})))
+        return
+    db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (META, tally.to_json(stamp)))
+    tally.stamp = stamp
+
+
+def _uncountable(db: sqlite3.Connection) -> bool:
+    row = db.execute("SELECT v FROM meta WHERE k = ?", (META,)).fetchone()
+    try:
+        return row is not None and json.loads(row[0]).get("uncountable") is True
+    except (ValueError, AttributeError):
+        return False
 
 
 def _cols(prefix: str) -> str:
@@ -209,6 +228,7 @@ def count(db: sqlite3.Connection) -> Tally | None:
                 f"SELECT s.status, s.endpoint, s.verified, s.cost, COUNT(*), SUM(s.images), SUM(s.bytes), "
                 f"MIN(c.pos) {match} GROUP BY 1, 2, 3, 4"):
             _bulk(tally, status, endpoint, verified == 1, cost, n, images, nbytes, first)
+        tally.check()
     except TallyError:
         return None
     return tally

@@ -341,3 +341,28 @@ def test_a_checkpoint_without_a_tally_is_counted_in_full_by_the_next_refresh(tmp
     with sqlite3.connect(checkpoint_path(path)) as db:  # a writer that did not move it: its stamp says so
         db.execute("UPDATE meta SET v = 'other' WHERE k = 'current'")
         assert _tally.load(db) is not None and _tally.load_matching(db) is None
+
+
+def test_rows_that_cant_be_tallied_are_counted_once_not_by_every_run(tmp_path, monkeypatch):
+    from batcher import _tally
+
+    path = journal_of(tmp_path, {"t": "run", "job": "t", "at": "x"}, item("a", cost="lots"))  # not a number
+    refresh(path)
+    _current(path, [_Item("a", "h1")])
+    with sqlite3.connect(checkpoint_path(path)) as db:
+        assert _tally.load(db) is None and _tally._uncountable(db)
+    counts: list[int] = []
+    real = _tally.count
+    monkeypatch.setattr(_tally, "count", lambda db: counts.append(1) or real(db))
+    with open(path, "ab") as fh:
+        fh.write(line(item("b")))
+    refresh(path)
+    assert counts == []  # a full count failed before: not tried again by each run
+    with open(path, "ab") as fh:
+        fh.write(line(item("a", cost=0.04)))
+    refresh(path)
+    assert counts == []
+    _current(path, [_Item("a", "h1"), _Item("b", "h1")], digest="d2")  # a rewrite of `current` counts again
+    assert counts == [1]
+    stored, counted = _stored_and_counted(path)
+    assert stored == counted
