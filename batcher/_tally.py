@@ -3,7 +3,8 @@
 Counting them by SQL over `current` joined to `items` costs O(items) (~1.5 s at 10^6), on every
 `status`. Instead the checkpoint keeps them (meta "tally"), stamped with what they count:
 
-    {"v": 1, "offset": O, "current": D, "total": N,     # the checkpoint's offset, current digest, current total
+    {"v": 1, "offset": O, "current": D, "total": N,     # the checkpoint's offset, current digest and count,
+     "unverified": U,                                   # its rows whose files no run has verified yet
      "counts": [done, failed, pending, made, cost_n, "cost", images, bytes],
      "endpoints": {name: [done, failed, cost_n, "cost", first_pos]}}
 
@@ -17,7 +18,7 @@ Each writer of `items` (`_checkpoint._refresh`) or `current` (`_jobcache.Current
 the tally in its own transaction: for each changed row, its old contribution out and its new one
 in (one indexed lookup of its place in `current`); a rewrite of `current` counts in full (that run
 already paid O(items)). An endpoint whose first item left is looked up again from that position.
-A tally whose stamp is not the checkpoint's (written by an older batcher, or never) is not used:
+A tally whose stamp is not the checkpoint's (an older batcher wrote since, or none ever) is not used:
 `status` counts in full, and the next writer recounts it.
 
     >>> t = load(db)                      # the stored tally, or None
@@ -39,6 +40,8 @@ META = "tally"
 VERSION = 1
 MAX_ENDPOINTS = 64  # as `_status.MAX_ENDPOINTS`: more (never seen) are not tallied
 FINISHED = ("done", "failed")
+
+Stamp = tuple[int, str | None, int, int]  # offset, current digest, current total, unverified rows
 
 # indexes into a checkpoint row (`_checkpoint._COLUMNS`)
 STATUS, RHASH, ENDPOINT, COST, IMAGES, BYTES, VERIFIED = 0, 1, 7, 8, 9, 10, 11
@@ -71,7 +74,7 @@ class Tally:
     nbytes: int = 0
     endpoints: dict[str, list[Any]] = field(default_factory=dict)  # [done, failed, cost_n, cost, first_pos]
     lost_first: set[str] = field(default_factory=set)  # endpoints whose first item left (see `settle`)
-    stamp: tuple[int, str | None, int] | None = None  # (offset, current digest, current total) counted
+    stamp: Stamp | None = None  # what it counts: see `_stamp`
 
     def add(self, row: Sequence[Any], pos: int, sign: int) -> None:
         status, endpoint = row[STATUS], row[ENDPOINT]
@@ -127,9 +130,9 @@ class Tally:
         return sorted(((c[4], name, c[0], c[1], float(c[3]) if c[2] else None) for name, c in self.endpoints.items()),
                       key=lambda r: r[0])
 
-    def to_json(self, stamp: tuple[int, str | None, int]) -> str:
+    def to_json(self, stamp: Stamp) -> str:
         return json.dumps({
-            "v": VERSION, "offset": stamp[0], "current": stamp[1], "total": stamp[2],
+            "v": VERSION, "offset": stamp[0], "current": stamp[1], "total": stamp[2], "unverified": stamp[3],
             "counts": [self.done, self.failed, self.pending, self.made, self.cost_n, str(self.cost), self.images,
                        self.nbytes],
             "endpoints": {name: [c[0], c[1], c[2], str(c[3]), c[4]] for name, c in self.endpoints.items()}},
@@ -144,15 +147,19 @@ class Tally:
         tally = cls(int(done), int(failed), int(pending), int(made), int(cost_n), Fraction(cost), int(images),
                     int(nbytes), {str(name): [int(c[0]), int(c[1]), int(c[2]), Fraction(c[3]), int(c[4])]
                                   for name, c in doc["endpoints"].items()})
-        tally.stamp = (int(doc["offset"]), doc["current"], int(doc["total"]))
+        tally.stamp = (int(doc["offset"]), doc["current"], int(doc["total"]), int(doc["unverified"]))
         return tally
 
 
-def _stamp(db: sqlite3.Connection) -> tuple[int, str | None, int] | None:
+def _stamp(db: sqlite3.Connection) -> Stamp | None:
+    """The checkpoint as it stands: the journal offset it covers, its current items' digest and count, and
+    its unverified rows (O(those), from their index): a writer that did not move the tally (an older
+    batcher checking files, a hand edit) changes one of them."""
     meta = dict(db.execute("SELECT k, v FROM meta WHERE k IN ('offset', 'current', 'current_total')").fetchall())
     if "offset" not in meta or "current" not in meta or "current_total" not in meta:
         return None
-    return int(meta["offset"]), meta["current"], int(meta["current_total"])
+    (unverified,) = db.execute("SELECT COUNT(*) FROM items INDEXED BY unverified WHERE verified = 0").fetchone()
+    return int(meta["offset"]), meta["current"], int(meta["current_total"]), int(unverified)
 
 
 def load(db: sqlite3.Connection) -> Tally | None:

@@ -335,6 +335,15 @@ def test_a_tally_that_is_stale_or_disagrees_is_not_used(tmp_path, sim, monkeypat
     assert kept_equals_counted(out, monkeypatch, capsys, kept=False) == expected
     with sqlite3.connect(path) as db:
         db.execute("UPDATE items SET verified = 0 WHERE id = 'bad'")
+    with monkeypatch.context() as m:
+        m.setattr(_status, "FULL_FILE_CHECK_BELOW", 2)  # as if large: the verified files are counted, not checked
+        kept_equals_counted(out, monkeypatch, capsys)
+        with sqlite3.connect(path) as db:  # a file check the tally did not see (an older batcher's)
+            db.execute("UPDATE items SET verified = 1 WHERE id = 'a'")
+        assert kept_equals_counted(out, monkeypatch, capsys, kept=False)["images_on_disk"] == 3
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE items SET verified = 0 WHERE id = 'a'")
+    with sqlite3.connect(path) as db:
         # a writer that did not move the tally (an older batcher): the offset it counted is not the checkpoint's
         tally = json.loads(db.execute("SELECT v FROM meta WHERE k = 'tally'").fetchone()[0])
         db.execute("UPDATE meta SET v = ? WHERE k = 'tally'", (json.dumps({**tally, "offset": tally["offset"] - 1}),))
