@@ -223,18 +223,39 @@ def _cols(prefix: str) -> str:
 
 
 def count(db: sqlite3.Connection) -> Tally | None:
-    """The tally of the checkpoint's current items, counted in full (O(items), C-speed): None without
-    current items (or with more than MAX_ENDPOINTS endpoints)."""
+    """The tally of the checkpoint's current items, counted in full: None without current items, with
+    more than MAX_ENDPOINTS endpoints, or odd values (a cost that is not a number).
+
+    One pass with conditional aggregates, as `status` counts in full: C speed (~1 s at 10^6 items) and
+    constant memory (no GROUP BY sort); a cost sum starts from that pass's float sum, exact from there.
+    """
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'current'").fetchone() is None:
         return None
-    match = "FROM current c JOIN items s ON s.id = c.id WHERE (c.rhash IS NULL OR c.rhash = s.rhash)"
-    # one row per (status, endpoint, verified, cost): few distinct values, so exact cost sums from them
-    tally = Tally()
+    endpoints = [e for (e,) in db.execute("SELECT DISTINCT endpoint FROM items") if e is not None and e != ""]
+    if len(endpoints) > MAX_ENDPOINTS or not all(isinstance(e, str) for e in endpoints):
+        return None
+    df, priced = "s.status IN ('done', 'failed')", "s.status = 'done' AND s.cost IS NOT NULL"
+    columns = ["SUM(s.status = 'done')", "SUM(s.status = 'failed')", "SUM(s.status = 'pending')",
+               "SUM(CASE WHEN s.status = 'done' THEN s.images END)", f"SUM({priced})",
+               f"SUM(CASE WHEN {priced} THEN s.cost END)",
+               f"SUM({priced} AND typeof(s.cost) NOT IN ('integer', 'real'))",
+               f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.images END)",
+               f"SUM(CASE WHEN s.verified = 1 AND {df} THEN s.bytes END)"]
+    for _ in endpoints:
+        columns += ["SUM(s.endpoint = ? AND s.status = 'done')", "SUM(s.endpoint = ? AND s.status = 'failed')",
+                    f"SUM(s.endpoint = ? AND {priced})", f"SUM(CASE WHEN s.endpoint = ? AND {priced} THEN s.cost END)",
+                    f"MIN(CASE WHEN s.endpoint = ? AND {df} THEN c.pos END)"]
+    row = db.execute(f"SELECT {', '.join(columns)} FROM current c JOIN items s ON s.id = c.id "
+                     f"WHERE c.rhash IS NULL OR c.rhash = s.rhash", [e for e in endpoints for _ in range(5)]).fetchone()
+    done, failed, pending, made, cost_n, cost, odd, images, nbytes = (v or 0 for v in row[:9])
+    if odd:
+        return None
     try:
-        for status, endpoint, verified, cost, n, images, nbytes, first in db.execute(
-                f"SELECT s.status, s.endpoint, s.verified, s.cost, COUNT(*), SUM(s.images), SUM(s.bytes), "
-                f"MIN(c.pos) {match} GROUP BY 1, 2, 3, 4"):
-            _bulk(tally, status, endpoint, verified == 1, cost, n, images, nbytes, first)
+        tally = Tally(done, failed, pending, made, cost_n, _exact(cost), images, nbytes)
+        for i, endpoint in enumerate(endpoints):
+            e_done, e_failed, e_cost_n, e_cost, first = row[9 + 5 * i : 14 + 5 * i]
+            if first is not None:
+                tally.endpoints[endpoint] = [e_done or 0, e_failed or 0, e_cost_n or 0, _exact(e_cost or 0), first]
         tally.check()
     except TallyError:
         return None

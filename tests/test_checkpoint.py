@@ -278,12 +278,17 @@ def _current(path: Path, items: list[_Item], start: int = 0, digest: str = "d") 
 
 
 def _stored_and_counted(path: Path) -> tuple[object, object]:
+    """The stored tally and a full count, with their cost sums (exact, and from SQL's float sum) rounded."""
     from batcher import _tally
 
     with sqlite3.connect(checkpoint_path(path)) as db:
         stored, counted = _tally.load_matching(db), _tally.count(db)
     assert stored is not None and counted is not None
     stored.stamp = None
+    for tally in (stored, counted):
+        tally.cost = round(tally.cost, 9)
+        for counts in tally.endpoints.values():
+            counts[3] = round(counts[3], 9)
     return stored, counted
 
 
