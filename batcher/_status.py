@@ -280,7 +280,8 @@ def _tallied(db: sqlite3.Connection, tail_rows: dict[str, list[Any]]) -> Any:
     from ._tally import TallyError, load_matching, place
 
     tally = load_matching(db)
-    if tally is None:
+    if tally is None or db.execute("SELECT 1 FROM main.sqlite_master WHERE type = 'index' AND name = 'unverified'"
+                                   ).fetchone() is None:  # the failures are read through it
         return None
     try:
         for item_id, row in tail_rows.items():
