@@ -522,6 +522,10 @@ class BatchExecutor:
                 await self._collect(ep, chunk, info)
 
     async def _note_state(self, chunk: Chunk, info: BatchInfo) -> None:
+        if chunk.expires_at is None and info.expires_at is not None and chunk.batch_id == info.id:
+            # OpenAI's create answer may have `expires_at: null` (validating): keep the first one seen, for status
+            if await self._journal(batch_record(chunk.key, info.id, chunk.created_at, info.expires_at)):
+                chunk.expires_at = info.expires_at
         counts = {"total": info.total, "completed": info.completed, "failed": info.failed}
         if info.status == chunk.status and counts == chunk.counts:
             return
