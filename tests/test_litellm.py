@@ -52,6 +52,10 @@ SIMULATORS = {
     "img-limited": SimulatorConfig(rpm=60, policy_word=""),  # one request a second: the rest get 429
     "img-broken": SimulatorConfig(fail_rate=1.0, policy_word=""),  # every generation answers 5xx
     "img-badkey": SimulatorConfig(api_key="sk-the-right-upstream-key", policy_word=""),
+    # the proxy's Files + Batches APIs (`files_settings` below) go to this one's batch endpoints
+    "img-batch": SimulatorConfig(api_key=UPSTREAM_KEY, policy_word="forbidden"),
+    # its first upload and first create answer 500 after the file / the batch was made
+    "img-batch-faults": SimulatorConfig(api_key=UPSTREAM_KEY, batch_upload_fault="5xx", batch_create_fault="5xx"),
 }
 
 
@@ -212,3 +216,60 @@ def test_a_wrong_proxy_key_fails_without_reaching_the_provider(tmp_path, proxy):
     else:
         assert result.exit_code == 1 and result.summary["failed"] == 2
         assert all(r["error"]["kind"] == "permanent" and r["error"]["status"] == 400 for r in items.values())
+
+
+def _batch_run(tmp_path: Path, url: str, model: str, prompts: list) -> tuple:
+    """`run --batch` through the proxy, its Files + Batches calls routed to `model`'s deployment by LiteLLM's
+    `x-litellm-model` header (model-based routing: LiteLLM encodes the model into the ids it hands out)."""
+    job = write_job(tmp_path / "job.yaml", prompts, defaults={"model": model, "size": "16x16"},
+                    endpoints=[{"name": "proxy", "base_url": f"{url}/v1", "api_key_env": "LITELLM_TEST_KEY",
+                                "headers": {"x-litellm-model": {"env": "LITELLM_TEST_MODEL"}},
+                                "batch": {"poll": 0.2}}])
+    out = tmp_path / "out"
+    os.environ.update(LITELLM_TEST_KEY=KEY, LITELLM_TEST_MODEL=model)
+    try:
+        result = run_sync(load_job(job), RunOptions(out=str(out), timeout=30, batch=True, max_attempts=1))
+    finally:
+        del os.environ["LITELLM_TEST_KEY"], os.environ["LITELLM_TEST_MODEL"]
+    return result, out, {r["id"]: r for r in json.loads((out / "manifest.json").read_text())["items"]}
+
+
+def test_batch_mode_through_litellm_files_and_batches(tmp_path, proxy):
+    """`batcher run --batch` through LiteLLM's /v1/files and /v1/batches (routed by `files_settings` to a
+    simulator's batch endpoints): upload, create, poll, results, deletes all pass through; a policy error line
+    fails its item with the provider's code (the error file is passed through as it is, unlike a sync 400)."""
+    url, sims = proxy
+    sim = sims["img-batch"]
+    before = sim.stats()["batch"]
+    prompts = [{"id": f"b{k}", "prompt": f"batched through the proxy {k}"} for k in range(4)]
+    prompts.append({"id": "bad", "prompt": "something forbidden, batched"})
+    result, out, items = _batch_run(tmp_path, url, "img-batch", prompts)
+    assert result.exit_code == 1 and result.summary == {"total": 5, "done": 4, "failed": 1, "pending": 0}
+    for k in range(4):
+        record = items[f"b{k}"]
+        assert record["batch"] and all(whole_png((out / i["file"]).read_bytes()) for i in record["images"])
+    assert items["bad"]["error"]["kind"] == "permanent" and items["bad"]["error"]["code"] == "content_policy_violation"
+    stats = sim.stats()["batch"]
+    assert stats["batches_created"] - before["batches_created"] == 1 and stats["duplicates"] == 0
+    assert sorted(stats["images"][k] for k in stats["images"] if k not in before["images"]) == [1] * 4
+    assert list(sim.simulator.batches.files) == []  # input, output and error files deleted through the proxy
+    assert KEY not in (out / "manifest.jsonl").read_text()
+
+
+def test_litellm_itself_makes_a_batch_again_when_the_create_answers_500(tmp_path, proxy):
+    """A hazard of LiteLLM (1.108), pinned here so a LiteLLM that stops doing it is noticed: its Files + Batches
+    pass-through calls the provider with the openai SDK's own retries (2), which neither `num_retries` nor a
+    deployment's `max_retries` reaches. An upload or a create that answers 500 after the provider made it is made
+    again by LiteLLM; batcher sees one 200, journals one batch, and never learns of the other, which runs (and is
+    paid) too. batcher's own lookup (files by name, batches by metadata) can't help: it is never told of a failure."""
+    url, sims = proxy
+    sim = sims["img-batch-faults"]
+    result, out, items = _batch_run(tmp_path, url, "img-batch-faults", [f"made again {k}" for k in range(3)])
+    assert result.exit_code == 0 and result.summary["done"] == 3, result
+    assert all(r["attempts"] == 1 for r in items.values())
+    journal = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len({r["batch_id"] for r in journal if r["t"] == "batch"}) == 1  # batcher made (and knows of) one
+    stats = sim.stats()["batch"]
+    # the provider got the upload and the create twice each (LiteLLM's retries): two batches ran
+    assert (stats["uploads"], stats["creates"]) == (2, 2) and stats["batches_created"] == 2
+    assert stats["duplicates"] == 3
