@@ -140,6 +140,10 @@ class SpecBatchServer:
     plans: list[str] = field(default_factory=list)
     lines: dict[str, list[str]] = field(default_factory=dict)
     api_key: str | None = None
+    page_size: int = 10_000  # at most this many entries a list page (a server may send fewer than `limit`)
+    foreign: bool = False  # the account also holds others' files and batches (other purposes, no metadata)
+    # "upload" / "create": the first one answers 500 after the file / the batch was made (a lost answer)
+    faults: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         assert all(p in PLANS for p in self.plans), self.plans
@@ -152,11 +156,28 @@ class SpecBatchServer:
         self.generated: dict[str, int] = {}  # custom_id -> times a 200 line was made for it (paid)
         self.files: dict[str, _File] = {}
         self.batches: dict[str, _Batch] = {}
-        self._clock = int(time.time()) - 10_000  # every object a second newer than the last: lists are ordered
+        # every object a second newer than the last (lists are ordered), from a little before now
+        self._clock = int(time.time()) - 300
+        self._faults = set(self.faults)
         self._n = 0
         self._lock = threading.Lock()
         self._server = RawServer(self._handle)
         self.base_url = f"{self._server.url}/v1"
+        if self.foreign:
+            self._add_foreign()
+
+    def _add_foreign(self) -> None:
+        """Someone else's objects on the same account: a fine-tune file, a batch input, and a chat batch
+        without metadata (newer than nothing of batcher's: lists must be read past them)."""
+        for name, purpose in (("train.jsonl", "fine-tune"), ("batcher-not-a-chunk.jsonl", "batch")):
+            f = _File(self._id("file-"), name, purpose, b'{"custom_id": "x"}\n', self._tick())
+            self.files[f.id] = f
+        doc: dict[str, Any] = {
+            "id": self._id("batch_"), "object": "batch", "endpoint": "/v1/chat/completions", "errors": None,
+            "input_file_id": f.id, "completion_window": "24h", "status": "completed", "output_file_id": None,
+            "error_file_id": None, "created_at": self._tick(), "expires_at": None, "completed_at": self._tick(),
+            "request_counts": {"total": 1, "completed": 1, "failed": 0}, "metadata": None}
+        self.batches[doc["id"]] = _Batch(self._checked(Batch, doc), "completed", [], step=99)
 
     @property
     def errors(self) -> list[BaseException]:
@@ -271,7 +292,7 @@ class SpecBatchServer:
                 return self._invalid(*problems)
         f = _File(self._id("file-"), filename, purpose, data, self._tick())
         self.files[f.id] = f
-        return 200, self._file_doc(f)
+        return self._maybe_lost("upload", self._file_doc(f))
 
     def _input_lines(self, data: bytes) -> tuple[list[dict[str, Any]], list[str]]:
         """The input file's `BatchRequestInput` lines, and where they break the spec."""
@@ -318,7 +339,7 @@ class SpecBatchServer:
             return self._invalid(f"GET /files: limit {limit} is outside 1..10000")
         files = sorted((f for f in self.files.values() if params.get("purpose") in (None, f.purpose)),
                        key=lambda f: f.created_at, reverse=params.get("order", "desc") == "desc")
-        page, more = self._page(files, params.get("after"), limit)
+        page, more = self._page(files, params.get("after"), min(limit, self.page_size))
         docs = [self._file_doc(f) for f in page]
         # ListFilesResponse: object, data, first_id, last_id, has_more all required
         return 200, {"object": "list", "data": docs, "first_id": docs[0]["id"] if docs else "",
@@ -378,7 +399,16 @@ class SpecBatchServer:
         if bad:  # the spec: every line's url is the batch's endpoint; OpenAI fails such a batch in validation
             self.problems.append(f"create: input lines {bad} have a url other than {body['endpoint']}")
         self.batches[doc["id"]] = _Batch(doc, plan, lines)
-        return 200, self._checked(Batch, dict(doc))
+        return self._maybe_lost("create", self._checked(Batch, dict(doc)))
+
+    def _maybe_lost(self, step: str, doc: dict[str, Any]) -> tuple[int, Any]:
+        """The answer, or (a fault for `step`, once) a 500 although the object was made."""
+        if step not in self._faults:
+            return 200, doc
+        self._faults.discard(step)
+        error = {"message": "The server had an error while processing your request. Sorry about that!",
+                 "type": "server_error", "param": None, "code": None}
+        return 500, {"error": self._checked(ErrorObject, error)}
 
     def _advance(self, b: _Batch) -> dict[str, Any]:
         """The batch one state further along its plan (until it has ended)."""
@@ -508,7 +538,7 @@ class SpecBatchServer:
         if not 1 <= limit <= 100:
             return self._invalid(f"GET /batches: limit {limit} is outside 1..100")
         batches = sorted(self.batches.values(), key=lambda b: b.doc["created_at"], reverse=True)
-        page, more = self._page(batches, params.get("after"), limit, key=lambda b: b.doc["id"])
+        page, more = self._page(batches, params.get("after"), min(limit, self.page_size), key=lambda b: b.doc["id"])
         docs = [self._checked(Batch, dict(b.doc)) for b in page]
         doc: dict[str, Any] = {"object": "list", "data": docs, "has_more": more}
         if docs:  # first_id and last_id are optional in ListBatchesResponse

@@ -172,9 +172,41 @@ def test_no_wait_then_cancel_then_collect(tmp_path: Path) -> None:
         assert server.called("POST", "/v1/batches/") == 1
         code = _run(tmp_path, server, PROMPTS)
     _conforms(server)
-    chunks = _chunks(out)
-    assert chunks[0].closed == "cancelled"
-    assert code == 0 or json.loads((out / "manifest.json").read_text())["summary"]["pending"] > 0
+    assert [c.closed for c in _chunks(out)] == ["cancelled"]
+    # the lines it ran before the cancel are kept; the rest stay pending (exit 4), not sent again by this run
+    assert code == 4
+    assert json.loads((out / "manifest.json").read_text())["summary"] == {"total": 6, "done": 3, "failed": 0,
+                                                                           "pending": 3}
+    assert sorted(server.generated.values()) == [1] * 3
+
+
+def test_the_mock_refuses_what_the_spec_refuses() -> None:
+    """The mock is only worth its checks if they bite: requests outside the spec get a 400 and a problem."""
+    import httpx2 as httpx
+
+    with SpecBatchServer() as server, httpx.Client(base_url=server.base_url, timeout=10) as http:
+        good = b'{"custom_id": "a", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": "koi"}}\n'
+        assert http.post("/files", files={"file": ("in.jsonl", good)}, data={"purpose": "batch"}).status_code == 200
+        assert server.problems == []
+        file_id = next(iter(server.files))
+        refused = [
+            http.post("/files", files={"file": ("in.jsonl", good)}, data={"purpose": "batches"}),
+            http.post("/files", files={"file": ("in.jsonl", good.replace(b'"POST"', b'"GET"'))},
+                      data={"purpose": "batch"}),
+            http.post("/files", files={"file": ("in.jsonl", good.replace(b'"koi"', b'7'))}, data={"purpose": "batch"}),
+            http.post("/batches", json={"input_file_id": file_id, "endpoint": "/v1/images/generations",
+                                        "completion_window": "48h"}),
+            http.post("/batches", json={"input_file_id": file_id, "endpoint": "/v1/images/generations",
+                                        "completion_window": "24h", "metadata": {"k": "v" * 513}}),
+            http.post("/batches", json={"input_file_id": file_id, "endpoint": "/v1/images/generations",
+                                        "completion_window": "24h", "model": "gpt-image-1"}),
+            http.get("/batches", params={"limit": 101}),
+            http.get("/files", params={"order": "newest"}),
+        ]
+        assert [r.status_code for r in refused] == [400] * len(refused)
+        assert len(server.problems) >= len(refused), server.problems
+        assert all(r.json()["error"]["type"] == "invalid_request_error" for r in refused)
+    assert server.self_check_failures == []
 
 
 def test_an_expiry_first_known_after_the_create_is_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -190,3 +222,21 @@ def test_an_expiry_first_known_after_the_create_is_recorded(tmp_path: Path, caps
     rows = json.loads(capsys.readouterr().out)["batches"]
     assert len(rows) == 1 and rows[0]["state"] == "in_progress"
     assert expires is not None and rows[0]["expires"] == expires
+
+
+def test_lost_answers_are_found_in_paged_lists_among_others_objects(tmp_path: Path) -> None:
+    """The upload and the create each answer 500 after the file / the batch was made; the lists come one entry a
+    page (`has_more`, `after`), among a fine-tune file, another batch input and a chat batch without metadata.
+    batcher pages through them, finds its file by name and its batch by metadata: nothing is made twice."""
+    with SpecBatchServer(page_size=1, foreign=True, faults=frozenset({"upload", "create"})) as server:
+        code = _run(tmp_path, server, PROMPTS, max_requests=3)
+    _conforms(server)
+    assert code == 0
+    # two chunks of 3: two uploads and two creates, the lost ones found, not sent again
+    assert server.called("POST", "/v1/files") == 2 and server.called("POST", "/v1/batches") == 2
+    ours = [b for b in server.batches.values() if b.doc["endpoint"] == "/v1/images/generations"]
+    assert len(ours) == 2
+    assert sorted(server.generated.values()) == [1] * 6
+    assert server.called("GET", "/v1/files") > 4 and server.called("GET", "/v1/batches") > 4  # paged
+    # what is left at the provider is the others' (batcher deleted its own files, and nothing else)
+    assert sorted(f.filename for f in server.files.values()) == ["batcher-not-a-chunk.jsonl", "train.jsonl"]
