@@ -144,6 +144,7 @@ class SpecBatchServer:
     foreign: bool = False  # the account also holds others' files and batches (other purposes, no metadata)
     # "upload" / "create": the first one answers 500 after the file / the batch was made (a lost answer)
     faults: frozenset[str] = frozenset()
+    max_calls: int = 2_000  # past this many requests every answer is a 401 (fatal: the run stops): a bound
 
     def __post_init__(self) -> None:
         assert all(p in PLANS for p in self.plans), self.plans
@@ -202,7 +203,10 @@ class SpecBatchServer:
         parts = [unquote(p) for p in path.split("/")]  # "", "v1", "files", id, "content"
         with self._lock:
             self.calls.append(f"{req.method} {path}")
-        if self.api_key is not None and req.headers.get("authorization") != f"Bearer {self.api_key}":
+            runaway = len(self.calls) > self.max_calls
+        if runaway:
+            self.problems.append(f"more than {self.max_calls} requests: a loop that does not end")
+        if runaway or self.api_key is not None and req.headers.get("authorization") != f"Bearer {self.api_key}":
             await self._send_error(stream, 401, "invalid_request_error", "Incorrect API key provided.",
                                    "invalid_api_key")
             return True
