@@ -468,7 +468,7 @@ class SpecBatchServer:
         b.doc.update(
             output_file_id=self._result_file(b, ok), error_file_id=self._result_file(b, errors),
             request_counts={"total": len(b.lines), "completed": len(ok),
-                            "failed": sum(1 for _ in ran) - len(ok)},
+                            "failed": len(ran) - len(ok)},
             **{f"{state}_at": now})
         if state == "completed" and len(self.batches) % 3 == 0:  # batches made after 2025-09 carry usage
             b.doc["usage"] = {"input_tokens": 12 * len(ran), "input_tokens_details": {"cached_tokens": 0},
