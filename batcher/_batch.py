@@ -425,6 +425,7 @@ class BatchExecutor:
                 chunk.batch_id, chunk.created_at, chunk.expires_at = batch.id, batch.created_at, batch.expires_at
                 self.reporter.log(f"batch chunk {chunk.key}: batch {batch.id} created ({chunk.requests} request(s))")
                 await self._note_state(chunk, batch)
+                await self._cancel_twins(ep, chunk, batch.id)
         except PermanentError as exc:
             await self._reject(ep, chunk, exc)
 
@@ -465,6 +466,25 @@ class BatchExecutor:
             if found is not None:
                 return found
             raise
+
+    async def _cancel_twins(self, ep: EndpointRun, chunk: Chunk, keep: str) -> None:
+        """Cancel any other batch tagged with this chunk: a gateway that retries a create itself (LiteLLM
+        does, through the openai SDK's own retries, when the provider answered 5xx after making it) makes
+        the batch twice and tells batcher of one; the other would run and be billed. One list per chunk
+        (newest first, back to the chunk's start); best effort."""
+        client = ep.batch_client
+        try:
+            async for b in client.batches():
+                if b.created_at is not None and b.created_at < chunk.started - LOOKUP_SLACK:
+                    return
+                if b.metadata.get(METADATA_KEY) == chunk.key and b.id != keep and not b.terminal \
+                        and b.status != "cancelling":
+                    self.reporter.log(f"batch chunk {chunk.key}: a second batch {b.id} was made for it (a gateway "
+                                      f"retried the create); cancelling it, {keep} is kept", level="warning")
+                    await client.cancel_batch(b.id)
+        except RequestError as exc:
+            self.reporter.log(f"batch chunk {chunk.key}: can't look for a second batch made for it "
+                              f"({exc.describe()}): if a gateway made it twice, the other runs too", level="warning")
 
     async def _find_batch(self, ep: EndpointRun, chunk: Chunk) -> Any:
         async for b in ep.batch_client.batches():

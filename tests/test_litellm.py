@@ -256,20 +256,24 @@ def test_batch_mode_through_litellm_files_and_batches(tmp_path, proxy):
     assert KEY not in (out / "manifest.jsonl").read_text()
 
 
-def test_litellm_itself_makes_a_batch_again_when_the_create_answers_500(tmp_path, proxy):
-    """A hazard of LiteLLM (1.108), pinned here so a LiteLLM that stops doing it is noticed: its Files + Batches
-    pass-through calls the provider with the openai SDK's own retries (2), which neither `num_retries` nor a
-    deployment's `max_retries` reaches. An upload or a create that answers 500 after the provider made it is made
-    again by LiteLLM; batcher sees one 200, journals one batch, and never learns of the other, which runs (and is
-    paid) too. batcher's own lookup (files by name, batches by metadata) can't help: it is never told of a failure."""
+def test_a_batch_litellm_makes_again_when_the_create_answers_500_is_cancelled(tmp_path, proxy):
+    """A hazard of LiteLLM (1.108), pinned here: its Files + Batches pass-through calls the provider with the
+    openai SDK's own retries (2), which neither `num_retries` nor a deployment's `max_retries` reaches. An upload
+    or a create that answers 500 after the provider made it is made again by LiteLLM; batcher sees one 200 and
+    journals one batch. The other would run (and be paid) too: batcher lists the batches tagged with the chunk
+    after its create and cancels any it did not journal."""
     url, sims = proxy
     sim = sims["img-batch-faults"]
     result, out, items = _batch_run(tmp_path, url, "img-batch-faults", [f"made again {k}" for k in range(3)])
     assert result.exit_code == 0 and result.summary["done"] == 3, result
     assert all(r["attempts"] == 1 for r in items.values())
     journal = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert len({r["batch_id"] for r in journal if r["t"] == "batch"}) == 1  # batcher made (and knows of) one
+    kept = {r["batch_id"] for r in journal if r["t"] == "batch"}
+    assert len(kept) == 1  # batcher made (and knows of) one
     stats = sim.stats()["batch"]
-    # the provider got the upload and the create twice each (LiteLLM's retries): two batches ran
+    # the provider got the upload and the create twice each (LiteLLM's retries)
     assert (stats["uploads"], stats["creates"]) == (2, 2) and stats["batches_created"] == 2
-    assert stats["duplicates"] == 3
+    statuses = sorted(b.status for b in sim.simulator.batches.batches.values())
+    # the twin was cancelled (what it ran before the cancel landed is all it cost), the kept one completed
+    assert statuses[0] in ("cancelled", "cancelling") and statuses[1] == "completed", statuses
+    assert stats["duplicates"] < 3
