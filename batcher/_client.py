@@ -34,7 +34,7 @@ from ._exceptions import PermanentError, RequestError, TransientError
 from ._policy import RetryPolicy, answer_refusal, classify
 from ._writer import sniff, truncation
 
-__all__ = ["ImagesClient", "BatchClient", "BatchInfo", "BatchLine", "FileInfo", "Generation", "GeneratedImage",
+__all__ = ["ImagesClient", "Answer", "BatchClient", "BatchInfo", "BatchLine", "FileInfo", "Generation", "GeneratedImage",
            "Timeouts", "REVISED_PROMPT_MAX", "read_answer", "read_document"]
 
 # What is kept of a `revised_prompt`: it is stored twice (journal and manifest) for every image,
@@ -220,14 +220,21 @@ class _Endpoint:
         self._auth = {"Accept": "application/json", **(headers or {}), **dialect.auth_headers(api_key)}
         self.timeouts = timeouts
         self.max_download_bytes = max_download_bytes
+        timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=None)
+        # the pool is at least as large as the concurrency: no worker waits for a socket
+        self._transport = _AiohttpTransport(max_connections)
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=None),
+            timeout=timeout,
             headers={"User-Agent": f"batcher/{__version__}"},
             follow_redirects=False,
             trust_env=False,
-            # the pool is at least as large as the concurrency: no worker waits for a socket
-            transport=_AiohttpTransport(max_connections),
+            transport=self._transport,
         )
+        # what the client would add to every request, merged once (see ImagesClient.send)
+        self._timeout_ext = timeout.as_dict()
+        self._request_headers = httpx.Headers(self._http.headers)
+        self._request_headers.update(self._auth)
+        self._urls: dict[str, httpx.URL] = {}
 
     async def __aenter__(self) -> Self:
         return self
@@ -350,37 +357,68 @@ class ImagesClient(_Endpoint):
         `body` holds batcher's canonical fields; the dialect turns it into what is sent.
         `on_sent` is called when the request's headers are on the wire (the rate limiter's stamp).
         """
-        try:
-            prepared = self.dialect.prepare(body, self.options)
-        except DialectError as exc:
-            raise PermanentError(str(exc), code="dialect_error") from None
-        url = f"{self.base_url}{prepared.path}"
-        headers = {**prepared.headers, **self._auth} if prepared.headers else self._auth
-        try:
-            async with self._http.stream("POST", url, params=prepared.params or None, json=prepared.body,
-                                         headers=headers, extensions={ON_SENT: on_sent} if on_sent else None) as resp:
-                _refuse_stream(resp)
-                raw = await self._read_capped(resp)
-        except httpx.TimeoutException as exc:
-            raise TransientError(f"timed out ({type(exc).__name__})", code="timeout") from None
-        except httpx.TransportError as exc:
-            raise TransientError(f"connection failed ({type(exc).__name__})", code="connection_error") from None
-        headers = {k.lower(): v for k, v in resp.headers.items()}
-        if resp.status_code != 200:
-            raise classify(resp.status_code, headers, bytes(raw))
-        n = int(body.get("n", 1))
-        if len(raw) < INLINE_PARSE_BYTES:
-            return self._parse(raw, headers, n)
+        answer = await self.send(body, on_sent)
+        if len(answer.raw) < INLINE_PARSE_BYTES:
+            return answer.read()
         # JSON, base64 and the image check of a large answer run in a worker thread, so the
         # event loop keeps serving sockets and both cores work (orjson, pybase64 and crc32 are C);
         # one parse per core at a time: more would only hold more parsed copies (2 × body each) at once
         if self._parse_slots is None:
             self._parse_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
-        return await anyio.to_thread.run_sync(self._parse, raw, headers, n, limiter=self._parse_slots)
+        return await anyio.to_thread.run_sync(answer.read, limiter=self._parse_slots)
 
-    async def _read_capped(self, resp: httpx.Response) -> bytearray:
+    async def send(self, body: dict[str, Any], on_sent: Callable[[], None] | None = None) -> Answer:
+        """`generate` without reading the answer: a 200's body, for the caller to `read()` where it
+        likes (the executor reads, saves and records it in one worker-thread call). Raises a
+        classified RequestError for every other answer or failure.
+
+        The request goes straight to the transport: what `AsyncClient.send` adds per request (auth
+        and redirect loops, cookies, event hooks, header and URL merging) is done once, here, for
+        the same bytes on the wire.
+        """
+        try:
+            prepared = self.dialect.prepare(body, self.options)
+        except DialectError as exc:
+            raise PermanentError(str(exc), code="dialect_error") from None
+        extensions: dict[str, Any] = {"timeout": self._timeout_ext}
+        if on_sent is not None:
+            extensions[ON_SENT] = on_sent
+        if prepared.headers:
+            headers = httpx.Headers(self._request_headers)
+            headers.update(prepared.headers)
+            headers.update(self._auth)
+        else:
+            headers = self._request_headers
+        request = httpx.Request("POST", self._url(f"{self.base_url}{prepared.path}"), params=prepared.params or None,
+                                json=prepared.body, headers=headers, extensions=extensions)
+        try:
+            resp = await self._transport.handle_async_request(request)
+            try:
+                headers_in = {k.lower(): v for k, v in resp.headers.items()}
+                _refuse_stream(resp.status_code, headers_in)
+                raw = await self._read_capped(resp, headers_in)
+            finally:
+                await resp.aclose()
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"timed out ({type(exc).__name__})", code="timeout") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"connection failed ({type(exc).__name__})", code="connection_error") from None
+        if resp.status_code != 200:
+            raise classify(resp.status_code, headers_in, bytes(raw))
+        return Answer(raw, headers_in, int(body.get("n", 1)), self.dialect)
+
+    def _url(self, url: str) -> httpx.URL:
+        """`url` parsed once: every request of an endpoint goes to one or a few paths."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= 64:  # a dialect with a path per item: bounded, not a leak
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
+
+    async def _read_capped(self, resp: httpx.Response, headers: Mapping[str, str]) -> bytearray:
         """The body in one buffer, sized from Content-Length when given: no chunk list joined into a copy."""
-        declared = resp.headers.get("content-length")
+        declared = headers.get("content-length")
         size = int(declared) if declared and declared.isascii() and declared.isdigit() else None
         if size is not None and size > self.max_response_bytes:
             raise PermanentError(f"response of {declared} bytes exceeds the {self.max_response_bytes}-byte cap",
@@ -388,7 +426,9 @@ class ImagesClient(_Endpoint):
         # trust a declared length only so far: a lying header must not reserve memory it never sends
         buf = bytearray(min(size or 0, PREALLOCATE_MAX))
         filled = 0
-        async for chunk in resp.aiter_bytes():
+        # an encoded body goes through httpx's decoders; a plain one is read from the transport as is
+        chunks = resp.aiter_bytes() if headers.get("content-encoding", "identity") != "identity" else resp.stream
+        async for chunk in chunks:  # type: ignore[union-attr]  # an AsyncByteStream on the async path
             end = filled + len(chunk)
             if end > self.max_response_bytes:
                 raise PermanentError(f"response exceeds the {self.max_response_bytes}-byte cap",
@@ -400,6 +440,21 @@ class ImagesClient(_Endpoint):
 
     def _parse(self, raw: bytes | bytearray, headers: dict[str, str], n: int) -> Generation:
         return read_answer(raw, headers, n, self.dialect)
+
+
+@dataclass
+class Answer:
+    """A 200 answer's body, not read yet: `read()` is the CPU part (JSON, base64, the image check),
+    safe in a worker thread. It raises a classified RequestError (a malformed answer, a refusal)."""
+
+    raw: bytearray
+    headers: dict[str, str]
+    n: int
+    dialect: Dialect = DEFAULT_DIALECT
+
+    def read(self) -> Generation:
+        return read_answer(self.raw, self.headers, self.n, self.dialect)
+
 
 def read_answer(raw: bytes | bytearray, headers: dict[str, str], n: int,
                 dialect: Dialect = DEFAULT_DIALECT) -> Generation:
@@ -463,13 +518,13 @@ def read_document(doc: dict[str, Any], headers: dict[str, str], n: int,
     )
 
 
-def _refuse_stream(resp: httpx.Response) -> None:
+def _refuse_stream(status: int, headers: Mapping[str, str]) -> None:
     """A streamed answer was generated (and billed): fail the item for good, never send it again."""
-    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-    if resp.status_code == 200 and ctype == "text/event-stream":
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if status == 200 and ctype == "text/event-stream":
         raise PermanentError("the server streamed its answer (text/event-stream), which batcher can't save; "
                              "remove stream from the request", status=200, code="streamed_answer",
-                             headers=dict(resp.headers))
+                             headers=dict(headers))
 
 
 def _check_whole_file(path: Path) -> None:

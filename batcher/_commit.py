@@ -14,6 +14,7 @@ both keep the same invariants:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -37,6 +38,20 @@ Answer = tuple[Item, int, Generation, Have, "Mapping[str, Any] | None"]  # item,
 
 def _stem(item: Item) -> str:
     return safe_stem(item.id)
+
+
+@dataclass
+class Committed:
+    """What `Recorder.commit` did with an answer."""
+
+    gen: Generation | None = None  # None: the answer could not be read (`unread` says why)
+    saved: list[SavedImage] | None = None  # None: not saved here (see `refused`, or `save` them)
+    unread: RequestError | None = None  # a malformed answer, a refusal in a 200: nothing saved
+    refused: RequestError | OSError | None = None  # an image refused (not an image) or the disk refused it
+    cost: float | None = None
+    record: ItemRecord | None = None  # the record appended (None: the disk refused it, see `trouble`)
+    trouble: OSError | None = None
+    complete: bool = False  # recorded, and with it the item has every image it asked for
 
 
 class Recorder:
@@ -114,6 +129,53 @@ class Recorder:
             return False
         self._answered(ep, item, rec, len(saved))
         return True
+
+    async def commit(self, ep: EndpointRun, item: Item, attempts: int, read: Callable[[], Generation]) -> Committed:
+        """Read an answer, save its images and record it in ONE worker-thread call: what `read`,
+        `save` then `answer` do, without a thread hand-off each (they cost the event loop more than
+        the work). The invariants hold: images renamed into place before their record is appended.
+
+        `read` (e.g. `Answer.read`) may raise a RequestError: returned as `unread`, nothing saved.
+        Answers with `url` images, and a shard's output (its images are published to the store),
+        are only read here: `saved` is None and the caller goes on with `save` and `answer`.
+        """
+        have = self.have.get(item.id, ([], None))
+        stem = _stem(item)
+
+        def work() -> Committed:  # a worker thread
+            try:
+                gen = read()
+            except RequestError as exc:
+                return Committed(unread=exc)
+            if self.sharded is not None or any(image.data is None for image in gen.images):
+                return Committed(gen)
+            count = max(len(gen.images), item.images)
+            saved = []
+            try:
+                for index, image in enumerate(gen.images, len(have[0])):
+                    assert image.data is not None
+                    saved.append(self.out.save_bytes(stem, index, count, image.data))
+                    image.data = None  # on disk now: not held while the journal record is written
+            except (RequestError, OSError) as exc:
+                return Committed(gen, refused=exc)
+            rec, cost = self._answer_record(ep, item, attempts, gen, saved, have, None)
+            try:
+                self.journal.append(rec)
+            except OSError as exc:
+                return Committed(gen, saved, cost=cost, trouble=exc)
+            return Committed(gen, saved, cost=cost, record=rec)
+
+        done = await anyio.to_thread.run_sync(work)
+        if done.saved is not None:
+            self.have.pop(item.id, None)
+            self._charge(ep, done.cost)  # paid whether or not the record made it to disk
+            if done.record is not None:
+                self._answered(ep, item, done.record, len(done.saved))
+                done.complete = len(have[0]) + len(done.saved) >= item.images
+            else:
+                assert done.trouble is not None
+                self.disk_trouble(done.trouble)
+        return done
 
     async def answer_many(self, ep: EndpointRun, rows: list[Answer]) -> bool:
         """Save and record many answers whose images are all inline (b64) in ONE worker-thread call:

@@ -15,7 +15,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._claims import CLAIM_WAITS, LocalClaims
-from ._client import Generation, Timeouts
+from ._client import Answer, Generation, Timeouts
 from ._commit import Recorder
 from ._control import RunControl
 from ._endpoints import EndpointRun, make_client
@@ -115,7 +115,7 @@ class SyncExecutor:
         """Send one attempt of `task` on `ep` and decide what happens to the item next."""
         item, recorder = task.item, self.recorder
         try:
-            gen = await self._send(ep, task)
+            answer, sent_at = await self._send(ep, task)
         except _Stopped:
             ep.breaker.on_abandoned()
             await self._finished(task, done=False)  # stays pending for the next run
@@ -123,6 +123,29 @@ class SyncExecutor:
         except RequestError as exc:
             await self._after_failure(ep, task, exc)
             return
+        # read, saved and recorded in one worker-thread call (url images: read only)
+        done = await recorder.commit(ep, item, task.attempt, answer.read)
+        if done.unread is not None:
+            await self._after_failure(ep, task, done.unread)
+            return
+        ep.pool.on_answer()
+        ep.pool.on_success()
+        ep.breaker.on_success()
+        ep.limiter.observe_headers(answer.headers, sent_at)
+        if isinstance(done.refused, RequestError):
+            await self._record_failure(ep, task, done.refused)
+        elif done.refused is not None:
+            recorder.disk_trouble(done.refused)
+            self.dispatch.finished(task)
+        elif done.saved is not None:
+            await self._finished(task, done=done.complete)  # not recorded: pending, sent again next run
+        else:
+            assert done.gen is not None
+            await self._save(ep, task, done.gen)
+
+    async def _save(self, ep: EndpointRun, task: Task, gen: Generation) -> None:
+        """Save and record an answer `Recorder.commit` only read (url images, a shard's output)."""
+        item, recorder = task.item, self.recorder
         try:
             have = recorder.have.get(item.id)
             saved = await recorder.save(ep.client, safe_stem(item.id), gen, first=len(have[0]) if have else 0,
@@ -142,8 +165,9 @@ class SyncExecutor:
         await self.recorder.failure(ep, task.item, task.attempt, exc)
         await self._finished(task, done=False)
 
-    async def _send(self, ep: EndpointRun, task: Task) -> Generation:
-        """Take rate tokens and budget, journal the attempt, send (the caller holds a slot).
+    async def _send(self, ep: EndpointRun, task: Task) -> tuple[Answer, float]:
+        """Take rate tokens and budget, journal the attempt, send (the caller holds a slot); the
+        answer (not read yet) and when the request left.
 
         The budget is charged just before sending (so a budget stop never strands work that
         fits) and refunded only when an error answer proves nothing was generated.
@@ -177,7 +201,7 @@ class SyncExecutor:
             body["n"] = wanted
         try:
             with anyio.fail_after(self.deadline):
-                gen = await ep.client.generate(body, on_sent=permit.sent)  # re-stamped on the wire
+                answer = await ep.client.send(body, on_sent=permit.sent)  # re-stamped on the wire
         except TimeoutError:
             raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
         except RequestError as exc:
@@ -186,11 +210,7 @@ class SyncExecutor:
             if exc.status == 429 and exc.kind == "transient":
                 permit.refund()  # the server did not count it; its retry may use the slot
             raise
-        ep.pool.on_answer()
-        ep.pool.on_success()
-        ep.breaker.on_success()
-        ep.limiter.observe_headers(gen.headers, permit.sent_at)
-        return gen
+        return answer, permit.sent_at
 
     async def _after_failure(self, ep: EndpointRun, task: Task, exc: RequestError) -> None:
         """A failed attempt: note what it says about the endpoint, then apply `decide`'s verdict."""
