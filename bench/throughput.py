@@ -4,6 +4,7 @@
     .venv/bin/python bench/throughput.py --rows 256k,2m   # a subset: 256k, 2m, inflight
     .venv/bin/python bench/throughput.py --quick          # item counts / 4
     .venv/bin/python bench/throughput.py --repeat 3       # each pair 3 times, interleaved; verdicts on medians
+    .venv/bin/python bench/throughput.py --rows 256k --repeat 5 --code /tmp/before   # + another checkout, interleaved
 
 Rows (each client its own process against its own simulator process, 127.0.0.1 only):
 - 256k: 1,500 images of 256 KiB, 20 ms latency, concurrency 64, side by side with the baseline.
@@ -12,7 +13,9 @@ Rows (each client its own process against its own simulator process, 127.0.0.1 o
 - inflight: 3,000 rpm at 20 s per image needs ~1,000 requests in flight: batcher alone,
   --concurrency 1000 --rpm 3000; peak sockets, file descriptors and RSS. Target: efficiency ≥ 0.95.
 CPU is the client process's user + system time (os.wait4), threads included, interpreter start-up
-too. On a shared machine both clients' numbers move with the load: the pairs run interleaved and
+too. `--code CHECKOUT` also runs the batcher of another checkout (a folder holding `batcher/`, e.g.
+`git archive main batcher | tar -x -C /tmp/before`) as the client "before" in the 256k and 2m rows,
+interleaved with the others: a before/after comparison on a shared machine in one command. On a shared machine both clients' numbers move with the load: the pairs run interleaved and
 the verdicts use the median of the per-pair ratios.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import statistics
 import sys
@@ -82,7 +86,7 @@ def rows(scale: float) -> dict[str, Row]:
     ]}
 
 
-def run_row(row: Row, client: str, work: Path, timeout: float) -> dict[str, Any]:
+def run_row(row: Row, client: str, work: Path, timeout: float, code: Path | None = None) -> dict[str, Any]:
     cdir = work / f"{row.key}-{client}"
     cdir.mkdir(parents=True)
     job, out = cdir / "job.jsonl", cdir / "out"
@@ -93,17 +97,21 @@ def run_row(row: Row, client: str, work: Path, timeout: float) -> dict[str, Any]
     if row.rpm:
         sim_args += ["--rpm", str(row.rpm)]
     with Simulator(sim_args, cdir / "simulator.log") as sim:
-        if client == "batcher":
+        env = batcher_env()
+        if client == "before":
+            assert code is not None
+            env["PYTHONPATH"] = str(code)  # ahead of the installed batcher (the job's folder is the cwd)
+        if client in ("batcher", "before"):
             cmd = [sys.executable, "-m", "batcher", "run", str(job), "--out", str(out), "--base-url", sim.base_url,
                    "--concurrency", str(row.concurrency), "--quiet", "--json", *row.batcher_args]
         else:
             cmd = [sys.executable, str(BENCH / "baseline_openai.py"), "--job", str(job), "--out", str(out),
                    "--base-url", sim.base_url, "--concurrency", str(row.concurrency)]
-        run = run_client(cmd, timeout=timeout, workdir=cdir, env=batcher_env(), tag=client, sample_fds=True)
+        run = run_client(cmd, timeout=timeout, workdir=cdir, env=env, tag=client, sample_fds=True)
         time.sleep(0.2)
         stats = sim.stats()
     report = run.last_json() or {}
-    if client == "batcher":
+    if client in ("batcher", "before"):
         done = (report.get("summary") or {}).get("done")
         images, makespan = report.get("images"), report.get("elapsed")
     else:
@@ -135,9 +143,16 @@ def main() -> None:
     ap.add_argument("--client-timeout", type=float, default=300.0)
     ap.add_argument("--repeat", type=int, default=1, help="run each row's clients this many times, interleaved")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
+    ap.add_argument("--code", type=Path, help="a checkout (folder holding batcher/) to run as the client 'before'")
     args = ap.parse_args()
     table = rows(0.25 if args.quick else 1.0)
     wanted = [table[key] for key in args.rows.split(",")]
+    if args.code is not None:
+        if not (args.code / "batcher" / "__init__.py").is_file():
+            raise SystemExit(f"--code {args.code}: no batcher/ package there")
+        for row in wanted:
+            if len(row.clients) > 1:
+                row.clients = (*row.clients, "before")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     started = time.monotonic()
     results: list[tuple[Row, dict[str, Any]]] = []
@@ -146,7 +161,7 @@ def main() -> None:
         for rep in range(args.repeat if len(row.clients) > 1 else 1):
             for client in row.clients:
                 print(f"row {row.key}: {client} #{rep + 1} ...", file=sys.stderr, flush=True)
-                r = run_row(row, client, work / f"rep{rep}", args.client_timeout)
+                r = run_row(row, client, work / f"rep{rep}", args.client_timeout, args.code)
                 r["rep"] = rep
                 results.append((row, r))
     if not args.keep:
@@ -154,7 +169,8 @@ def main() -> None:
 
         shutil.rmtree(work, ignore_errors=True)
     print(f"Command: `{command_line()}` (batcher {batcher_revision()}); ulimit -n {soft} (hard {hard}); "
-          f"total wall time {time.monotonic() - started:.0f}s\n")
+          f"total wall time {time.monotonic() - started:.0f}s; load average at the end "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(markdown_table(HEADERS, [
         [f"{row.key}: {row.name}, {row.items} items, c={row.concurrency}", r["client"], r["done"], r["makespan"],
          row.ideal(), r["efficiency"], r["img_s"], r["cpu"], r["cpu_ms_img"], r["cpu_s_gb"], r["rss"],
@@ -175,6 +191,15 @@ def main() -> None:
                   f"{statistics.median(speed):.2f} the baseline's, median of {len(speed)} ({each(speed)}); target ≥ 2")
             print(f"- [{tag(statistics.median(cpu) <= 0.5)}] {key}: batcher CPU per image ×"
                   f"{statistics.median(cpu):.2f} the baseline's, median of {len(cpu)} ({each(cpu)}); target ≤ 0.5")
+        after = []
+        for rep in range(args.repeat):
+            b, old = by.get((key, "batcher", rep)), by.get((key, "before", rep))
+            if b and old and b[1]["img_s"] and old[1]["img_s"]:
+                after.append((b[1]["img_s"] / old[1]["img_s"], b[1]["cpu_ms_img"] / old[1]["cpu_ms_img"]))
+        if after:
+            print(f"- [info] {key}: batcher vs before ({args.code}), medians of {len(after)} pairs: images/s "
+                  f"×{statistics.median(a for a, _ in after):.3f}, CPU per image ×{statistics.median(c for _, c in after):.3f} "
+                  f"(CPU each: {', '.join(f'{c:.3f}' for _, c in after)})")
     if ("inflight", "batcher", 0) in by:
         row, b = by[("inflight", "batcher", 0)]
         ok = (b["efficiency"] or 0) >= 0.95 and b["done"] == row.items

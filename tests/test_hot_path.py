@@ -13,12 +13,12 @@ import json
 import anyio
 import anyio.to_thread
 import pytest
+from helpers import tiny_png
 from raw_http import RawServer, Request, reply
+from test_commit import endpoint, item, recorder, records
 
 from batcher._client import Answer, GeneratedImage, Generation, ImagesClient
 from batcher._exceptions import PermanentError, TransientError
-from helpers import tiny_png
-from test_commit import endpoint, item, recorder, records
 
 KEY = "sk-hot-path-1234567890"
 PNG = base64.b64encode(tiny_png()).decode()
