@@ -183,21 +183,25 @@ class Permit:
     """A granted send. `sent()` moves its window entries to the moment it really leaves;
     `refund()` gives them back when the server rejected it (a 429 is not counted there)."""
 
-    __slots__ = ("_clock", "_entries", "_late", "_on_sent", "granted", "sent_at")
+    __slots__ = ("_clock", "_cold_s", "_entries", "_late", "_on_sent", "granted", "sent_at")
 
-    def __init__(self, clock: Clock, *entries: tuple[Window, list], late: float = 0.0,
+    def __init__(self, clock: Clock, *entries: tuple[Window, list], late: float = 0.0, cold_s: float = 0.0,
                  on_sent: Callable[[float], None] | None = None) -> None:
         self._clock = clock
         self._entries = entries
-        self._late = late  # how much later than `sent()` the server may count it (a cold start)
-        self._on_sent = on_sent  # told the delay from the grant to this send
+        self._late = late  # how much later than `sent()` the server may count it (the run's first window)
+        self._cold_s = cold_s  # ...or any send that had to open a new connection
+        self._on_sent = on_sent  # told the delay from the grant to a send on a warm connection
         self.granted = self.sent_at = clock()  # the grant, until `sent()` says when it really left
 
-    def sent(self) -> None:
+    def sent(self, new_connection: bool = False) -> None:
+        """The request left now (its headers are on the wire). `new_connection`: it opened one; the
+        server accepts and reads it later than a kept-alive one, so it counts `cold_s` late."""
         now = self.sent_at = self._clock()
+        late = max(self._late, self._cold_s) if new_connection else self._late
         for _, entry in self._entries:
-            entry[0] = max(entry[0], now + self._late)
-        if self._on_sent is not None:
+            entry[0] = max(entry[0], now + late)
+        if self._on_sent is not None and not late:
             self._on_sent(now - self.granted)
 
     def refund(self) -> None:
@@ -223,10 +227,11 @@ class RateLimiter:
     LEARN_SPAN_S = 2.0
     PROBE_AFTER_WINDOWS = 2  # clean windows, the last one full, before a learned limit is raised
     PROBE_STEP = 0.25  # the first raise, as a fraction of the capacity (at least 1)
-    # The first window's sends open new connections on cold code: the server counts them up to
-    # ~0.1-0.2 s after `sent()` (measured on a loaded 2-core box), and the next window, sent on warm
-    # connections, would land early and draw a 429 for most of its share. Counting the first
-    # window's sends COLD_S late costs COLD_S once per run.
+    # A send that opens a new connection is counted by the server after its accept and first read:
+    # 20-200 ms after `sent()` on a loaded 2-core box, against ~0 for a kept-alive one, so the
+    # warm send that replaces it in the next window would land early and draw a 429. Such sends
+    # (the transport says which; the run's first window in any case) count COLD_S late: a slot
+    # held that much longer, only while connections are being opened.
     COLD_S = 0.02
     # A grant becomes a send a little later (the waiter wakes, journals its attempt, writes its
     # headers): granting that much early keeps each window's sends on time instead of drifting
@@ -332,7 +337,7 @@ class RateLimiter:
         cold = now - self._first_grant < max(self.requests.period, self.images.period)
         permit = Permit(self._clock, (self.requests, self.requests.record(now, 1)),
                         (self.images, self.images.record(now, images)), late=self.cold_s if cold else 0.0,
-                        on_sent=None if cold else self._sent_after)
+                        cold_s=self.cold_s, on_sent=self._sent_after)
         self.drained["requests"].grant(now, 1)
         self.drained["images"].grant(now, images)
         self._maybe_probe(now)

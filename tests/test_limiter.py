@@ -382,3 +382,21 @@ def test_a_windows_429s_widen_the_margin_once_by_the_earliest_of_them(clock):
     clock.now += 1.0  # the next window: a new step on top of the widened margin
     limiter.on_rate_limited(retry_after=0.003)
     assert limiter.margin == pytest.approx(0.016 + 0.005)
+
+
+def test_a_send_on_a_new_connection_counts_cold_s_late_in_any_window(clock):
+    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.05)  # 1 per second
+
+    async def main():
+        first = await limiter.acquire()
+        first.sent()  # the first window is cold anyway: counted 50 ms late
+        clock.now += 1.05
+        warm = await limiter.acquire()
+        warm.sent(new_connection=False)
+        assert limiter.wait_time(1) == pytest.approx(1.0)  # a kept-alive send: counted as it left
+        clock.now += 1.0
+        cold = await limiter.acquire()
+        cold.sent(new_connection=True)  # it had to open a connection: the server reads it later
+        assert limiter.wait_time(1) == pytest.approx(1.05)
+
+    anyio.run(main)
