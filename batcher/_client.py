@@ -104,6 +104,7 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
         connector = aiohttp.TCPConnector(limit=max(1, self._max_connections), limit_per_host=0,
                                          keepalive_timeout=60)
         trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(_connection_created)
         trace.on_request_headers_sent.append(_headers_sent)
         return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
                                      skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
@@ -148,12 +149,17 @@ ON_SENT = "batcher.on_sent"  # a request extension: called when the request's he
 DOWNLOAD_RETRY = RetryPolicy(max_attempts=3, base=0.5, cap=5.0)
 
 
+async def _connection_created(session: Any, ctx: Any, params: Any) -> None:
+    ctx.new_connection = True  # this request opened its connection (the ctx is the request's own)
+
+
 async def _headers_sent(session: Any, ctx: Any, params: Any) -> None:
     # the rate limiter stamps a send when it really leaves: a request that waited for a connection
-    # is counted by the server later than it was granted, and the next window must start from then
+    # is counted by the server later than it was granted, and the next window must start from then;
+    # one that opened a new connection is read later still (the server's accept), which it is told
     on_sent = ctx.trace_request_ctx
     if callable(on_sent):
-        on_sent()
+        on_sent(getattr(ctx, "new_connection", False))
 
 
 class _AiohttpStream(httpx.AsyncByteStream):
@@ -351,11 +357,12 @@ class ImagesClient(_Endpoint):
         self.max_response_bytes = max_response_bytes
         self._parse_slots: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
 
-    async def generate(self, body: dict[str, Any], on_sent: Callable[[], None] | None = None) -> Generation:
+    async def generate(self, body: dict[str, Any], on_sent: Callable[[bool], None] | None = None) -> Generation:
         """Send one generation request; raise a classified RequestError on any failure.
 
         `body` holds batcher's canonical fields; the dialect turns it into what is sent.
-        `on_sent` is called when the request's headers are on the wire (the rate limiter's stamp).
+        `on_sent` is called when the request's headers are on the wire (the rate limiter's stamp),
+        with True when the request opened a new connection (the server reads those later).
         """
         answer = await self.send(body, on_sent)
         if len(answer.raw) < INLINE_PARSE_BYTES:
@@ -367,7 +374,7 @@ class ImagesClient(_Endpoint):
             self._parse_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
         return await anyio.to_thread.run_sync(answer.read, limiter=self._parse_slots)
 
-    async def send(self, body: dict[str, Any], on_sent: Callable[[], None] | None = None) -> Answer:
+    async def send(self, body: dict[str, Any], on_sent: Callable[[bool], None] | None = None) -> Answer:
         """`generate` without reading the answer: a 200's body, for the caller to `read()` where it
         likes (the executor reads, saves and records it in one worker-thread call). Raises a
         classified RequestError for every other answer or failure.

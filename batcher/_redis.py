@@ -244,7 +244,7 @@ class SharedPermit:
         self.images = images
         self.sent_at = anyio.current_time()  # granted by Redis a moment ago; sent right after
 
-    def sent(self) -> None:
+    def sent(self, new_connection: bool = False) -> None:
         """The request leaves now: if that is later than the grant (a busy worker), its members
         move as late, with the next round trip, so no worker's next window lands early."""
         now = anyio.current_time()

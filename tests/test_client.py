@@ -120,17 +120,26 @@ def test_on_sent_fires_once_when_the_request_is_on_the_wire_and_never_for_a_refu
     with start_in_thread(SimulatorConfig(latency_ms=50)) as sim:
         async def main_() -> tuple[list[float], float, list[float]]:
             stamps: list[float] = []
+            fresh: list[bool] = []
+
+            def stamp(new_connection: bool) -> None:
+                stamps.append(anyio.current_time())
+                fresh.append(new_connection)
+
             async with ImagesClient(sim.base_url, KEY) as good:
                 began = anyio.current_time()
-                gen = await good.generate({"model": "m", "prompt": "p", "size": "8x8"},
-                                          on_sent=lambda: stamps.append(anyio.current_time()))
+                gen = await good.generate({"model": "m", "prompt": "p", "size": "8x8"}, on_sent=stamp)
                 answered = anyio.current_time()
                 assert gen.images and len(stamps) == 1 and began <= stamps[0] <= answered - 0.04
+                await good.generate({"model": "m", "prompt": "q", "size": "8x8"}, on_sent=stamp)
+                # the first opened a connection (the server reads it later), the second kept it alive
+                assert fresh == [True, False]
+                del stamps[1:]
             refused_stamps: list[float] = []
             async with ImagesClient("http://127.0.0.1:9/v1", KEY) as refused:
                 with pytest.raises(TransientError):
                     await refused.generate({"model": "m", "prompt": "p"},
-                                           on_sent=lambda: refused_stamps.append(0.0))
+                                           on_sent=lambda new_connection: refused_stamps.append(0.0))
             return stamps, answered, refused_stamps
 
         stamps, _, refused_stamps = anyio.run(main_)
