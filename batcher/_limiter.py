@@ -132,31 +132,38 @@ class Window:
     def __init__(self, capacity: float | None = None, period: float = 1.0) -> None:
         self.capacity = capacity
         self.period = period
-        self._log: deque[list] = deque()  # [time, cost], time moved to the real send
+        # [time, cost, cold]: time moved to the real send; cold = how much later the server may count
+        # it because it opened a connection (matters only when a kept-alive send replaces it)
+        self._log: deque[list] = deque()
         self._used = 0
 
     def _expire(self, now: float, horizon: float) -> None:
         log = self._log
-        while log and log[0][0] <= now - horizon:
+        while log and log[0][0] + log[0][2] <= now - horizon:
             self._used -= log.popleft()[1]
 
     def used(self, now: float, margin: float = 0.0) -> int:
         self._expire(now, self.period + margin)
         return self._used
 
-    def wait_time(self, now: float, cost: int, margin: float = 0.0) -> float:
-        """Seconds until `cost` more units fit (0 if they fit now)."""
+    def wait_time(self, now: float, cost: int, margin: float = 0.0, warm: bool = True) -> float:
+        """Seconds until `cost` more units fit (0 if they fit now).
+
+        `warm`: the next send will go on a kept-alive connection, so an entry that opened one leaves
+        the server's window `cold` later; a send that opens one too is read as late as it was."""
         horizon = self.period + margin
         self._expire(now, horizon)
         if self.capacity is None or not self._log or self._used + cost <= self.capacity:
             return 0.0
         need = self._used + cost - self.capacity
         freed = 0
-        for t, c in self._log:
+        leaves = -math.inf  # the latest departure among the entries freed (>= the need-th earliest)
+        for t, c, cold in self._log:
             freed += c
+            leaves = max(leaves, t + cold if warm else t)
             if freed >= need:
-                return max(t + horizon - now, 0.0)
-        return max(self._log[-1][0] + horizon - now, 0.0)
+                return max(leaves + horizon - now, 0.0)
+        return max(leaves + horizon - now, 0.0)
 
     def refund(self, entry: list) -> None:
         if any(e is entry for e in self._log):  # still inside the window
@@ -164,7 +171,7 @@ class Window:
         entry[1] = 0
 
     def record(self, now: float, cost: int) -> list:
-        entry = [now, cost]
+        entry = [now, cost, 0.0]
         self._log.append(entry)
         self._used += cost
         return entry
@@ -186,23 +193,24 @@ class Permit:
     __slots__ = ("_clock", "_cold_s", "_entries", "_late", "_on_sent", "granted", "sent_at")
 
     def __init__(self, clock: Clock, *entries: tuple[Window, list], late: float = 0.0, cold_s: float = 0.0,
-                 on_sent: Callable[[float], None] | None = None) -> None:
+                 on_sent: Callable[[float, bool], None] | None = None) -> None:
         self._clock = clock
         self._entries = entries
         self._late = late  # how much later than `sent()` the server may count it (the run's first window)
-        self._cold_s = cold_s  # ...or any send that had to open a new connection
-        self._on_sent = on_sent  # told the delay from the grant to a send on a warm connection
+        self._cold_s = cold_s  # ...or any later send that opened a new connection, if a warm one replaces it
+        self._on_sent = on_sent  # told the delay from the grant to a send after the first window
         self.granted = self.sent_at = clock()  # the grant, until `sent()` says when it really left
 
-    def sent(self, new_connection: bool = False) -> None:
-        """The request left now (its headers are on the wire). `new_connection`: it opened one; the
-        server accepts and reads it later than a kept-alive one, so it counts `cold_s` late."""
+    def sent(self, new_connection: bool | None = None) -> None:
+        """The request leaves now. The transport says, once its headers are on the wire, whether it
+        opened a `new_connection` (the server accepts and reads those later); None: not known."""
         now = self.sent_at = self._clock()
-        late = max(self._late, self._cold_s) if new_connection else self._late
         for _, entry in self._entries:
-            entry[0] = max(entry[0], now + late)
-        if self._on_sent is not None and not late:
-            self._on_sent(now - self.granted)
+            entry[0] = max(entry[0], now + self._late)
+            if new_connection and not self._late:
+                entry[2] = self._cold_s
+        if self._on_sent is not None and not self._late and new_connection is not None:
+            self._on_sent(now - self.granted, new_connection)
 
     def refund(self) -> None:
         for window, entry in self._entries:
@@ -232,7 +240,7 @@ class RateLimiter:
     # warm send that replaces it in the next window would land early and draw a 429. Such sends
     # (the transport says which; the run's first window in any case) count COLD_S late: a slot
     # held that much longer, only while connections are being opened.
-    COLD_S = 0.02
+    COLD_S = 0.05
     # A grant becomes a send a little later (the waiter wakes, journals its attempt, writes its
     # headers): granting that much early keeps each window's sends on time instead of drifting
     # by it every window. The lead is the least delay seen lately, never more than the margin.
@@ -278,8 +286,14 @@ class RateLimiter:
         self._probe: dict[str, tuple[int, int] | None] = {"requests": None, "images": None}  # (from, step)
         self._queue: deque[_Waiter] = deque()
         self._first_grant: float | None = None
-        self._delays: deque[float] = deque(maxlen=self.LEAD_SAMPLES)
-        self.lead = 0.0  # how early a grant may be made for its send to land on time
+        # grant -> wire delays of sends that opened a connection (True) or reused one (False)
+        self._delays: dict[bool, deque[float]] = {True: deque(maxlen=self.LEAD_SAMPLES),
+                                                  False: deque(maxlen=self.LEAD_SAMPLES)}
+        self.leads = {True: 0.0, False: 0.0}  # how early a grant may be made for its send to land on time
+        # Kept-alive connections exist once an answer came back: from then on a send may reuse one and be
+        # read at once, so an entry that opened a connection leaves the window late. Before, every send
+        # opens one (all are read as late as each other), and none needs to wait for that.
+        self.warm = False
 
     def _windows(self) -> dict[str, Window]:
         return {"requests": self.requests, "images": self.images}
@@ -291,11 +305,14 @@ class RateLimiter:
 
     def wait_time(self, images: int, now: float | None = None) -> float:
         now = self._clock() if now is None else now
-        lead = min(self.lead, self.margin)
+        warm = self.warm
+        # while no answer came back every send opens a connection (a lag of its own, often 10-100 ms:
+        # without the lead each window would start that much late); after, a send may reuse one
+        lead = min(self.leads[False], self.margin) if warm else min(self.leads[True], 0.5 * self.requests.period)
         return max(
             self.pause_until - now,
-            self.requests.wait_time(now, 1, self.margin) - lead,
-            self.images.wait_time(now, images, self.margin) - lead,
+            self.requests.wait_time(now, 1, self.margin, warm) - lead,
+            self.images.wait_time(now, images, self.margin, warm) - lead,
             self.drained["requests"].wait(now, 1),
             self.drained["images"].wait(now, images),
         )
@@ -344,12 +361,12 @@ class RateLimiter:
         self._maybe_narrow(now)
         return permit
 
-    def _sent_after(self, delay: float) -> None:
-        """A warm send left `delay` s after its grant (the last call per permit counts: on the wire)."""
-        delays = self._delays
+    def _sent_after(self, delay: float, new_connection: bool) -> None:
+        """A send after the first window was on the wire `delay` s after its grant."""
+        delays = self._delays[new_connection]
         delays.append(max(0.0, delay))
         if len(delays) >= 8:
-            self.lead = min(delays)
+            self.leads[new_connection] = min(delays)
 
     def _dispatch(self) -> None:
         now = self._clock()
@@ -378,13 +395,15 @@ class RateLimiter:
         return 60.0 / said.limit if said.limit else None
 
     def observe_headers(self, headers: Mapping[str, str], sent_at: float | None = None) -> None:
-        """Adopt limits the server advertises (`x-ratelimit-limit-requests`, `-images`), and pace a
-        kind the server says is used up at the limit's rate until its reset (`Drained`).
+        """An answer came back (its connection is kept alive for the next send). Adopt limits the
+        server advertises (`x-ratelimit-limit-requests`, `-images`), and pace a kind the server says
+        is used up at the limit's rate until its reset (`Drained`).
 
         `sent_at`: when the request this answer belongs to left (`Permit.sent_at`); the server
         counted it then, and its bucket has been refilling since.
         """
         now = self._clock()
+        self.warm = True
         for kind, window in self._windows().items():
             said = advertised(headers, kind)
             if said.limit is not None:

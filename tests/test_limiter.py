@@ -332,45 +332,52 @@ def test_sent_moves_the_entry_to_the_real_send(clock):
     anyio.run(main)
 
 
-def test_grants_lead_their_sends_by_the_least_delay_seen_never_more_than_the_margin(clock):
-    # 1 per second, 20 ms margin; every send leaves 3 ms after its grant (wake-up, journal, headers)
-    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.020, cold_s=0.0)
+def _sends(limiter, clock, count, lag, new_connection):
     sends: list[float] = []
 
     async def main():
-        for _ in range(14):
+        for _ in range(count):
             permit = await limiter.acquire()
-            clock.now += 0.003
-            permit.sent()
+            clock.now += lag  # from grant to wire: the waiter wakes, journals, (opens a connection,) writes
+            permit.sent(new_connection=new_connection)
             sends.append(clock.now)
 
     anyio.run(main)
-    gaps = [b - a for a, b in zip(sends, sends[1:])]
-    # the first window is cold (no lead learned from it); until 8 delays are seen, sends drift by the
-    # delay every window; after, the grant comes 3 ms early and each send lands exactly period + margin
-    # after the one before it: never sooner
+    return sends, [b - a for a, b in zip(sends, sends[1:])]
+
+
+def test_grants_lead_their_sends_by_the_least_delay_seen_never_more_than_the_margin(clock):
+    # 1 per second, 20 ms margin, answers have come back (kept-alive connections); each send is on
+    # the wire 3 ms after its grant
+    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.020, cold_s=0.0)
+    limiter.observe_headers({})
+    sends, gaps = _sends(limiter, clock, 14, 0.003, new_connection=False)
+    # until 8 delays are seen, sends drift by the delay every window; after, the grant comes 3 ms
+    # early and each send lands exactly period + margin after the one before it: never sooner
     assert gaps[1] == pytest.approx(1.023)
     assert gaps[-1] == pytest.approx(1.020)
-    assert limiter.lead == pytest.approx(0.003)
+    assert limiter.leads[False] == pytest.approx(0.003)
     assert min(gaps) >= 1.020 - 1e-9
 
 
-def test_the_lead_never_exceeds_the_margin(clock):
+def test_a_warm_lead_never_exceeds_the_margin(clock):
     limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.002, cold_s=0.0)
-    sends: list[float] = []
+    limiter.observe_headers({})
+    sends, gaps = _sends(limiter, clock, 14, 0.050, new_connection=False)  # a slow machine: 50 ms
+    assert limiter.leads[False] == pytest.approx(0.050)
+    # capped by the margin: the next send may find its connection at once and must not land early
+    assert min(gaps) >= 1.0 - 1e-9
+    assert gaps[-1] == pytest.approx(1.0 + 0.050)
 
-    async def main():
-        for _ in range(14):
-            permit = await limiter.acquire()
-            clock.now += 0.050  # a slow machine: 50 ms from grant to send
-            permit.sent()
-            sends.append(clock.now)
 
-    anyio.run(main)
-    assert limiter.lead == pytest.approx(0.050)
-    # the lead is capped by the margin: a send never plans inside the server's window
-    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(sends, sends[1:]))
-    assert sends[-1] - sends[-2] == pytest.approx(1.0 + 0.050)
+def test_while_every_send_opens_a_connection_grants_lead_by_the_connect_lag(clock):
+    # no answer yet (20 s per image): every send opens a connection, 80 ms from grant to wire; without
+    # a lead each window would start 80 ms late (a second lost every ~12 windows)
+    limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.005, cold_s=0.05)
+    sends, gaps = _sends(limiter, clock, 14, 0.080, new_connection=True)
+    assert limiter.warm is False and limiter.leads[True] == pytest.approx(0.080)
+    assert gaps[-1] == pytest.approx(1.005)  # on the wire exactly period + margin apart
+    assert min(gaps) >= 1.005 - 1e-9
 
 
 def test_a_windows_429s_widen_the_margin_once_by_the_earliest_of_them(clock):
@@ -384,19 +391,24 @@ def test_a_windows_429s_widen_the_margin_once_by_the_earliest_of_them(clock):
     assert limiter.margin == pytest.approx(0.016 + 0.005)
 
 
-def test_a_send_on_a_new_connection_counts_cold_s_late_in_any_window(clock):
+def test_a_send_on_a_new_connection_leaves_the_window_cold_s_late_once_connections_are_kept_alive(clock):
+    # the server reads a send that opened a connection later (its accept): once answers have come back
+    # (kept-alive connections exist), the send replacing it may reuse one and be read at once, so it
+    # waits that much more; before any answer every send opens one, read as late as the one it replaces
     limiter = RateLimiter(rpm=60, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.05)  # 1 per second
 
     async def main():
-        first = await limiter.acquire()
-        first.sent()  # the first window is cold anyway: counted 50 ms late
-        clock.now += 1.05
-        warm = await limiter.acquire()
-        warm.sent(new_connection=False)
-        assert limiter.wait_time(1) == pytest.approx(1.0)  # a kept-alive send: counted as it left
-        clock.now += 1.0
+        limiter._first_grant = clock.now - 10  # past the run's first window
         cold = await limiter.acquire()
-        cold.sent(new_connection=True)  # it had to open a connection: the server reads it later
-        assert limiter.wait_time(1) == pytest.approx(1.05)
+        cold.sent(new_connection=True)
+        assert limiter.warm is False and limiter.wait_time(1) == pytest.approx(1.0)
+        clock.now += 0.5
+        limiter.observe_headers({})  # an answer: its connection is free for the next send
+        assert limiter.warm is True and limiter.wait_time(1) == pytest.approx(0.55)
+        clock.now += 0.55
+        reused = await limiter.acquire()
+        reused.sent(new_connection=False)
+        clock.now += 0.5
+        assert limiter.wait_time(1) == pytest.approx(0.5)  # a kept-alive send: no extra
 
     anyio.run(main)
