@@ -67,14 +67,17 @@ log = logging.getLogger("batcher.redis")
 KINDS = ("requests", "images")
 
 # KEYS: 1 requests zset, 2 images zset, 3 pause-until, 4 limits hash
-# ARGV: 1 member, 2 images to grant (0: only apply what is queued), 3 requests capacity (0: no limit),
+# ARGV: 1 members, one per waiter, space-separated, 2 their images, space-separated ("" or "0": only apply what is
+#       queued), 3 requests capacity (0: no limit),
 #       4 requests period µs, 5 images capacity, 6 images period µs, 7 margin µs, 8 pause µs from now
 #       (0: none), 9 requests limit to publish ("" none), 10 images limit to publish, 11 requests drained
 #       ("interval_us reset_us age_us": the server said none remain; "" none), 12 images drained,
 #       13 µs to stamp this grant late (a cold start, RateLimiter.COLD_S), 14 restamps "member images µs ..."
 #       (granted sends that left late: their members move that much later), 15.. refunds as member, images pairs
-# Returns {status, wait µs, requests used, images used, req cap, req period µs, img cap, img period µs}
-# status: 1 granted, 0 wait, 2 nothing asked.
+# Waiters are granted in order while each fits now (a process's queue in one trip); the first that
+# does not fit ends the grant, and the wait returned is its wait.
+# Returns {status, wait µs, requests used, images used, req cap, req period µs, img cap, img period µs, granted}
+# status: 1 granted (at least the first), 0 wait, 2 nothing asked.
 ACQUIRE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -143,27 +146,43 @@ local function window(key, cap, period, cost)
   local entry = redis.call('ZRANGE', key, idx, idx, 'WITHSCORES')
   return used, math.max(tonumber(entry[2]) + horizon - now, 1)
 end
-local n = tonumber(ARGV[2])
+local members, costs = {}, {}
+for m in string.gmatch(ARGV[1], '%S+') do members[#members + 1] = m end
+for c in string.gmatch(ARGV[2], '%d+') do costs[#costs + 1] = tonumber(c) end
+local n = #members
+if costs[1] == nil or costs[1] == 0 then n = 0 end
 local ru, rw = window(KEYS[1], rc, rp, 1)
-local iu, iw = window(KEYS[2], ic, ip, math.max(n, 1))
-if n == 0 then return {2, 0, ru, iu, rc, rp, ic, ip} end
+local iu, iw = window(KEYS[2], ic, ip, math.max(costs[1] or 1, 1))
+if n == 0 then return {2, 0, ru, iu, rc, rp, ic, ip, 0} end
 local rd, id = drained('requests'), drained('images')
-local wait = math.max(pause - now, rw, iw, drained_wait(rd, 1), drained_wait(id, n))
-if wait > 0 then return {0, math.max(wait, 1), ru, iu, rc, rp, ic, ip} end
-for _, e in ipairs({{'requests', rd, 1}, {'images', id, n}}) do
+local at = now + tonumber(ARGV[13])
+local granted, wait = 0, 0
+for i = 1, n do
+  local cost = costs[i] or 1
+  if i > 1 then
+    ru, rw = window(KEYS[1], rc, rp, 1)
+    iu, iw = window(KEYS[2], ic, ip, math.max(cost, 1))
+  end
+  wait = math.max(pause - now, rw, iw, drained_wait(rd, 1), drained_wait(id, cost))
+  if wait > 0 then break end
+  if rd ~= nil and rd[3] > 0 then rd[1] = rd[1] + rd[3] end
+  if id ~= nil and id[3] > 0 then id[1] = id[1] + cost * id[3] end
+  redis.call('ZADD', KEYS[1], int(at), members[i])
+  for j = 0, cost - 1 do redis.call('ZADD', KEYS[2], int(at), members[i] .. ':' .. j) end
+  ru, iu, granted = ru + 1, iu + cost, granted + 1
+end
+if granted == 0 then return {0, math.max(wait, 1), ru, iu, rc, rp, ic, ip, 0} end
+for _, e in ipairs({{'requests', rd}, {'images', id}}) do
   local d = e[2]
   if d ~= nil and d[3] > 0 then
-    redis.call('HSET', KEYS[4], 'drained:' .. e[1], int(d[1] + e[3] * d[3]) .. ' ' .. int(d[2]) .. ' ' .. int(d[3]))
+    redis.call('HSET', KEYS[4], 'drained:' .. e[1], int(d[1]) .. ' ' .. int(d[2]) .. ' ' .. int(d[3]))
   end
 end
-local at = now + tonumber(ARGV[13])
-redis.call('ZADD', KEYS[1], int(at), ARGV[1])
-for j = 0, n - 1 do redis.call('ZADD', KEYS[2], int(at), ARGV[1] .. ':' .. j) end
 local ttl = int((math.max(rp, ip) + margin + tonumber(ARGV[13])) / 1000 + 1000)
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[4], 600000)
-return {1, 0, ru + 1, iu + n, rc, rp, ic, ip}
+return {1, wait, ru, iu, rc, rp, ic, ip, granted}
 """
 
 # KEYS: 1 claim key; ARGV: 1 token, 2 ttl ms. Renew only a claim that is still ours.
@@ -231,6 +250,15 @@ def _shape(per_minute: float | None) -> tuple[int, int]:
     return capacity, round(period * 1e6)
 
 
+class _Waiter:
+    __slots__ = ("event", "images", "permit")
+
+    def __init__(self, images: int) -> None:
+        self.images = images
+        self.event = anyio.Event()
+        self.permit: SharedPermit | Permit | None = None
+
+
 class SharedPermit:
     """A send granted by Redis, stamped with Redis's clock. `sent()` moves its members later by
     however long the worker took to send it (with the next round trip); `refund()` removes them
@@ -267,6 +295,7 @@ class SharedRateLimiter:
     RETRY_REDIS_S = 3.0  # while Redis is down, ask again this often
     MAX_WAIT_S = 1.0  # re-ask at least this often: another worker may publish a pause or a limit
     MAX_MARGIN_S = 0.200
+    MAX_BATCH = 64  # waiters asked for in one round trip (its arguments stay small)
 
     def __init__(
         self,
@@ -313,7 +342,9 @@ class SharedRateLimiter:
         self._restamps: list[str] = []
         self._pause_queued = False
         self._wake = anyio.Event()
-        self._lock = anyio.Lock()  # one acquire at a time talks to Redis: FIFO within the process
+        self._lock = anyio.Lock()  # one round trip at a time (the queue's head, or a flush)
+        self._queue: deque[_Waiter] = deque()  # this process's acquirers, first come first served
+        self._next_try_at = 0.0  # local clock: the head's next trip (Redis said the first waiter waits)
         self.fallback: RateLimiter | None = None
         self._retry_at = 0.0
         self.outages = 0
@@ -325,34 +356,82 @@ class SharedRateLimiter:
     # -- the RateLimiter interface -------------------------------------------------------------
 
     async def acquire(self, images: int = 1) -> SharedPermit | Permit:
-        """Wait until one request for `images` images may be sent by any worker; count it."""
-        async with self._lock:
-            while True:
-                if self.fallback is not None and anyio.current_time() < self._retry_at:
+        """Wait until one request for `images` images may be sent by any worker; count it.
+
+        This process's acquirers queue first come, first served; the head asks Redis for the whole
+        queue in one round trip and every waiter that fits the shared window now is granted at
+        once, so one process can send a window's share without a round trip per request.
+        """
+        if not self._queue and self.fallback is not None and anyio.current_time() < self._retry_at:
+            return await self.fallback.acquire(images)
+        waiter = _Waiter(images)
+        self._queue.append(waiter)
+        try:
+            while waiter.permit is None:
+                if self._queue[0] is not waiter:
+                    await waiter.event.wait()
+                    waiter.event = anyio.Event()
+                elif self.fallback is not None and anyio.current_time() < self._retry_at:
+                    self._queue.popleft()
+                    self._hand_on()
                     return await self.fallback.acquire(images)
-                self._seq += 1
-                member = f"{self._token}:{self._seq}"
-                self._wake = anyio.Event()  # before the trip: nothing queued meanwhile is missed
-                try:
-                    reply = await self._trip(member, images)
-                except self._down as exc:
-                    self._lose_redis(exc)
-                    continue
-                self._rejoin()
-                status, wait_us = int(reply[0]), int(reply[1])
-                if status == 1:
-                    self._remember(images)
-                    self._maybe_narrow()
-                    return SharedPermit(self, member, images)
-                with anyio.move_on_after(min(wait_us / 1e6, self.MAX_WAIT_S)):
-                    await self._wake.wait()  # a pause, refund or limit queued here goes out at once
+                else:
+                    await self._serve_queue()
+        finally:
+            if waiter.permit is None and any(w is waiter for w in self._queue):  # cancelled while queued
+                was_head = self._queue[0] is waiter
+                self._queue.remove(waiter)
+                if was_head:
+                    self._hand_on()
+        return waiter.permit
+
+    def _hand_on(self) -> None:
+        if self._queue:
+            self._queue[0].event.set()  # the new head takes over the round trips
+
+    async def _serve_queue(self) -> None:
+        """One round trip for the head of the queue and the waiters behind it; grants what fits,
+        else sleeps until the first waiter could fit (or something queued here wakes it)."""
+        wait = self._next_try_at - anyio.current_time()
+        if wait > 0:
+            with anyio.move_on_after(min(wait, self.MAX_WAIT_S)):
+                await self._wake.wait()  # a pause, refund, limit or late send queued here goes out at once
+            self._next_try_at = 0.0
+            return
+        batch = [self._queue[i] for i in range(min(len(self._queue), self.MAX_BATCH))]
+        members = []
+        for _ in batch:
+            self._seq += 1
+            members.append(f"{self._token}:{self._seq}")
+        self._wake = anyio.Event()  # before the trip: nothing queued meanwhile is missed
+        try:
+            async with self._lock:
+                reply = await self._trip(members, [w.images for w in batch])
+        except self._down as exc:
+            self._lose_redis(exc)
+            return
+        self._rejoin()
+        granted, wait_us = int(reply[8]), int(reply[1])
+        now = anyio.current_time()
+        self._next_try_at = now + min(wait_us / 1e6, self.MAX_WAIT_S) if wait_us else 0.0
+        for w, member in zip(batch[:granted], members[:granted]):
+            if not any(q is w for q in self._queue):  # cancelled during the trip: give its grant back
+                self._queue_refund(member, w.images)
+                continue
+            self._queue.remove(w)
+            self._remember(w.images)
+            w.permit = SharedPermit(self, member, w.images)
+            w.event.set()
+        if granted:
+            self._maybe_narrow()
+            self._hand_on()
 
     async def flush(self) -> None:
         """Send what is queued (refunds, pause, limits) now instead of with the next acquire."""
         async with self._lock:
             if self.fallback is None or anyio.current_time() >= self._retry_at:
                 try:
-                    await self._trip("", 0)
+                    await self._trip([], [])
                 except self._down as exc:
                     self._lose_redis(exc)
                 else:
@@ -440,23 +519,31 @@ class SharedRateLimiter:
     # -- Redis ---------------------------------------------------------------------------------
 
     def _queue_restamp(self, member: str, images: int, late: float) -> None:
-        self._restamps.append(f"{member} {images} {round(late * 1e6)}")  # rides the next trip, no wake
+        # out with the head's next trip, woken now: a batch of grants is stamped when Redis granted
+        # it, and until its late sends are restamped other workers plan from too early a stamp
+        self._restamps.append(f"{member} {images} {round(late * 1e6)}")
+        self._wake.set()
 
     def _queue_refund(self, member: str, images: int) -> None:
         self._refunds.append((member, images))  # kept through an outage: sent when Redis is back
         self._wake.set()
 
-    async def _trip(self, member: str, images: int) -> list[int]:
+    async def _trip(self, members: str | list[str], images: int | list[int]) -> list[int]:
+        """One EVALSHA: apply what is queued, then grant `members` (one per waiter, costing `images`
+        each) in order while they fit. A single member and count are a queue of one."""
+        members = [members] if isinstance(members, str) else members
+        costs = [images] if isinstance(images, int) else images
+        asked = bool(members) and bool(costs) and costs[0] > 0
         refunds, publish, drained = list(self._refunds), dict(self._publish), dict(self._drained)
         restamps = self._restamps[:200]  # bounded: a trip's arguments stay small
         pause_s = max(0.0, self.pause_until - anyio.current_time()) if self._pause_queued else 0.0
-        args: list[Any] = [member, images]
+        args: list[Any] = [" ".join(members), " ".join(map(str, costs))]
         for kind in KINDS:
             args += list(self._configured[kind])
         now = anyio.current_time()
-        if self._first_grant is None and images:
+        if self._first_grant is None and asked:
             self._first_grant = now
-        cold = images and now - (self._first_grant or now) < 1.0  # this process's first second
+        cold = asked and now - (self._first_grant or now) < 1.0  # this process's first second
         args += [round(self.margin * 1e6), round(pause_s * 1e6), publish.get("requests", ""),
                  publish.get("images", ""), drained.get("requests", ""), drained.get("images", ""),
                  round(RateLimiter.COLD_S * 1e6) if cold else 0, " ".join(restamps)]
