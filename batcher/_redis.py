@@ -266,11 +266,13 @@ class SharedPermit:
 
     __slots__ = ("_limiter", "images", "member", "sent_at")
 
-    def __init__(self, limiter: SharedRateLimiter, member: str, images: int) -> None:
+    def __init__(self, limiter: SharedRateLimiter, member: str, images: int, granted_at: float | None = None) -> None:
         self._limiter = limiter
         self.member = member
         self.images = images
-        self.sent_at = anyio.current_time()  # granted by Redis a moment ago; sent right after
+        # when Redis stamped it, on the local clock: the middle of the round trip that granted it
+        # (the reply's way back is as late as the send, and is counted so)
+        self.sent_at = anyio.current_time() if granted_at is None else granted_at
 
     def sent(self, new_connection: bool = False) -> None:
         """The request leaves now: if that is later than the grant (a busy worker), its members
@@ -406,6 +408,7 @@ class SharedRateLimiter:
         self._wake = anyio.Event()  # before the trip: nothing queued meanwhile is missed
         try:
             async with self._lock:
+                asked_at = anyio.current_time()
                 reply = await self._trip(members, [w.images for w in batch])
         except self._down as exc:
             self._lose_redis(exc)
@@ -413,6 +416,7 @@ class SharedRateLimiter:
         self._rejoin()
         granted, wait_us = int(reply[8]), int(reply[1])
         now = anyio.current_time()
+        stamped_at = (asked_at + now) / 2  # Redis's TIME, about half way
         self._next_try_at = now + min(wait_us / 1e6, self.MAX_WAIT_S) if wait_us else 0.0
         for w, member in zip(batch[:granted], members[:granted]):
             if not any(q is w for q in self._queue):  # cancelled during the trip: give its grant back
@@ -420,7 +424,7 @@ class SharedRateLimiter:
                 continue
             self._queue.remove(w)
             self._remember(w.images)
-            w.permit = SharedPermit(self, member, w.images)
+            w.permit = SharedPermit(self, member, w.images, stamped_at)
             w.event.set()
         if granted:
             self._maybe_narrow()
