@@ -357,6 +357,11 @@ class SharedRateLimiter:
 
     # -- the RateLimiter interface -------------------------------------------------------------
 
+    @property
+    def waiting(self) -> int:
+        """Acquirers queued in this process (as `RateLimiter.waiting`)."""
+        return len(self._queue)
+
     async def acquire(self, images: int = 1) -> SharedPermit | Permit:
         """Wait until one request for `images` images may be sent by any worker; count it.
 
@@ -387,6 +392,13 @@ class SharedRateLimiter:
                     self._hand_on()
         return waiter.permit
 
+    def _fair_batch(self) -> int:
+        """At most one worker's share of a window per trip (capacity ÷ workers, rounded up): the
+        process that wins the race for freed slots does not take them all, and one left alone
+        still takes a whole window in a few trips."""
+        shares = [math.ceil(capacity / self.workers) for capacity, _ in self.shapes.values() if capacity]
+        return max(1, min([self.MAX_BATCH, *shares]))
+
     def _hand_on(self) -> None:
         if self._queue:
             self._queue[0].event.set()  # the new head takes over the round trips
@@ -400,7 +412,7 @@ class SharedRateLimiter:
                 await self._wake.wait()  # a pause, refund, limit or late send queued here goes out at once
             self._next_try_at = 0.0
             return
-        batch = [self._queue[i] for i in range(min(len(self._queue), self.MAX_BATCH))]
+        batch = [self._queue[i] for i in range(min(len(self._queue), self._fair_batch()))]
         members = []
         for _ in batch:
             self._seq += 1

@@ -322,6 +322,170 @@ def test_queued_pause_wakes_a_sleeping_acquirer():
     anyio.run(main)
 
 
+# -- a process's queue, one round trip -------------------------------------------------------------------
+
+def queued(tg, lim: SharedRateLimiter, count: int) -> list:
+    """Start `count` acquirers together in `tg`; their permits land in the list returned."""
+    got: list = []
+
+    async def one() -> None:
+        got.append(await lim.acquire())
+
+    for _ in range(count):
+        tg.start_soon(one)
+    return got
+
+
+def test_a_processs_queued_acquirers_are_granted_in_one_round_trip():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=3000)  # 50 per 1 s, one worker: its share is the whole window
+        async with anyio.create_task_group() as tg:
+            got = queued(tg, lim, 30)
+        assert len(got) == 30 and len({p.member for p in got}) == 30
+        # the first acquirer asked alone (the others were not queued yet), the head then for all the rest
+        assert lim.round_trips <= 3
+        assert await r.zcard("batcher:{ep}:requests") == 30
+
+    anyio.run(main)
+
+
+def test_a_round_trip_grants_only_what_fits_and_the_rest_wait_their_turn():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=600)  # 10 per 1 s
+        lim._first_grant = anyio.current_time() - 2.0  # warm: no cold stamp
+        async with anyio.create_task_group() as tg:
+            got = queued(tg, lim, 14)
+            await anyio.sleep(0.3)
+            assert len(got) == 10 and await r.zcard("batcher:{ep}:requests") == 10
+            assert lim.round_trips <= 3  # the rest asked once, and sleep until the window frees
+            tg.cancel_scope.cancel()
+        assert lim.waiting == 0 and await r.zcard("batcher:{ep}:requests") == 10  # none granted to the cancelled
+
+    anyio.run(main)
+
+
+def test_one_trip_takes_at_most_one_workers_share_of_the_window():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=1200, workers=4)  # 20 per 1 s over 4 workers: 5 per trip
+        lim._first_grant = anyio.current_time() - 2.0
+        await lim.flush()  # the limit is known before the queue forms
+        async with anyio.create_task_group() as tg:
+            got = queued(tg, lim, 20)
+        assert len(got) == 20 and lim.round_trips >= 1 + 20 // 5  # the flush, then 5 per trip at most
+        assert lim.round_trips <= 1 + 1 + 20 // 5  # plus the first acquirer's own trip
+
+    anyio.run(main)
+
+
+def test_the_script_grants_in_order_while_each_fits_counting_images_and_pacing():
+    async def main():
+        r = fake()
+        lim = limiter(r, ipm=300)  # 5 images per 1 s
+        reply = await lim._trip(["a", "b", "c"], [2, 2, 2])
+        assert (reply[0], reply[8]) == (1, 2) and reply[1] > 0  # 2 + 2 fit, the third waits
+        assert await r.zcard("batcher:{ep}:images") == 4 and await r.zcard("batcher:{ep}:requests") == 2
+        assert (await lim._trip(["d"], [2]))[0] == 0
+        paced = limiter(r, rpm=6000, ep="paced")  # remaining 0 at 10/s: one per 100 ms, not a batch
+        paced.observe_headers(drained(limit="600", reset="1s"), sent_at=anyio.current_time() - 0.15)
+        reply = await paced._trip(["x", "y", "z"], [1, 1, 1])
+        assert reply[8] == 1  # 150 ms since the answered send earned one permit, not three...
+        reply = await paced._trip(["x2", "y2"], [1, 1])
+        assert reply[0] == 0 and 0 < reply[1] <= 100_000  # ...and the next one 100 ms later
+
+    anyio.run(main)
+
+
+async def slow_trips(lim: SharedRateLimiter, seconds: float) -> None:
+    """Every round trip takes `seconds` longer (a loaded Redis or worker): delay before the script."""
+    trip = lim._trip
+
+    async def slow(*args, **kw):
+        await anyio.sleep(seconds)
+        return await trip(*args, **kw)
+
+    lim._trip = slow
+
+
+def test_a_grants_lateness_counts_from_the_middle_of_its_round_trip():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=6000)
+        lim._first_grant = anyio.current_time() - 2.0
+        await slow_trips(lim, 0.08)  # Redis stamps the grant ~80 ms into the trip
+        permit = await lim.acquire()
+        (_, stamped), = await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
+        permit.sent()  # right after the reply: still later than Redis's stamp by the way back
+        await lim.flush()
+        (_, moved), = await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
+        assert moved - stamped >= 30_000  # about half the trip (the delay is all before the script here)
+
+    anyio.run(main)
+
+
+def test_a_late_send_is_restamped_at_once_not_when_the_head_next_asks():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=60)  # 1 per 1 s: the second acquirer waits about a second
+        lim._first_grant = anyio.current_time() - 2.0
+        first = await lim.acquire()
+        async with anyio.create_task_group() as tg:
+            queued(tg, lim, 1)
+            await anyio.sleep(0.1)  # the head is asleep until the window frees
+            trips = lim.round_trips
+            first.sent()  # left 100 ms after its grant
+            await anyio.sleep(0.05)
+            assert lim.round_trips == trips + 1 and not lim._restamps  # out on a wake-up trip
+            (_, score), = await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
+            sec, usec = await r.time()
+            assert sec * 1e6 + usec - score < 70_000  # moved to the real send, ~50 ms ago
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def test_a_waiter_cancelled_during_the_round_trip_gives_its_grant_back():
+    async def main():
+        r = fake()
+        lim = limiter(r, rpm=3000)
+        lim._first_grant = anyio.current_time() - 2.0
+        await lim.acquire()  # the window's state is known
+        await slow_trips(lim, 0.1)
+        got: list = []
+
+        async def one(scope_out: list | None = None) -> None:
+            with anyio.CancelScope() as scope:
+                if scope_out is not None:
+                    scope_out.append(scope)
+                got.append(await lim.acquire())
+
+        scopes: list = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            await anyio.sleep(0.01)  # the head's trip is under way...
+            tg.start_soon(one, scopes)  # ...too late for this one: it waits for the next trip
+            tg.start_soon(one)
+            await anyio.sleep(0)
+        # all three were granted (two trips), nothing leaked
+        assert len(got) == 3
+        victims: list = []
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(one)
+            await anyio.sleep(0.01)
+            tg.start_soon(one, victims)
+            tg.start_soon(one)
+            await anyio.sleep(0.12)  # the head's first trip is back; the second (both queued) under way
+            victims[0].cancel()
+        await lim.flush()
+        assert len(got) == 3 + 4
+        assert await r.zcard("batcher:{ep}:requests") == 1 + 3 + 4  # the cancelled waiter's grant refunded
+
+    anyio.run(main)
+
+
 # -- Redis down ------------------------------------------------------------------------------------------
 
 def test_redis_down_falls_back_to_a_local_share_then_rejoins(caplog):
