@@ -209,6 +209,47 @@ def journal_span(out: str) -> tuple[float, float] | None:
     return (first, last) if first is not None and last is not None else None
 
 
+def send_profile(out: str, capacity: int = RPM // 60) -> dict[str, float] | None:
+    """Where the makespan goes, from every shard's journaled attempts (`at`, just before each send):
+    `first_window` — when the capacity-th send left (the first window's share; late worker starts
+    show here), `step` — the median time from a send to the one `capacity` sends later (1 s plus the
+    limiter's margin and its reaction time), `last_send`, and `tail` — last send → last item record.
+    Seconds from the first attempt."""
+    from batcher._store import iter_merged_records, open_store
+
+    sends: list[float] = []
+    last = None
+    for rec in iter_merged_records(open_store(out)):
+        if rec.get("t") == "attempt" and rec.get("at"):
+            sends.append(_ts(rec["at"]))
+        elif rec.get("t") == "item" and rec.get("finished"):
+            last = max(last or 0.0, _ts(rec["finished"]))
+    if len(sends) <= capacity or last is None:
+        return None
+    sends.sort()
+    t0 = sends[0]
+    steps = sorted(sends[i + capacity] - sends[i] for i in range(len(sends) - capacity))
+    return {"first_window": round(sends[capacity - 1] - t0, 3), "step": round(steps[len(steps) // 2], 3),
+            "last_send": round(sends[-1] - t0, 3), "tail": round(last - sends[-1], 3)}
+
+
+def limiter_trips(redis: RedisServer) -> int | None:
+    """EVALSHA calls redis-server has served so far: the shared limiter's round trips, and the
+    claims' scripts (one per item marks its claim done; renewals every 10 s are rare here)."""
+    try:
+        import redis as redis_py
+    except ImportError:
+        return None
+    client = redis_py.Redis.from_url(redis.url, socket_timeout=5)
+    try:
+        stats = client.info("commandstats")
+    except OSError:
+        return None  # redis-server killed (row 4)
+    finally:
+        client.close()
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
 def read_manifest(out: str) -> dict[str, Any] | None:
     from batcher._store import open_store
 
@@ -341,8 +382,18 @@ def scenario_shared(name: str, work: Path, job: Path, ids: set[str], redis: Redi
         if kill_redis_after is not None:
             t0 = time.monotonic()
             events.append((lambda: time.monotonic() - t0 >= kill_redis_after, redis.kill))
+        trips = limiter_trips(redis)
         run_workers(workers, events=events)
         fill_common(row, sim, out, workers)
+        after = limiter_trips(redis) if kill_redis_after is None else None
+        if trips is not None and after is not None:
+            row.notes.append(f"limiter round trips ≈ {after - trips - ITEMS} for {row.requests} requests "
+                             f"(redis EVALSHA calls {after - trips}, less one per item: its claim marked done)")
+        profile = send_profile(out)
+        if profile is not None:
+            row.notes.append(f"sends (s from the first): first window's {RPM // 60} out by {profile['first_window']}, "
+                             f"median step to the send {RPM // 60} later {profile['step']}, last send "
+                             f"{profile['last_send']}, last send → last item {profile['tail']}")
     row.ideal = ideal_makespan(ITEMS, ITEMS, LATENCY_MS / 1000.0, SHARDS * CONCURRENCY, rpm=RPM)
     check = check_output(out, ids)
     row.done = check.get("summary", {}).get("done")
