@@ -8,6 +8,10 @@
 (b) 4 worker OS processes share one `--rpm 3000` simulator endpoint (50 per 1 s window), 600
     requests in all, each worker a SharedRateLimiter + batcher._client.ImagesClient, 32 in flight.
 (c) (b) again, with redis-server SIGKILLed (by its PID) --kill-after seconds into the run.
+(d) one worker alone on the 3000-rpm limit (the last shard still running), 32 acquirers each
+    holding its slot 300 ms, every round trip --lone-rtt-ms longer (a loaded machine): its
+    steady grants per second (a process's queue is granted in one trip, so ~50, not 1/RTT).
+    `--only-lone` runs (d) alone (a few seconds).
 
 Everything is on 127.0.0.1; the simulator and redis-server are started here and stopped by PID.
 Needs `redis-server` on PATH and the `redis` extra.
@@ -25,6 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -126,6 +131,44 @@ def bench_latency(redis: RedisServer, acquires: int) -> dict:
             "mean_ms": statistics.fmean(samples) * 1000.0}
 
 
+def bench_lone(redis: RedisServer, rtt_s: float, grants: int = 320, in_flight: int = 32) -> dict:
+    """(d) One worker alone on a 3000-rpm limit (the last shard still running) whose every round
+    trip to Redis takes `rtt_s` longer (a loaded machine): its steady grants per second."""
+    import anyio
+
+    from batcher._redis import SharedRateLimiter, connect
+
+    async def main() -> dict:
+        client = connect(redis.url)
+        limiter = SharedRateLimiter(client, f"lone-{rtt_s}", rpm=RPM, workers=WORKERS)
+        trip = limiter._trip
+
+        async def slow_trip(*args: Any, **kw: Any) -> Any:
+            await anyio.sleep(rtt_s)
+            return await trip(*args, **kw)
+
+        limiter._trip = slow_trip  # type: ignore[method-assign]
+        times: list[float] = []
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                (await limiter.acquire()).sent()
+                times.append(time.perf_counter())
+                await anyio.sleep(LATENCY_MS / 1000.0)  # the request in flight holds this slot
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(in_flight):
+                tg.start_soon(worker, grants // in_flight)
+        await client.aclose()
+        times.sort()
+        window = RPM // 60  # after the first window's burst, the steady rate
+        return {"rtt_ms": rtt_s * 1000.0, "grants": len(times),
+                "steady_per_s": (len(times) - window - 1) / (times[-1] - times[window]),
+                "round_trips": limiter.round_trips}
+
+    return anyio.run(main)
+
+
 def bench_workers(redis: RedisServer, workdir: Path, requests: int, kill_after: float | None) -> dict:
     tag = "killed" if kill_after is not None else "shared"
     with Simulator(["--rpm", str(RPM), "--latency-ms", str(LATENCY_MS), "--jitter-ms", str(JITTER_MS)],
@@ -177,12 +220,23 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--kill-after", type=float, default=5.0, help="seconds into run (c) to kill redis-server")
     parser.add_argument("--keep", action="store_true", help="keep logs in the temp folder")
+    parser.add_argument("--lone-rtt-ms", default="0,25,40",
+                        help="(d) a lone worker's grants per second with each added round-trip time")
+    parser.add_argument("--only-lone", action="store_true", help="run (d) only")
     args = parser.parse_args()
     if REDIS_SERVER is None:
         raise SystemExit("redis-server not found: apt-get install -y redis-server")
     workdir = Path(tempfile.mkdtemp(prefix="bench-shared-"))
     redis = RedisServer(workdir).start()
     try:
+        lone = []
+        for rtt in (float(x) / 1000.0 for x in args.lone_rtt_ms.split(",") if x.strip()):
+            log(f"(d) a lone worker, round trips {rtt * 1000:.0f} ms longer")
+            lone.append(bench_lone(redis, rtt))
+        if args.only_lone:
+            print(markdown_table(["(d) added RTT ms", "grants", "steady grants/s", "round trips"],
+                                 [[d["rtt_ms"], d["grants"], d["steady_per_s"], d["round_trips"]] for d in lone]))
+            return 0
         log(f"(a) {args.acquires} acquires against redis-server pid {redis.pid} on {redis.url}")
         latency = bench_latency(redis, args.acquires)
         log("(b) 4 workers sharing one 3000-rpm endpoint")
@@ -213,9 +267,14 @@ def main() -> int:
     print(markdown_table(["run", "done", "failed", "makespan s", "ideal s", "efficiency", "requests", "429s",
                           "429 %", "max req/1s", "outages"], rows))
     print()
+    print(markdown_table(["(d) added RTT ms", "grants", "steady grants/s", "round trips"],
+                         [[d["rtt_ms"], d["grants"], d["steady_per_s"], d["round_trips"]] for d in lone]))
+    print()
     print(f"Simulator: --rpm {RPM} (50 per 1 s), latency {LATENCY_MS}±{JITTER_MS} ms; {WORKERS} worker processes, "
           f"{IN_FLIGHT} in flight each, {args.requests} requests in all. Ideal = (ceil(600/50) − 1)·1 s + 0.3 s.")
     checks = [("(a) p99 ≤ 5 ms", latency["p99_ms"] <= 5.0)]
+    checks += [(f"(d) a lone worker with {d['rtt_ms']:.0f} ms round trips holds ≥ 47 grants/s of 50",
+                d["steady_per_s"] >= 47.0) for d in lone]
     if "error" not in shared:
         checks += [("(b) efficiency ≥ 0.95", shared["efficiency"] >= 0.95),
                    ("(b) 429s ≤ 1%", shared["rate_limited_pct"] <= 1.0),
