@@ -430,7 +430,7 @@ class SharedRateLimiter:
         now = anyio.current_time()
         stamped_at = (asked_at + now) / 2  # Redis's TIME, about half way
         self._next_try_at = now + min(wait_us / 1e6, self.MAX_WAIT_S) if wait_us else 0.0
-        for w, member in zip(batch[:granted], members[:granted]):
+        for w, member in zip(batch[:granted], members[:granted], strict=True):
             if not any(q is w for q in self._queue):  # cancelled during the trip: give its grant back
                 self._queue_refund(member, w.images)
                 continue
