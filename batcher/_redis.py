@@ -72,7 +72,7 @@ KINDS = ("requests", "images")
 #       4 requests period µs, 5 images capacity, 6 images period µs, 7 margin µs, 8 pause µs from now
 #       (0: none), 9 requests limit to publish ("" none), 10 images limit to publish, 11 requests drained
 #       ("interval_us reset_us age_us": the server said none remain; "" none), 12 images drained,
-#       13 µs to stamp this grant late (a cold start, RateLimiter.COLD_S), 14 restamps "member images µs ..."
+#       13 µs to stamp this grant late (a cold start, SharedRateLimiter.COLD_S), 14 restamps "member images µs ..."
 #       (granted sends that left late: their members move that much later), 15.. refunds as member, images pairs
 # Waiters are granted in order while each fits now (a process's queue in one trip); the first that
 # does not fit ends the grant, and the wait returned is its wait.
@@ -298,6 +298,12 @@ class SharedRateLimiter:
     MAX_WAIT_S = 1.0  # re-ask at least this often: another worker may publish a pause or a limit
     MAX_MARGIN_S = 0.200
     MAX_BATCH = 64  # waiters asked for in one round trip (its arguments stay small)
+    # A process's first second of grants is counted this late (its sends open new connections, the
+    # server counts them later). Not RateLimiter.COLD_S: the local limiter also grants early by
+    # the delay it measures, this one does not, and its first window leaves in a few bursts (one
+    # per trip), each of which draws a 429 per send when the next window lands early (with 20 ms:
+    # 10 of 19 429s at the second window in bench/shards.py row 1, load 4-7).
+    COLD_S = 0.1
 
     def __init__(
         self,
@@ -562,7 +568,7 @@ class SharedRateLimiter:
         cold = asked and now - (self._first_grant or now) < 1.0  # this process's first second
         args += [round(self.margin * 1e6), round(pause_s * 1e6), publish.get("requests", ""),
                  publish.get("images", ""), drained.get("requests", ""), drained.get("images", ""),
-                 round(RateLimiter.COLD_S * 1e6) if cold else 0, " ".join(restamps)]
+                 round(self.COLD_S * 1e6) if cold else 0, " ".join(restamps)]
         for refund in refunds:
             args += list(refund)
         with anyio.fail_after(self.timeout * 2):  # socket timeouts bound it already; this is a backstop

@@ -90,7 +90,7 @@ def test_a_windows_share_is_granted_then_the_next_send_waits():
             assert isinstance(await lim.acquire(), SharedPermit)
         assert lim.used["requests"] == capacity
         status, wait_us = (await lim._trip("probe", 1))[:2]
-        assert status == 0 and 0 < wait_us <= (period + lim.margin + RateLimiter.COLD_S) * 1e6  # first: cold
+        assert status == 0 and 0 < wait_us <= (period + lim.margin + SharedRateLimiter.COLD_S) * 1e6  # first: cold
         assert await r.zcard("batcher:{ep}:requests") == capacity
 
     anyio.run(main)
@@ -195,7 +195,7 @@ def test_a_processs_first_second_of_grants_is_stamped_cold():
         await lim.acquire()
         sec, usec = await r.time()
         (_, first), = await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
-        assert RateLimiter.COLD_S * 0.5e6 < first - (sec * 1e6 + usec) <= RateLimiter.COLD_S * 1e6  # counted COLD_S late
+        assert SharedRateLimiter.COLD_S * 0.5e6 < first - (sec * 1e6 + usec) <= SharedRateLimiter.COLD_S * 1e6  # counted COLD_S late
         lim._first_grant = anyio.current_time() - 2.0  # warm now
         await lim.acquire()
         sec, usec = await r.time()
