@@ -9,12 +9,22 @@
 
 `redis` is imported only by `connect()`, i.e. only when a `redis://` limiter is asked for.
 
-Every acquire is ONE round trip: a Lua script (EVALSHA) that reads the server's clock
-(`TIME`), so worker clocks never matter, applies this worker's pending refunds, pause and
-published limits, and then either records the send in the sliding windows (sorted sets of
-send times, one member per request and one per image) or answers how long to wait.
+A process's acquirers queue first come, first served, and the head of the queue asks for the
+whole queue (at most one worker's share of a window, capacity ÷ workers) in ONE round trip: a Lua
+script (EVALSHA) that reads the server's clock (`TIME`), so worker clocks never matter, applies
+this worker's pending refunds, restamps, pause and published limits, then records every waiter
+that fits now in the sliding windows (sorted sets of send times, one member per request and one
+per image), in order, and answers how long the first one that does not fit must wait. So a
+worker's rate does not depend on its round-trip time (one trip per request capped a lone worker
+at 1/RTT: 25 to 40 per second with 25-40 ms trips on a loaded machine).
+A grant is stamped with Redis's time; its send leaves later (the reply's way back, the waiter's
+wake-up, its journal line), and `SharedPermit.sent()` moves its members that much later. Those
+restamps wake the head, so they reach Redis at once rather than on the next grant: until then,
+other workers would plan the next window from too early a stamp (a batch granted at once and
+restamped late drew 14-40 429s a run).
 `Permit.refund()`, `pause()` and `set_limit()` are synchronous, as in `RateLimiter`: they are
-queued and ride on the next round trip, which they also wake, so there is no background task.
+queued and ride on the next round trip, which they also wake, so there is no background task
+(with nobody queued, they wait for this process's next acquire or `flush()`).
 
 Keys, per endpoint (`{...}` is a Redis Cluster hash tag: one endpoint's keys share a slot):
 
