@@ -51,7 +51,7 @@ import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -83,10 +83,13 @@ KINDS = ("requests", "images")
 #       (0: none), 9 requests limit to publish ("" none), 10 images limit to publish, 11 requests drained
 #       ("interval_us reset_us age_us": the server said none remain; "" none), 12 images drained,
 #       13 µs to stamp this grant late (a cold start, SharedRateLimiter.COLD_S), 14 restamps "member images µs ..."
-#       (granted sends that left late: their members move that much later), 15.. refunds as member, images pairs
+#       (granted sends that left late: their members move that much later), 15 "token backlog": this worker's
+#       items still to send ("" none), 16.. refunds as member, images pairs
 # Waiters are granted in order while each fits now (a process's queue in one trip); the first that
 # does not fit ends the grant, and the wait returned is its wait.
-# Returns {status, wait µs, requests used, images used, req cap, req period µs, img cap, img period µs, granted}
+# KEYS: 5 backlog hash: token -> "items-still-to-send server-µs", per worker
+# Returns {status, wait µs, requests used, images used, req cap, req period µs, img cap, img period µs, granted,
+#          all live workers' backlog (0: none published)}
 # status: 1 granted (at least the first), 0 wait, 2 nothing asked.
 ACQUIRE_LUA = """
 local t = redis.call('TIME')
@@ -94,7 +97,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- whole numbers as strings: Lua's default number format keeps only 14 digits
 local function int(x) return string.format('%d', math.floor(x)) end
 local margin = tonumber(ARGV[7])
-for i = 15, #ARGV, 2 do
+for i = 16, #ARGV, 2 do
   redis.call('ZREM', KEYS[1], ARGV[i])
   for j = 0, tonumber(ARGV[i + 1]) - 1 do redis.call('ZREM', KEYS[2], ARGV[i] .. ':' .. j) end
 end
@@ -156,6 +159,19 @@ local function window(key, cap, period, cost)
   local entry = redis.call('ZRANGE', key, idx, idx, 'WITHSCORES')
   return used, math.max(tonumber(entry[2]) + horizon - now, 1)
 end
+-- each worker's items still to send, seen within 2 s: shares of the window follow them
+local backlog = 0
+if ARGV[15] ~= '' then
+  local tok, b = string.match(ARGV[15], '^(%S+) (%d+)$')
+  if tok then redis.call('HSET', KEYS[5], tok, b .. ' ' .. int(now)) end
+  local all = redis.call('HGETALL', KEYS[5])
+  for i = 1, #all, 2 do
+    local b2, seen = string.match(all[i + 1], '^(%d+) (%d+)$')
+    if b2 and tonumber(seen) > now - 2000000 then backlog = backlog + tonumber(b2)
+    else redis.call('HDEL', KEYS[5], all[i]) end
+  end
+  redis.call('PEXPIRE', KEYS[5], 10000)
+end
 local members, costs = {}, {}
 for m in string.gmatch(ARGV[1], '%S+') do members[#members + 1] = m end
 for c in string.gmatch(ARGV[2], '%d+') do costs[#costs + 1] = tonumber(c) end
@@ -163,7 +179,7 @@ local n = #members
 if costs[1] == nil or costs[1] == 0 then n = 0 end
 local ru, rw = window(KEYS[1], rc, rp, 1)
 local iu, iw = window(KEYS[2], ic, ip, math.max(costs[1] or 1, 1))
-if n == 0 then return {2, 0, ru, iu, rc, rp, ic, ip, 0} end
+if n == 0 then return {2, 0, ru, iu, rc, rp, ic, ip, 0, backlog} end
 local rd, id = drained('requests'), drained('images')
 local at = now + tonumber(ARGV[13])
 local granted, wait = 0, 0
@@ -181,7 +197,7 @@ for i = 1, n do
   for j = 0, cost - 1 do redis.call('ZADD', KEYS[2], int(at), members[i] .. ':' .. j) end
   ru, iu, granted = ru + 1, iu + cost, granted + 1
 end
-if granted == 0 then return {0, math.max(wait, 1), ru, iu, rc, rp, ic, ip, 0} end
+if granted == 0 then return {0, math.max(wait, 1), ru, iu, rc, rp, ic, ip, 0, backlog} end
 for _, e in ipairs({{'requests', rd}, {'images', id}}) do
   local d = e[2]
   if d ~= nil and d[3] > 0 then
@@ -192,7 +208,7 @@ local ttl = int((math.max(rp, ip) + margin + tonumber(ARGV[13])) / 1000 + 1000)
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[4], 600000)
-return {1, wait, ru, iu, rc, rp, ic, ip, granted}
+return {1, wait, ru, iu, rc, rp, ic, ip, granted, backlog}
 """
 
 # KEYS: 1 claim key; ARGV: 1 token, 2 ttl ms. Renew only a claim that is still ours.
@@ -308,6 +324,7 @@ class SharedRateLimiter:
     MAX_WAIT_S = 1.0  # re-ask at least this often: another worker may publish a pause or a limit
     MAX_MARGIN_S = 0.200
     MAX_BATCH = 64  # waiters asked for in one round trip (its arguments stay small)
+    YIELD_S = 0.02  # a worker over its share waits this long for the others before taking a freed slot
     # A process's first second of grants is counted this late (its sends open new connections, the
     # server counts them later). Not RateLimiter.COLD_S: the local limiter also grants early by
     # the delay it measures, this one does not, and its first window leaves in a few bursts (one
@@ -338,7 +355,12 @@ class SharedRateLimiter:
         self.timeout = timeout
         self._prefix = f"batcher:{{{endpoint}}}:"
         self._keys = [self._prefix + "requests", self._prefix + "images", self._prefix + "pause",
-                      self._prefix + "limits"]
+                      self._prefix + "limits", self._prefix + "backlog"]
+        # this process's items still to send (the runner sets it): each worker's share of a window
+        # follows its backlog, so shards of unequal size or start finish together
+        self.backlog: Callable[[], int] | None = None
+        self._backlog_total = 0  # every live worker's, at the last trip
+        self._yielded = False
         self._script = self._redis.register_script(ACQUIRE_LUA)
         self._down = _down_errors()
         self._token = secrets.token_hex(6)
@@ -415,6 +437,19 @@ class SharedRateLimiter:
         shares = [math.ceil(capacity / self.workers) for capacity, _ in self.shapes.values() if capacity]
         return max(1, min([self.MAX_BATCH, *shares]))
 
+    def _room(self) -> int | None:
+        """Grants left in this worker's share of the request window (its backlog's part of every
+        live worker's backlog), or None when no share applies (no backlog known, or alone)."""
+        capacity, period_us = self.shapes["requests"]
+        if self.backlog is None or not capacity or self._backlog_total <= 0:
+            return None
+        mine = max(0, int(self.backlog()))
+        if mine == 0 or mine >= self._backlog_total:
+            return None  # nothing queued here, or alone (the others have nothing left to send)
+        share = math.ceil(capacity * mine / self._backlog_total)
+        since = anyio.current_time() - period_us / 1e6
+        return share - sum(1 for at, _ in self._recent if at > since)
+
     def _hand_on(self) -> None:
         if self._queue:
             self._queue[0].event.set()  # the new head takes over the round trips
@@ -428,7 +463,17 @@ class SharedRateLimiter:
                 await self._wake.wait()  # a pause, refund, limit or late send queued here goes out at once
             self._next_try_at = 0.0
             return
-        batch = [self._queue[i] for i in range(min(len(self._queue), self._fair_batch()))]
+        size = min(len(self._queue), self._fair_batch())
+        room = self._room()
+        if room is not None and room <= 0 and not self._yielded:
+            # over this worker's share: the others, woken for the same freed slots, go first;
+            # what they leave is taken after YIELD_S (no slot stays idle for a share)
+            self._yielded = True
+            await anyio.sleep(self.YIELD_S)  # not cut short by a wake: restamps come every few ms
+            return
+        if room is not None and room > 0:
+            size = min(size, room)
+        batch = [self._queue[i] for i in range(size)]
         members = []
         for _ in batch:
             self._seq += 1
@@ -455,6 +500,7 @@ class SharedRateLimiter:
             w.permit = SharedPermit(self, member, w.images, stamped_at)
             w.event.set()
         if granted:
+            self._yielded = False
             self._maybe_narrow()
             self._hand_on()
 
@@ -578,7 +624,8 @@ class SharedRateLimiter:
         cold = asked and now - (self._first_grant or now) < 1.0  # this process's first second
         args += [round(self.margin * 1e6), round(pause_s * 1e6), publish.get("requests", ""),
                  publish.get("images", ""), drained.get("requests", ""), drained.get("images", ""),
-                 round(self.COLD_S * 1e6) if cold else 0, " ".join(restamps)]
+                 round(self.COLD_S * 1e6) if cold else 0, " ".join(restamps),
+                 f"{self._token} {max(0, int(self.backlog()))}" if self.backlog is not None and asked else ""]
         for refund in refunds:
             args += list(refund)
         with anyio.fail_after(self.timeout * 2):  # socket timeouts bound it already; this is a backstop
@@ -596,6 +643,8 @@ class SharedRateLimiter:
         if pause_s or self.pause_until <= anyio.current_time():
             self._pause_queued = False
         self.used = {"requests": int(reply[2]), "images": int(reply[3])}
+        if asked:
+            self._backlog_total = int(reply[9])
         self.shapes = {"requests": (int(reply[4]), int(reply[5])), "images": (int(reply[6]), int(reply[7]))}
         return reply
 

@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -243,6 +243,11 @@ class _Key:
 
     id: str
     rhash: str
+
+
+def _unsent(dispatch: Dispatcher, limiter: Any) -> Callable[[], int]:
+    """This worker's items still to send: queued here, and waiting in the limiter."""
+    return lambda: dispatch.queued + limiter.waiting
 
 
 class _Runner:
@@ -497,6 +502,9 @@ class _Runner:
         synced = [e for e in self.endpoints if e.ep.batch is None]
         total_slots = sum(e.concurrency for e in synced)
         self.dispatch = Dispatcher([e.name for e in synced], max_queued=max(16, total_slots * 2))
+        for ep in synced:
+            if hasattr(ep.limiter, "backlog"):  # a Redis-shared limiter: its share follows what is left to send
+                ep.limiter.backlog = _unsent(self.dispatch, ep.limiter)
         self.executor = SyncExecutor(
             synced, self.dispatch, self.recorder, self.claims, self.control, reporter=self.reporter,
             budget=self.budget, policy=policy, rng=rng, deadline=opts.timeout + opts.connect_timeout,

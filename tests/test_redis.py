@@ -486,6 +486,41 @@ def test_a_waiter_cancelled_during_the_round_trip_gives_its_grant_back():
     anyio.run(main)
 
 
+def test_each_workers_share_of_the_window_follows_its_backlog():
+    async def main():
+        r = fake()
+        a, b = limiter(r, rpm=2400, workers=2), limiter(r, rpm=2400, workers=2)  # 40 per 1 s
+        for lim in (a, b):
+            lim._first_grant = anyio.current_time() - 2.0
+        a.backlog, b.backlog = (lambda: 30), (lambda: 10)  # items each still has to send
+        assert a._room() is None  # nothing published yet: no share
+        await a.acquire()
+        assert a._room() is None  # alone so far
+        await b.acquire()
+        await a.acquire()
+        assert a._backlog_total == b._backlog_total == 40
+        assert a._room() == 30 - 2 and b._room() == 10 - 1  # 3/4 and 1/4 of the window
+        for _ in range(9):
+            await b.acquire()
+        assert b._room() == 0
+        b.YIELD_S = 0.5  # over its share: b lets the others take freed slots first...
+        trips = b.round_trips
+        got: list = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_append, got, b)
+            await anyio.sleep(0.1)
+            assert b.round_trips == trips and not got  # still yielding, no trip asked
+        assert len(got) == 1 and b.round_trips == trips + 1  # ...then takes what is still free
+        b.backlog = lambda: 0
+        assert b._room() is None  # nothing left here: no share to keep
+
+    anyio.run(main)
+
+
+async def _append(got: list, lim: SharedRateLimiter) -> None:
+    got.append(await lim.acquire())
+
+
 # -- Redis down ------------------------------------------------------------------------------------------
 
 def test_redis_down_falls_back_to_a_local_share_then_rejoins(caplog):
