@@ -340,14 +340,16 @@ class SharedRateLimiter:
         ipm: float | None = None,
         *,
         workers: int = 1,
-        margin: float = 0.030,
+        margin: float = 0.020,
         timeout: float = 1.0,
     ) -> None:
         self._redis = connect(redis, timeout=timeout) if isinstance(redis, str) else redis
         self.endpoint = endpoint
         self.workers = max(1, workers)
-        # twice RateLimiter's: a grant is stamped by Redis before the send, and the gap to the
-        # server varies more across processes than within one (see bench/shared_limit.py)
+        # above RateLimiter's: the gap from a send to the server's count varies more across
+        # processes than within one. 20 ms (was 30, before sends were restamped from the middle
+        # of the granting trip): bench/shards.py rows 1, 7, 8 at load 1-2 gave 0.946-0.957 and no
+        # 429 (30 ms: 0.927-0.947); 15 ms at load 4-6 drew up to 10 429s a row. 429s widen it.
         self.margin = margin
         self.base_margin = margin  # a margin widened by 429s shrinks back to this (RateLimiter's rule)
         self._last_429 = -1e9
