@@ -34,6 +34,8 @@ Keys, per endpoint (`{...}` is a Redis Cluster hash tag: one endpoint's keys sha
     batcher:{EP}:limits      hash kind -> "capacity period_us": a limit advertised or learned;
                              drained:kind -> "next_us until_us interval_us": the server said none
                              remain, so that kind is paced one unit per interval until `until`
+    batcher:{EP}:backlog     hash worker token -> "items still to send, server time (µs)": each
+                             worker's share of the request window follows its part of the total
     batcher:{OUT}:claim:ID   the worker token holding item ID of output OUT
 
 EP = sha256(base_url, sha256(api key)[:16], model)[:16]: the key itself never leaves the process.
