@@ -140,7 +140,6 @@ class Recorder:
         are only read here: `saved` is None and the caller goes on with `save` and `answer`.
         """
         have = self.have.get(item.id, ([], None))
-        stem = _stem(item)
 
         def work() -> Committed:  # a worker thread
             try:
@@ -149,13 +148,8 @@ class Recorder:
                 return Committed(unread=exc)
             if self.sharded is not None or any(image.data is None for image in gen.images):
                 return Committed(gen)
-            count = max(len(gen.images), item.images)
-            saved = []
             try:
-                for index, image in enumerate(gen.images, len(have[0])):
-                    assert image.data is not None
-                    saved.append(self.out.save_bytes(stem, index, count, image.data))
-                    image.data = None  # on disk now: not held while the journal record is written
+                saved = self._save_inline(item, gen, len(have[0]))
             except (RequestError, OSError) as exc:
                 return Committed(gen, refused=exc)
             rec, cost = self._answer_record(ep, item, attempts, gen, saved, have, None)
@@ -189,12 +183,7 @@ class Recorder:
 
         def commit() -> OSError | None:
             for item, attempts, gen, have, extra in rows:
-                count = max(len(gen.images), item.images)
-                saved = []
-                for index, image in enumerate(gen.images, len(have[0])):
-                    assert image.data is not None
-                    saved.append(self.out.save_bytes(_stem(item), index, count, image.data))
-                    image.data = None
+                saved = self._save_inline(item, gen, len(have[0]))
                 rec, cost = self._answer_record(ep, item, attempts, gen, saved, have, extra)
                 try:
                     self.journal.append(rec)
@@ -216,6 +205,17 @@ class Recorder:
             self.disk_trouble(trouble)
             return False
         return True
+
+    def _save_inline(self, item: Item, gen: Generation, first: int) -> list[SavedImage]:
+        """Write an answer's inline (b64) images as numbers first+1, ... of the item's n, in the
+        calling (worker) thread. Raises RequestError (a bad image) or OSError."""
+        count = max(len(gen.images), item.images)
+        saved = []
+        for index, image in enumerate(gen.images, first):
+            assert image.data is not None
+            saved.append(self.out.save_bytes(_stem(item), index, count, image.data))
+            image.data = None  # on disk now: not held while the journal record is written
+        return saved
 
     def _answer_record(self, ep: EndpointRun, item: Item, attempts: int, gen: Generation, saved: list[SavedImage],
                        have: Have, extra: Mapping[str, Any] | None) -> tuple[ItemRecord, float | None]:
