@@ -445,9 +445,6 @@ class ImagesClient(_Endpoint):
         del buf[filled:]  # a body shorter than declared (a compressed one: httpx decoded it)
         return buf
 
-    def _parse(self, raw: bytes | bytearray, headers: dict[str, str], n: int) -> Generation:
-        return read_answer(raw, headers, n, self.dialect)
-
 
 @dataclass
 class Answer:

@@ -13,7 +13,7 @@ from helpers import KEY, manifest, tiny_png, write_job
 
 from batcher import TransientError
 from batcher._cli import main
-from batcher._client import REVISED_PROMPT_MAX, ImagesClient, Timeouts, _check_whole_file
+from batcher._client import REVISED_PROMPT_MAX, ImagesClient, Timeouts, _check_whole_file, read_answer
 from batcher._simulator import SimulatorConfig, start_in_thread
 from batcher._writer import sniff, truncation
 
@@ -22,11 +22,6 @@ from batcher._writer import sniff, truncation
 def key(monkeypatch):
     monkeypatch.setenv("BATCHER_API_KEY", KEY)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-@pytest.fixture
-def client():
-    return ImagesClient("http://127.0.0.1:9/v1", None)
 
 
 def answer(*entries: dict, **top) -> bytes:
@@ -49,19 +44,19 @@ def run(job, out, sim, *extra: str) -> int:
     b'{"data": ' + b"[" * 2000 + b"]" * 2000 + b"}",
     b'{"data": [{"b64_json": "x", "revised_prompt": ' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}]}",
 ])
-def test_deep_json_is_a_malformed_answer(client, raw):
+def test_deep_json_is_a_malformed_answer(raw):
     with pytest.raises(TransientError) as err:
-        client._parse(bytearray(raw), {}, 1)
+        read_answer(bytearray(raw), {}, 1)
     assert err.value.code == "malformed_response"
 
 
-def test_a_deep_usage_is_dropped_and_the_paid_images_kept(client):
+def test_a_deep_usage_is_dropped_and_the_paid_images_kept():
     usage: object = 1
     for _ in range(200):
         usage = {"u": usage}
-    gen = client._parse(answer({"b64_json": b64(tiny_png())}, usage=usage), {}, 1)
+    gen = read_answer(answer({"b64_json": b64(tiny_png())}, usage=usage), {}, 1)
     assert gen.usage is None and gen.images[0].data == tiny_png()
-    assert client._parse(answer({"b64_json": b64(tiny_png())}, usage={"total_tokens": 3}), {}, 1).usage
+    assert read_answer(answer({"b64_json": b64(tiny_png())}, usage={"total_tokens": 3}), {}, 1).usage
 
 
 def test_deep_json_answers_are_retried_and_the_run_finishes(tmp_path):
@@ -94,23 +89,23 @@ def pillow_image(fmt: str) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
-def test_whole_images_pass_and_cut_ones_are_malformed(client, fmt):
+def test_whole_images_pass_and_cut_ones_are_malformed(fmt):
     whole = pillow_image(fmt)
     kind = sniff(whole)
     assert kind is not None and truncation(whole, kind) is None
-    assert client._parse(answer({"b64_json": b64(whole)}), {}, 1).images[0].data == whole
+    assert read_answer(answer({"b64_json": b64(whole)}), {}, 1).images[0].data == whole
     for cut in (whole[: len(whole) // 2], whole[:-1]):
         assert truncation(cut, kind) is not None
         with pytest.raises(TransientError) as err:
-            client._parse(answer({"b64_json": b64(cut)}), {}, 1)
+            read_answer(answer({"b64_json": b64(cut)}), {}, 1)
         assert err.value.code == "malformed_response" and "not a whole image" in err.value.message
 
 
-def test_png_magic_then_html_and_a_flipped_bit_are_not_whole(client):
+def test_png_magic_then_html_and_a_flipped_bit_are_not_whole():
     for data in (b"\x89PNG\r\n\x1a\n<html><body>502 Bad Gateway</body></html>",
                  tiny_png()[:20] + bytes([tiny_png()[20] ^ 1]) + tiny_png()[21:]):
         with pytest.raises(TransientError, match="not a whole image"):
-            client._parse(answer({"b64_json": b64(data)}), {}, 1)
+            read_answer(answer({"b64_json": b64(data)}), {}, 1)
 
 
 def test_cut_images_are_asked_again_and_every_saved_file_is_whole(tmp_path):
@@ -137,19 +132,19 @@ def test_a_cut_download_is_a_failed_download(tmp_path):
 
 # -- #13: bounded text and bounded copies --------------------------------------------------------
 
-def test_a_huge_revised_prompt_is_cut_and_marked(client):
+def test_a_huge_revised_prompt_is_cut_and_marked():
     long = "x" * (10 * 1024 * 1024)
-    gen = client._parse(answer({"b64_json": b64(tiny_png()), "revised_prompt": long}), {}, 1)
+    gen = read_answer(answer({"b64_json": b64(tiny_png()), "revised_prompt": long}), {}, 1)
     kept = gen.images[0].revised_prompt
     assert kept.startswith("x" * REVISED_PROMPT_MAX) and len(kept) < REVISED_PROMPT_MAX + 80
     assert f"{len(long)} characters" in kept
-    short = client._parse(answer({"b64_json": b64(tiny_png()), "revised_prompt": "a koi"}), {}, 1)
+    short = read_answer(answer({"b64_json": b64(tiny_png()), "revised_prompt": "a koi"}), {}, 1)
     assert short.images[0].revised_prompt == "a koi"
 
 
-def test_the_body_buffer_is_released_once_parsed(client):
+def test_the_body_buffer_is_released_once_parsed():
     raw = bytearray(answer({"b64_json": b64(tiny_png())}))
-    client._parse(raw, {}, 1)
+    read_answer(raw, {}, 1)
     assert len(raw) == 0  # the answer's bytes are not held while the images are saved
 
 
