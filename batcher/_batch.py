@@ -25,7 +25,8 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -472,27 +473,30 @@ class BatchExecutor:
         does, through the openai SDK's own retries, when the provider answered 5xx after making it) makes
         the batch twice and tells batcher of one; the other would run and be billed. One list per chunk
         (newest first, back to the chunk's start); best effort."""
-        client = ep.batch_client
         try:
-            async for b in client.batches():
-                if b.created_at is not None and b.created_at < chunk.started - LOOKUP_SLACK:
-                    return
-                if b.metadata.get(METADATA_KEY) == chunk.key and b.id != keep and not b.terminal \
-                        and b.status != "cancelling":
-                    self.reporter.log(f"batch chunk {chunk.key}: a second batch {b.id} was made for it (a gateway "
-                                      f"retried the create); cancelling it, {keep} is kept", level="warning")
-                    await client.cancel_batch(b.id)
+            twins = [b async for b in self._tagged(ep, chunk)
+                     if b.id != keep and not b.terminal and b.status != "cancelling"]
+            for b in twins:
+                self.reporter.log(f"batch chunk {chunk.key}: a second batch {b.id} was made for it (a gateway "
+                                  f"retried the create); cancelling it, {keep} is kept", level="warning")
+                await ep.batch_client.cancel_batch(b.id)
         except RequestError as exc:
             self.reporter.log(f"batch chunk {chunk.key}: can't look for a second batch made for it "
                               f"({exc.describe()}): if a gateway made it twice, the other runs too", level="warning")
 
     async def _find_batch(self, ep: EndpointRun, chunk: Chunk) -> Any:
-        async for b in ep.batch_client.batches():
-            if b.created_at is not None and b.created_at < chunk.started - LOOKUP_SLACK:
-                return None
-            if b.metadata.get(METADATA_KEY) == chunk.key:
+        async with aclosing(self._tagged(ep, chunk)) as tagged:
+            async for b in tagged:
                 return b
         return None
+
+    async def _tagged(self, ep: EndpointRun, chunk: Chunk) -> AsyncGenerator[Any, None]:
+        """The provider's batches tagged with this chunk, newest first, back to the chunk's start."""
+        async for b in ep.batch_client.batches():
+            if b.created_at is not None and b.created_at < chunk.started - LOOKUP_SLACK:
+                return
+            if b.metadata.get(METADATA_KEY) == chunk.key:
+                yield b
 
     async def _step(self, ep: EndpointRun, what: str, call: Callable[[], Any]) -> Any:
         """A control-plane call retried on transient failures (STEP_RETRY); fatal ones stop the run.
