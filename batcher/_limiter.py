@@ -241,9 +241,10 @@ class RateLimiter:
     # (the transport says which; the run's first window in any case) count COLD_S late: a slot
     # held that much longer, only while connections are being opened.
     COLD_S = 0.05
-    # A grant becomes a send a little later (the waiter wakes, journals its attempt, writes its
-    # headers): granting that much early keeps each window's sends on time instead of drifting
-    # by it every window. The lead is the least delay seen lately, never more than the margin.
+    # A grant becomes a send a little later (the waiter wakes, journals its attempt, maybe opens a
+    # connection, writes its headers): granting that much early keeps each window's sends on time
+    # instead of drifting by it every window. The lead is the least delay seen in the last
+    # LEAD_SAMPLES sends of the same kind (see wait_time for its caps).
     LEAD_SAMPLES = 64
     CALM_WINDOWS = 5  # clean windows before a widened margin starts to shrink back
     NARROW_STEP_S = 0.005  # ...by this much per window
