@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import anyio
 
@@ -26,6 +26,7 @@ __all__ = ["Window", "RateLimiter", "Permit", "ConcurrencyController", "Drained"
            "advertised"]
 
 Clock = Callable[[], float]
+P = TypeVar("P")  # the permit type a queued acquirer is granted
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -177,13 +178,16 @@ class Window:
         return entry
 
 
-class _Waiter:
+class _Waiter(Generic[P]):
+    """An acquirer queued for `images` (the local and the Redis-shared limiter's queues): woken by
+    `event`, holding its permit once granted."""
+
     __slots__ = ("event", "images", "permit")
 
     def __init__(self, images: int) -> None:
         self.images = images
         self.event = anyio.Event()
-        self.permit: Permit | None = None
+        self.permit: P | None = None
 
 
 class Permit:
@@ -285,7 +289,7 @@ class RateLimiter:
         self._429s: dict[str, deque[float]] = {"requests": deque(), "images": deque()}
         self._ceiling: dict[str, float] = {"requests": math.inf, "images": math.inf}
         self._probe: dict[str, tuple[int, int] | None] = {"requests": None, "images": None}  # (from, step)
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[_Waiter[Permit]] = deque()
         self._first_grant: float | None = None
         # grant -> wire delays of sends that opened a connection (True) or reused one (False)
         self._delays: dict[bool, deque[float]] = {True: deque(maxlen=self.LEAD_SAMPLES),
@@ -328,7 +332,7 @@ class RateLimiter:
         """
         if not self._queue and self.wait_time(images) <= 0:
             return self._grant(self._clock(), images)
-        waiter = _Waiter(images)
+        waiter: _Waiter[Permit] = _Waiter(images)
         self._queue.append(waiter)
         try:
             while waiter.permit is None:

@@ -61,7 +61,7 @@ from typing import Any
 import anyio
 
 from ._exceptions import BatcherError
-from ._limiter import Permit, RateLimiter, advertised, window_shape
+from ._limiter import Permit, RateLimiter, _Waiter, advertised, window_shape
 from ._policy import MAX_WAIT_S
 
 __all__ = [
@@ -278,15 +278,6 @@ def _shape(per_minute: float | None) -> tuple[int, int]:
     return capacity, round(period * 1e6)
 
 
-class _Waiter:
-    __slots__ = ("event", "images", "permit")
-
-    def __init__(self, images: int) -> None:
-        self.images = images
-        self.event = anyio.Event()
-        self.permit: SharedPermit | Permit | None = None
-
-
 class SharedPermit:
     """A send granted by Redis, stamped with Redis's clock. `sent()` moves its members later by
     however long the worker took to send it (with the next round trip); `refund()` removes them
@@ -387,7 +378,7 @@ class SharedRateLimiter:
         self._pause_queued = False
         self._wake = anyio.Event()
         self._lock = anyio.Lock()  # one round trip at a time (the queue's head, or a flush)
-        self._queue: deque[_Waiter] = deque()  # this process's acquirers, first come first served
+        self._queue: deque[_Waiter[SharedPermit | Permit]] = deque()  # this process's acquirers, first come first served
         self._next_try_at = 0.0  # local clock: the head's next trip (Redis said the first waiter waits)
         self.fallback: RateLimiter | None = None
         self._retry_at = 0.0
@@ -413,7 +404,7 @@ class SharedRateLimiter:
         """
         if not self._queue and self.fallback is not None and anyio.current_time() < self._retry_at:
             return await self.fallback.acquire(images)
-        waiter = _Waiter(images)
+        waiter: _Waiter[SharedPermit | Permit] = _Waiter(images)
         self._queue.append(waiter)
         try:
             while waiter.permit is None:
