@@ -151,8 +151,9 @@ def _build(reader: OutputReader, folder: Path) -> tuple[Path, str, Path]:
     expected = (header.get("summary") or {}).get("total") if isinstance(header.get("summary"), dict) else None
     index = _WordIndex(folder / "words", _bucket_count(expected))
     codes: dict[str, int] = {}
+    from ._segments import batched  # a manifest module: not loaded for a run
     with open(folder / "status", "w", encoding="utf-8") as st, open(folder / "code", "w", encoding="utf-8") as cf:
-        for n, chunk in enumerate(_chunks(items)):
+        for n, chunk in enumerate(batched(items, CHUNK)):
             cards = []
             for k, item in enumerate(chunk):
                 card = _card(item, summary)
@@ -181,17 +182,6 @@ def _build(reader: OutputReader, folder: Path) -> tuple[Path, str, Path]:
         fh.write('<script type="application/json" id="report-meta">' + script_json(meta) + "</script>\n")
         fh.write("<script>" + _SCRIPT + "</script>\n</body>\n</html>\n")
     return page, version, data_dir
-
-
-def _chunks(items: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _chunk_name(n: int) -> str:

@@ -91,11 +91,12 @@ def _mark(journal_path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _batches(items: Iterable[Any]) -> Iterator[list[Any]]:
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """`items` in lists of `size` (the last may be shorter): itertools.batched, Python 3.12's."""
     batch: list[Any] = []
     for item in items:
         batch.append(item)
-        if len(batch) == SEGMENT_ITEMS:
+        if len(batch) == size:
             yield batch
             batch = []
     if batch:
@@ -123,7 +124,7 @@ def write_segments(journal: Journal, root: Path, job: dict[str, Any],
     summary = {name: sum(seg["counts"][name] for seg in segments) for name in ("total", "done", "failed", "pending")}
     source = known.items_from(start * SEGMENT_ITEMS) if start else items()
     with open(journal.path, "rb") if journal.path.exists() else open(os.devnull, "rb") as jfh:
-        for k, batch in enumerate(_batches(source), start):
+        for k, batch in enumerate(batched(source, SEGMENT_ITEMS), start):
             keys = hashlib.sha256("".join(f"{i.id}\t{i.rhash}\n" for i in batch).encode()).hexdigest()
             prev = old_segments[k] if k < len(old_segments) else None
             if prev is not None and changed is not None and prev.get("keys") == keys and \
