@@ -10,7 +10,7 @@ import pytest
 
 from batcher import PermanentError, TransientError
 from batcher._cli import main
-from batcher._client import ImagesClient
+from batcher._client import ImagesClient, read_answer
 from batcher._simulator import SimulatorConfig, start_in_thread
 from batcher._writer import OutputDir
 
@@ -26,7 +26,7 @@ def client():
 
 def parse(client, doc, n=1):
     raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-    return client._parse(raw, {"x-request-id": "req_1"}, n)
+    return read_answer(raw, {"x-request-id": "req_1"}, n, client.dialect)
 
 
 def test_both_keys_with_one_null_and_url_instead_of_b64(client):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from batcher._client import ImagesClient
+from batcher._client import ImagesClient, read_answer
 from batcher._dialect import (
     DEFAULT_DIALECT,
     DIALECTS,
@@ -163,10 +163,10 @@ def test_answer_in_images_out(name, doc, n, expected):
     if isinstance(expected, tuple):
         kind, code = expected
         with pytest.raises(kind) as exc:
-            client._parse(raw, {}, n)
+            read_answer(raw, {}, n, client.dialect)
         assert exc.value.code == code
         return
-    gen = client._parse(raw, {"x-request-id": "r"}, n)
+    gen = read_answer(raw, {"x-request-id": "r"}, n, client.dialect)
     assert ["b64" if i.data else "url" for i in gen.images] == expected
     assert gen.usage == doc.get("usage")
 
