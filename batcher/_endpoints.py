@@ -50,6 +50,7 @@ class EndpointRun:
         self.breaker = CircuitBreaker(breaker or BreakerPolicy())
         self.prices = prices
         self.retired: str | None = None
+        self.gate_timed = False  # a worker sleeps until the next slot frees (see SyncExecutor._wait_gate)
         self.stats: dict[str, Any] = {"requests": 0, "done": 0, "failed": 0, "images": 0, "cost": 0.0,
                                       "rate_limited": 0}
 

@@ -137,11 +137,14 @@ class Window:
         # it because it opened a connection (matters only when a kept-alive send replaces it)
         self._log: deque[list] = deque()
         self._used = 0
+        self._left = (-math.inf, 0)  # the last entry out of the window: (when it left, its cost)
 
     def _expire(self, now: float, horizon: float) -> None:
         log = self._log
         while log and log[0][0] + log[0][2] <= now - horizon:
-            self._used -= log.popleft()[1]
+            t, cost, cold = log.popleft()
+            self._used -= cost
+            self._left = (t + cold + horizon, cost)
 
     def used(self, now: float, margin: float = 0.0) -> int:
         self._expire(now, self.period + margin)
@@ -152,10 +155,18 @@ class Window:
 
         `warm`: the next send will go on a kept-alive connection, so an entry that opened one leaves
         the server's window `cold` later; a send that opens one too is read as late as it was."""
+        return max(self.free_at(now, cost, margin, warm) - now, 0.0)
+
+    def free_at(self, now: float, cost: int, margin: float = 0.0, warm: bool = True) -> float:
+        """When `cost` more units fit, as a time (-inf: there is room without anything leaving)."""
         horizon = self.period + margin
         self._expire(now, horizon)
-        if self.capacity is None or not self._log or self._used + cost <= self.capacity:
-            return 0.0
+        if self.capacity is None:
+            return -math.inf
+        if self._used + cost <= self.capacity:
+            left, freed = self._left
+            # there is room since the last entry left (if not for it there would be none), or all along
+            return left if self._used + cost + freed > self.capacity else -math.inf
         need = self._used + cost - self.capacity
         freed = 0
         leaves = -math.inf  # the latest departure among the entries freed (>= the need-th earliest)
@@ -163,8 +174,8 @@ class Window:
             freed += c
             leaves = max(leaves, t + cold if warm else t)
             if freed >= need:
-                return max(leaves + horizon - now, 0.0)
-        return max(leaves + horizon - now, 0.0)
+                break
+        return leaves + horizon
 
     def refund(self, entry: list) -> None:
         if any(e is entry for e in self._log):  # still inside the window
@@ -194,27 +205,34 @@ class Permit:
     """A granted send. `sent()` moves its window entries to the moment it really leaves;
     `refund()` gives them back when the server rejected it (a 429 is not counted there)."""
 
-    __slots__ = ("_clock", "_cold_s", "_entries", "_late", "_on_sent", "granted", "sent_at")
+    __slots__ = ("_clock", "_cold_s", "_entries", "_late", "_on_wire", "granted", "scheduled", "sent_at")
 
     def __init__(self, clock: Clock, *entries: tuple[Window, list], late: float = 0.0, cold_s: float = 0.0,
-                 on_sent: Callable[[float, bool], None] | None = None) -> None:
+                 on_wire: Callable[[Permit, float | None, bool], None] | None = None,
+                 scheduled: float | None = None) -> None:
         self._clock = clock
         self._entries = entries
         self._late = late  # how much later than `sent()` the server may count it (the run's first window)
         self._cold_s = cold_s  # ...or any later send that opened a new connection, if a warm one replaces it
-        self._on_sent = on_sent  # told the delay from the grant to a send after the first window
+        self._on_wire = on_wire  # told when it is on the wire, with its delay from the grant (None: first window)
         self.granted = self.sent_at = clock()  # the grant, until `sent()` says when it really left
+        # when the window meant it to go (its slot free, less the lead; None: it had room): the grant
+        # comes later by the waiter's timer and wake-up, which the lead learns too
+        self.scheduled = None if scheduled is None or scheduled == -math.inf else min(scheduled, self.granted)
 
     def sent(self, new_connection: bool | None = None) -> None:
-        """The request leaves now. The transport says, once its headers are on the wire, whether it
+        """The request leaves now. The transport says, once its bytes are on the wire, whether it
         opened a `new_connection` (the server accepts and reads those later); None: not known."""
         now = self.sent_at = self._clock()
+        if new_connection is False:
+            self._late = 0.0  # a first-window send on a connection opened before the run (open_connections)
         for _, entry in self._entries:
-            entry[0] = max(entry[0], now + self._late)
+            entry[0] = max(self.granted, now + self._late)  # the wire's stamp overrides the one before it
             if new_connection and not self._late:
                 entry[2] = self._cold_s
-        if self._on_sent is not None and not self._late and new_connection is not None:
-            self._on_sent(now - self.granted, new_connection)
+        if self._on_wire is not None and new_connection is not None:
+            delay = None if self._late or self.scheduled is None else now - self.scheduled
+            self._on_wire(self, delay, new_connection)
 
     def refund(self) -> None:
         for window, entry in self._entries:
@@ -250,6 +268,12 @@ class RateLimiter:
     # instead of drifting by it every window. The lead is the least delay seen in the last
     # LEAD_SAMPLES sends of the same kind (see wait_time for its caps).
     LEAD_SAMPLES = 64
+    # One grant at a time goes to the wire: the next waits until the last one's bytes are out. A
+    # grant makes its worker journal the attempt and build the request (~0.3 ms of the event loop);
+    # granted together, a window's 50 all do that before any of them is written (the write is a
+    # task queued behind them), so all leave 15-40 ms late and the next window inherits the delay.
+    # A grant that never reaches the wire (the worker stopped) holds the next back this long at most.
+    BATON_S = 0.010
     CALM_WINDOWS = 5  # clean windows before a widened margin starts to shrink back
     NARROW_STEP_S = 0.005  # ...by this much per window
 
@@ -299,6 +323,15 @@ class RateLimiter:
         # read at once, so an entry that opened a connection leaves the window late. Before, every send
         # opens one (all are read as late as each other), and none needs to wait for that.
         self.warm = False
+        # the last grant while its request is not on the wire yet (see BATON_S): only once a sender
+        # says it stamps sends on the wire (`on_wire`, called when one is: its waiters may go)
+        self._unsent: Permit | None = None
+        self.on_wire: Callable[[], None] | None = None
+
+    def first_share(self) -> int:
+        """How many requests the first window may send at once (0: no limit known yet)."""
+        shares = [w.capacity for w in (self.requests, self.images) if w.capacity]
+        return int(min(shares)) if shares else 0
 
     def _windows(self) -> dict[str, Window]:
         return {"requests": self.requests, "images": self.images}
@@ -308,19 +341,36 @@ class RateLimiter:
         """Acquirers queued for tokens."""
         return len(self._queue)
 
+    def _lead(self) -> float:
+        # while no answer came back every send opens a connection (a lag of its own, often 10-100 ms:
+        # without the lead each window would start that much late); after, a send may reuse one
+        if self.warm:
+            return min(self.leads[False], self.margin)
+        return min(self.leads[True], 0.5 * self.requests.period)
+
     def wait_time(self, images: int, now: float | None = None) -> float:
         now = self._clock() if now is None else now
         warm = self.warm
-        # while no answer came back every send opens a connection (a lag of its own, often 10-100 ms:
-        # without the lead each window would start that much late); after, a send may reuse one
-        lead = min(self.leads[False], self.margin) if warm else min(self.leads[True], 0.5 * self.requests.period)
+        lead = self._lead()
         return max(
+            self._baton(now),
             self.pause_until - now,
             self.requests.wait_time(now, 1, self.margin, warm) - lead,
             self.images.wait_time(now, images, self.margin, warm) - lead,
             self.drained["requests"].wait(now, 1),
             self.drained["images"].wait(now, images),
         )
+
+    def _baton(self, now: float) -> float:
+        """Seconds the last grant may still hold the next one back (0: on the wire, or given up on)."""
+        unsent = self._unsent
+        if unsent is None:
+            return 0.0
+        left = unsent.granted + self.BATON_S - now
+        if left <= 0:
+            self._unsent = None
+            return 0.0
+        return left
 
     async def acquire(self, images: int = 1) -> Permit:
         """Wait until one request for `images` images may be sent, and count it as sent.
@@ -337,8 +387,13 @@ class RateLimiter:
         try:
             while waiter.permit is None:
                 if self._queue[0] is waiter:
-                    wait = self.wait_time(images)
-                    if wait > 0:
+                    now = self._clock()
+                    wait = self.wait_time(images, now)
+                    if 0 < wait <= self._baton(now):
+                        with anyio.move_on_after(wait):  # until the last grant is on the wire (it wakes us)
+                            await waiter.event.wait()
+                        waiter.event = anyio.Event()
+                    elif wait > 0:
                         await self._sleep(wait)
                     else:
                         self._dispatch()
@@ -357,21 +412,33 @@ class RateLimiter:
         if self._first_grant is None:
             self._first_grant = now
         cold = now - self._first_grant < max(self.requests.period, self.images.period)
+        due = max(self.requests.free_at(now, 1, self.margin, self.warm),
+                  self.images.free_at(now, images, self.margin, self.warm))
         permit = Permit(self._clock, (self.requests, self.requests.record(now, 1)),
                         (self.images, self.images.record(now, images)), late=self.cold_s if cold else 0.0,
-                        cold_s=self.cold_s, on_sent=self._sent_after)
+                        cold_s=self.cold_s, on_wire=self._wired, scheduled=due - self._lead())
+        if self.on_wire is not None:
+            self._unsent = permit
         self.drained["requests"].grant(now, 1)
         self.drained["images"].grant(now, images)
         self._maybe_probe(now)
         self._maybe_narrow(now)
         return permit
 
-    def _sent_after(self, delay: float, new_connection: bool) -> None:
-        """A send after the first window was on the wire `delay` s after its grant."""
-        delays = self._delays[new_connection]
-        delays.append(max(0.0, delay))
-        if len(delays) >= 8:
-            self.leads[new_connection] = min(delays)
+    def _wired(self, permit: Permit, delay: float | None, new_connection: bool) -> None:
+        """`permit`'s request is on the wire, `delay` s after it was scheduled (None: in the first window,
+        or the window had room: not timed by it)."""
+        if delay is not None:
+            delays = self._delays[new_connection]
+            delays.append(max(0.0, delay))
+            if len(delays) >= 8:
+                self.leads[new_connection] = min(delays)
+        if self._unsent is permit:
+            self._unsent = None
+            if self._queue:
+                self._queue[0].event.set()
+            if self.on_wire is not None:
+                self.on_wire()
 
     def _dispatch(self) -> None:
         now = self._clock()

@@ -175,6 +175,10 @@ class Dispatcher:
             if not event.is_set():
                 waiters.remove(event)  # a timed-out waiter must not swallow the next wake-up
 
+    def nudge(self, name: str) -> None:
+        """Wake one worker of `name` waiting in `wait` (its endpoint may send again sooner than it thought)."""
+        self._waiters[name].wake_one()
+
     @property
     def done(self) -> bool:
         """Nothing left: the feed is closed and no task is queued, waiting or in flight."""

@@ -470,7 +470,7 @@ class _Runner:
             self._use_shared_limits(self.options.limiter)
         self.journal.append(run_record(self.job.name, str(self.job.path), os.getpid()))
         self.reporter.start(todo, total - todo)
-        await self._pipeline()
+        await self._pipeline(todo)
         return await self._finish(started)
 
     def _redact_secrets(self) -> None:
@@ -491,7 +491,7 @@ class _Runner:
         out = self.sharded.out if self.sharded is not None else str(self.out.root.resolve())
         self.claims = RedisClaims(url, out, self.reporter)
 
-    async def _pipeline(self) -> None:
+    async def _pipeline(self, todo: int) -> None:
         opts = self.options
         timeouts = Timeouts(connect=opts.connect_timeout, read=opts.timeout)
         policy = opts.retry or RetryPolicy(max_attempts=opts.max_attempts)
@@ -516,7 +516,7 @@ class _Runner:
                 control=self.control, reporter=self.reporter, budget=self.budget, policy=policy, rng=rng,
                 max_policy_violations=opts.max_policy_violations, wait=opts.wait)
         async with AsyncExitStack() as stack:
-            await self.executor.open(stack, timeouts, self.job)
+            await self.executor.open(stack, timeouts, self.job, todo)
             for ep in batched:
                 ep.batch_client = await stack.enter_async_context(make_batch_client(ep, timeouts, self.job))
             async with anyio.create_task_group() as outer:

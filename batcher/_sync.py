@@ -8,6 +8,7 @@ Images API request, retrying under `_policy.decide`; answers go through the `Rec
 
 from __future__ import annotations
 
+import functools
 import random
 from contextlib import AsyncExitStack
 
@@ -22,10 +23,13 @@ from ._endpoints import EndpointRun, make_client
 from ._exceptions import FatalError, RequestError, TransientError
 from ._ids import safe_stem
 from ._job import Job
+from ._limiter import RateLimiter
 from ._plan import Budget
 from ._policy import POLICY_CODES, Fail, FailureState, Hold, Retire, RetryPolicy, decide
 from ._report import Reporter
 from ._route import Dispatcher, Task
+
+GATE_FALLBACK_S = 1.0  # a worker waiting to be woken for a slot wakes by itself this long after it
 
 
 class _Stopped(Exception):
@@ -51,14 +55,28 @@ class SyncExecutor:
         self.max_policy_violations = max_policy_violations
         self.policy_violations = 0
 
-    async def open(self, stack: AsyncExitStack, timeouts: Timeouts, job: Job) -> None:
-        """Open each endpoint's client; the stack closes them after the run's task groups end."""
+    async def open(self, stack: AsyncExitStack, timeouts: Timeouts, job: Job, todo: int | None = None) -> None:
+        """Open each endpoint's client; the stack closes them after the run's task groups end.
+
+        An endpoint with a known limit also opens the connections its first window will send on
+        (at most `todo`, the requests left): see `ImagesClient.open_connections`.
+        """
         for ep in self.endpoints:
             ep.client = await stack.enter_async_context(make_client(ep, timeouts, job))
+        async with anyio.create_task_group() as tg:
+            for ep in self.endpoints:
+                share = getattr(ep.limiter, "first_share", lambda: 0)()  # a shared limiter: not yet
+                count = min(share, ep.concurrency, todo if todo is not None else share)
+                if count > 0:
+                    tg.start_soon(ep.client.open_connections, count)
 
     def start(self, work: TaskGroup) -> None:
         """Start every endpoint's workers in `work` (they end when the dispatcher is done or the run stops)."""
         for ep in self.endpoints:
+            if isinstance(ep.limiter, RateLimiter):
+                # its requests are stamped on the wire (see ImagesClient.send): a worker waiting at the
+                # gate for the last grant's send (RateLimiter.BATON_S) is woken when it is out
+                ep.limiter.on_wire = functools.partial(self.dispatch.nudge, ep.name)
             for _ in range(ep.concurrency):
                 work.start_soon(self._endpoint_worker, ep)
 
@@ -82,7 +100,7 @@ class SyncExecutor:
                         break
                     wait = ep.gate()
                     if wait > 0:
-                        if not await control.wait(dispatch.wait, ep.name, wait):
+                        if not await self._wait_gate(ep, wait):
                             return
                         continue
                     task = dispatch.try_take(ep.name)
@@ -105,6 +123,20 @@ class SyncExecutor:
                     await self._attempt(ep, task)
             finally:
                 ep.pool.slots.release()
+
+    async def _wait_gate(self, ep: EndpointRun, wait: float) -> bool:
+        """Wait for `ep`'s next slot (False: the run stopped). One worker sleeps until it frees; the
+        others wait to be woken, one at a time: when that worker's wait ends (the woken one times
+        the slot after) or a send reaches the wire. A herd of timers going off together for every
+        slot cost the event loop more than the sends did, and each send left that much later."""
+        if ep.gate_timed:
+            return await self.control.wait(self.dispatch.wait, ep.name, wait + GATE_FALLBACK_S)
+        ep.gate_timed = True
+        try:
+            return await self.control.wait(self.dispatch.wait, ep.name, wait)
+        finally:
+            ep.gate_timed = False
+            self.dispatch.nudge(ep.name)
 
     async def _finished(self, task: Task, done: bool) -> None:
         """The item leaves this run's hands: out of the dispatcher, its claim released (kept if done)."""

@@ -144,3 +144,38 @@ def test_on_sent_fires_once_when_the_request_is_on_the_wire_and_never_for_a_refu
 
         stamps, _, refused_stamps = anyio.run(main_)
     assert len(stamps) == 1 and refused_stamps == []
+
+
+def test_open_connections_pools_them_for_the_first_requests():
+    """A run's first window goes out on connections opened before it (the server has accepted them)."""
+    import anyio
+    from anyio.abc import SocketAttribute
+
+    from raw_http import RawServer, reply
+
+    ports: list[int] = []
+    answer = json.dumps({"created": 1, "data": [{"b64_json": base64.b64encode(tiny_png()).decode()}]}).encode()
+
+    async def handler(req, stream) -> bool:
+        ports.append(stream.extra(SocketAttribute.remote_port))
+        await stream.send(reply(200, answer))
+        return True
+
+    with RawServer(handler) as server:
+        async def main_() -> tuple[int, int, int, list[bool]]:
+            fresh: list[bool] = []
+            async with ImagesClient(f"{server.url}/v1", KEY, max_connections=4) as client:
+                opened = await client.open_connections(5)  # more than the pool holds: the pool's size
+                assert ports == []  # no request: only connections
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as tg:
+                        for i in range(4):
+                            tg.start_soon(client.generate, {"model": "m", "prompt": f"p{i}"}, fresh.append)
+            async with ImagesClient("http://127.0.0.1:9/v1", KEY) as refused:
+                nothing = await refused.open_connections(3)  # best effort: the requests will say what is wrong
+            return opened, nothing, len(set(ports)), fresh
+
+        opened, nothing, distinct, fresh = anyio.run(main_)
+    assert server.errors == []
+    assert (opened, nothing) == (4, 0)
+    assert fresh == [False] * 4 and distinct == 4  # every request on a connection opened before it

@@ -412,3 +412,89 @@ def test_a_send_on_a_new_connection_leaves_the_window_cold_s_late_once_connectio
         assert limiter.wait_time(1) == pytest.approx(0.5)  # a kept-alive send: no extra
 
     anyio.run(main)
+
+
+def test_a_first_window_send_on_a_connection_opened_before_the_run_is_not_counted_late(clock):
+    # the run opened the first window's connections (ImagesClient.open_connections): a send that
+    # reuses one is read at once, so only one that still opened its own is counted COLD_S late
+    limiter = RateLimiter(rpm=120, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.05)  # 2 per second
+
+    async def main():
+        pooled, opened = await limiter.acquire(), await limiter.acquire()
+        pooled.sent()  # the executor's stamp before sending: not known yet how it goes out
+        opened.sent()
+        clock.now += 0.002
+        pooled.sent(new_connection=False)  # ...then the wire's, which overrides it
+        opened.sent(new_connection=True)
+        assert limiter.wait_time(1) == pytest.approx(1.0)  # the pooled one leaves 1 s after its wire, not 1.05
+        clock.now += 1.0
+        await limiter.acquire()
+        assert limiter.wait_time(1) == pytest.approx(0.05)  # the other one: 1 s + COLD_S after its wire
+
+    anyio.run(main)
+
+
+def test_one_grant_at_a_time_goes_to_the_wire_when_the_sender_says_when(clock):
+    # a window's grants made together all build their requests before any of them is written: the
+    # next grant waits for the last one's bytes (or BATON_S at most, if they never go)
+    limiter = RateLimiter(rpm=3000, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
+    free = RateLimiter(rpm=3000, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
+    woken: list[float] = []
+    limiter.on_wire = lambda: woken.append(clock.now)
+
+    async def main():
+        first = await limiter.acquire()
+        assert limiter.wait_time(1) == pytest.approx(RateLimiter.BATON_S)
+        clock.now += 0.0003
+        first.sent()  # the executor's stamp before sending does not pass it on
+        assert limiter.wait_time(1) == pytest.approx(RateLimiter.BATON_S - 0.0003) and woken == []
+        first.sent(new_connection=False)  # on the wire
+        assert woken == [clock.now] and limiter.wait_time(1) == 0.0
+        await limiter.acquire()  # never sent (its worker stopped): holds the next back BATON_S at most
+        clock.now += RateLimiter.BATON_S
+        assert limiter.wait_time(1) == 0.0 and woken == [woken[0]]
+        # without a sender that stamps the wire, grants go together as before
+        await free.acquire()
+        assert free.wait_time(1) == 0.0
+
+    anyio.run(main)
+
+
+def test_a_queued_acquire_goes_as_soon_as_the_last_grant_is_on_the_wire():
+    limiter = RateLimiter(rpm=3000)  # the real clock
+    limiter.BATON_S = 30.0  # were the wire not to wake it, the acquire would wait this long
+    limiter.on_wire = lambda: None
+    order: list[str] = []
+
+    async def main():
+        first = await limiter.acquire()
+
+        async def second() -> None:
+            await limiter.acquire()
+            order.append("granted")
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(second)
+                await anyio.wait_all_tasks_blocked()
+                assert limiter.waiting == 1
+                order.append("wire")
+                first.sent(new_connection=False)
+
+    anyio.run(main)
+    assert order == ["wire", "granted"]
+
+
+def test_the_lead_also_learns_how_late_the_timer_wakes_the_waiter(clock):
+    # an event loop's timers fire late (epoll counts whole milliseconds), and the waiter then builds its
+    # request: 2 ms + 1 ms after the slot freed. Learned from when the window meant the grant to go
+    # (not from the grant itself), the lead takes both, and the sends settle exactly period + margin apart
+    async def late_sleep(seconds: float) -> None:
+        await clock.sleep(seconds + 0.002)
+
+    limiter = RateLimiter(rpm=60, clock=clock, sleep=late_sleep, margin=0.010, cold_s=0.0)  # 1 per second
+    limiter.observe_headers({})
+    sends, gaps = _sends(limiter, clock, 14, 0.001, new_connection=False)
+    assert limiter.leads[False] == pytest.approx(0.003)
+    assert gaps[1] == pytest.approx(1.013) and gaps[-1] == pytest.approx(1.010)
+    assert min(gaps) >= 1.010 - 1e-9  # never sooner than period + margin
