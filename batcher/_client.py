@@ -171,7 +171,7 @@ async def _chunks(stream: Any) -> AsyncIterator[bytes]:
         yield chunk
 
 
-ON_SENT = "batcher.on_sent"  # a request extension: called when the request's headers are on the wire
+ON_SENT = "batcher.on_sent"  # a request extension: called when the request is on the wire (its body written)
 
 
 # a failed image download is fetched again (never generated again): the one backoff formula,
@@ -408,7 +408,7 @@ class ImagesClient(_Endpoint):
         """Send one generation request; raise a classified RequestError on any failure.
 
         `body` holds batcher's canonical fields; the dialect turns it into what is sent.
-        `on_sent` is called when the request's headers are on the wire (the rate limiter's stamp),
+        `on_sent` is called when the request is on the wire (the rate limiter's stamp),
         with True when the request opened a new connection (the server reads those later).
         """
         answer = await self.send(body, on_sent)
