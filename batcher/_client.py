@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 from urllib.parse import urlsplit
 
 import aiofiles
@@ -107,6 +107,7 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
         connector = aiohttp.TCPConnector(limit=max(1, self._max_connections), limit_per_host=0,
                                          keepalive_timeout=60)
         trace = aiohttp.TraceConfig()
+        trace.on_connection_create_start.append(_connection_creating)
         trace.on_connection_create_end.append(_connection_created)
         trace.on_request_chunk_sent.append(_body_sent)
         return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
@@ -128,7 +129,7 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
                 request.method, str(request.url), data=data, allow_redirects=False,
                 headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
                 timeout=timeout, ssl=self._tls() if request.url.scheme == "https" else True,
-                trace_request_ctx=request.extensions.get(ON_SENT))
+                trace_request_ctx=_SendHooks(request.extensions.get(ON_SENT), request.extensions.get(ON_CONNECTING)))
         return httpx.Response(resp.status, headers=resp.raw_headers, stream=_AiohttpStream(resp),
                               extensions={"http_version": b"HTTP/1.1"})
 
@@ -172,11 +173,25 @@ async def _chunks(stream: Any) -> AsyncIterator[bytes]:
 
 
 ON_SENT = "batcher.on_sent"  # a request extension: called when the request is on the wire (its body written)
+ON_CONNECTING = "batcher.on_connecting"  # ...called when the request starts opening a connection
+
+
+class _SendHooks(NamedTuple):
+    on_sent: Callable[[bool], None] | None
+    on_connecting: Callable[[], None] | None
 
 
 # a failed image download is fetched again (never generated again): the one backoff formula,
 # with a short ceiling since the image is already paid for and its URL may expire
 DOWNLOAD_RETRY = RetryPolicy(max_attempts=3, base=0.5, cap=5.0)
+
+
+async def _connection_creating(session: Any, ctx: Any, params: Any) -> None:
+    # the request waits for a connection (the network's round trips, a TLS handshake): the event loop
+    # is free for the next request meanwhile (see RateLimiter.BATON_S)
+    hooks = ctx.trace_request_ctx
+    if isinstance(hooks, _SendHooks) and hooks.on_connecting is not None:
+        hooks.on_connecting()
 
 
 async def _connection_created(session: Any, ctx: Any, params: Any) -> None:
@@ -193,9 +208,9 @@ async def _body_sent(session: Any, ctx: Any, params: Any) -> None:
     if getattr(ctx, "sent", False):
         return
     ctx.sent = True
-    on_sent = ctx.trace_request_ctx
-    if callable(on_sent):
-        on_sent(getattr(ctx, "new_connection", False))
+    hooks = ctx.trace_request_ctx
+    if isinstance(hooks, _SendHooks) and hooks.on_sent is not None:
+        hooks.on_sent(getattr(ctx, "new_connection", False))
 
 
 class _AiohttpStream(httpx.AsyncByteStream):
@@ -409,7 +424,8 @@ class ImagesClient(_Endpoint):
 
         `body` holds batcher's canonical fields; the dialect turns it into what is sent.
         `on_sent` is called when the request is on the wire (the rate limiter's stamp),
-        with True when the request opened a new connection (the server reads those later).
+        with True when the request opened a new connection (the server reads those later);
+        `send` also takes `on_connecting`, called when it starts opening one.
         """
         answer = await self.send(body, on_sent)
         if len(answer.raw) < INLINE_PARSE_BYTES:
@@ -421,7 +437,8 @@ class ImagesClient(_Endpoint):
             self._parse_slots = anyio.CapacityLimiter(os.cpu_count() or 2)
         return await anyio.to_thread.run_sync(answer.read, limiter=self._parse_slots)
 
-    async def send(self, body: dict[str, Any], on_sent: Callable[[bool], None] | None = None) -> Answer:
+    async def send(self, body: dict[str, Any], on_sent: Callable[[bool], None] | None = None,
+                   on_connecting: Callable[[], None] | None = None) -> Answer:
         """`generate` without reading the answer: a 200's body, for the caller to `read()` where it
         likes (the executor reads, saves and records it in one worker-thread call). Raises a
         classified RequestError for every other answer or failure.
@@ -437,6 +454,8 @@ class ImagesClient(_Endpoint):
         extensions: dict[str, Any] = {"timeout": self._timeout_ext}
         if on_sent is not None:
             extensions[ON_SENT] = on_sent
+        if on_connecting is not None:
+            extensions[ON_CONNECTING] = on_connecting
         if prepared.headers:
             headers = httpx.Headers(self._request_headers)
             headers.update(prepared.headers)

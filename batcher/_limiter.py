@@ -208,13 +208,15 @@ class Permit:
     __slots__ = ("_clock", "_cold_s", "_entries", "_late", "_on_wire", "granted", "scheduled", "sent_at")
 
     def __init__(self, clock: Clock, *entries: tuple[Window, list], late: float = 0.0, cold_s: float = 0.0,
-                 on_wire: Callable[[Permit, float | None, bool], None] | None = None,
+                 on_wire: Callable[[Permit, float | None, bool | None], None] | None = None,
                  scheduled: float | None = None) -> None:
         self._clock = clock
         self._entries = entries
         self._late = late  # how much later than `sent()` the server may count it (the run's first window)
         self._cold_s = cold_s  # ...or any later send that opened a new connection, if a warm one replaces it
-        self._on_wire = on_wire  # told when it is on the wire, with its delay from the grant (None: first window)
+        # told when it is on the wire, with its delay since scheduled (None: not timed by the window), and
+        # whether it opened a connection (None: it is only starting to)
+        self._on_wire = on_wire
         self.granted = self.sent_at = clock()  # the grant, until `sent()` says when it really left
         # when the window meant it to go (its slot free, less the lead; None: it had room): the grant
         # comes later by the waiter's timer and wake-up, which the lead learns too
@@ -233,6 +235,12 @@ class Permit:
         if self._on_wire is not None and new_connection is not None:
             delay = None if self._late or self.scheduled is None else now - self.scheduled
             self._on_wire(self, delay, new_connection)
+
+    def connecting(self) -> None:
+        """The request starts opening a connection: not on the wire yet, but the event loop is free
+        for the next one meanwhile (a TLS handshake takes round trips, not this process's time)."""
+        if self._on_wire is not None:
+            self._on_wire(self, None, None)
 
     def refund(self) -> None:
         for window, entry in self._entries:
@@ -425,10 +433,10 @@ class RateLimiter:
         self._maybe_narrow(now)
         return permit
 
-    def _wired(self, permit: Permit, delay: float | None, new_connection: bool) -> None:
+    def _wired(self, permit: Permit, delay: float | None, new_connection: bool | None) -> None:
         """`permit`'s request is on the wire, `delay` s after it was scheduled (None: in the first window,
-        or the window had room: not timed by it)."""
-        if delay is not None:
+        or the window had room: not timed by it); `new_connection` None: it only started opening one."""
+        if delay is not None and new_connection is not None:
             delays = self._delays[new_connection]
             delays.append(max(0.0, delay))
             if len(delays) >= 8:

@@ -233,7 +233,8 @@ class SyncExecutor:
             body["n"] = wanted
         try:
             with anyio.fail_after(self.deadline):
-                answer = await ep.client.send(body, on_sent=permit.sent)  # re-stamped on the wire
+                answer = await ep.client.send(body, on_sent=permit.sent,  # re-stamped on the wire
+                                              on_connecting=getattr(permit, "connecting", None))
         except TimeoutError:
             raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
         except RequestError as exc:

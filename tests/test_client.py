@@ -126,14 +126,21 @@ def test_on_sent_fires_once_when_the_request_is_on_the_wire_and_never_for_a_refu
                 stamps.append(anyio.current_time())
                 fresh.append(new_connection)
 
+            connecting: list[int] = []
             async with ImagesClient(sim.base_url, KEY) as good:
                 began = anyio.current_time()
                 gen = await good.generate({"model": "m", "prompt": "p", "size": "8x8"}, on_sent=stamp)
                 answered = anyio.current_time()
                 assert gen.images and len(stamps) == 1 and began <= stamps[0] <= answered - 0.04
-                await good.generate({"model": "m", "prompt": "q", "size": "8x8"}, on_sent=stamp)
+                answer = await good.send({"model": "m", "prompt": "q", "size": "8x8"}, on_sent=stamp,
+                                         on_connecting=lambda: connecting.append(len(stamps)))
+                assert answer.read().images
                 # the first opened a connection (the server reads it later), the second kept it alive
-                assert fresh == [True, False]
+                assert fresh == [True, False] and connecting == []
+                await good.aclose()  # the pool is gone: the next request opens one, and says so first
+                await good.send({"model": "m", "prompt": "r", "size": "8x8"}, on_sent=stamp,
+                                on_connecting=lambda: connecting.append(len(stamps)))
+                assert fresh == [True, False, True] and connecting == [2]
                 del stamps[1:]
             refused_stamps: list[float] = []
             async with ImagesClient("http://127.0.0.1:9/v1", KEY) as refused:

@@ -498,3 +498,22 @@ def test_the_lead_also_learns_how_late_the_timer_wakes_the_waiter(clock):
     assert limiter.leads[False] == pytest.approx(0.003)
     assert gaps[1] == pytest.approx(1.013) and gaps[-1] == pytest.approx(1.010)
     assert min(gaps) >= 1.010 - 1e-9  # never sooner than period + margin
+
+
+def test_a_grant_whose_request_opens_a_connection_lets_the_next_one_go_meanwhile(clock):
+    # a TLS handshake is round trips, not this process's time: holding the next grant back for it
+    # would cap a remote endpoint at one new connection per BATON_S (100 sends a second)
+    limiter = RateLimiter(rpm=60000, clock=clock, sleep=clock.sleep, margin=0.0, cold_s=0.0)
+    woken: list[float] = []
+    limiter.on_wire = lambda: woken.append(clock.now)
+
+    async def main():
+        first = await limiter.acquire()
+        assert limiter.wait_time(1) > 0
+        first.connecting()
+        assert limiter.wait_time(1) == 0.0 and woken == [clock.now]
+        clock.now += 0.150  # the handshake
+        first.sent(new_connection=True)  # on the wire: counted from here, nothing more to pass on
+        assert woken == [woken[0]] and limiter.leads[True] == 0.0  # not timed by the window: no sample
+
+    anyio.run(main)
