@@ -84,7 +84,8 @@ KINDS = ("requests", "images")
 #       4 requests period µs, 5 images capacity, 6 images period µs, 7 margin µs, 8 pause µs from now
 #       (0: none), 9 requests limit to publish ("" none), 10 images limit to publish, 11 requests drained
 #       ("interval_us reset_us age_us": the server said none remain; "" none), 12 images drained,
-#       13 µs to stamp this grant late (a cold start, SharedRateLimiter.COLD_S), 14 restamps "member images µs ..."
+#       13 µs to stamp this grant late (batcher sends 0 since a first-window send that opened a connection
+#       is restamped COLD_S late instead, SharedPermit.sent; older workers' 100 ms read the same), 14 restamps "member images µs ..."
 #       (granted sends that left late: their members move that much later), 15 "token backlog": this worker's
 #       items still to send ("" none), 16.. refunds as member, images pairs
 # Waiters are granted in order while each fits now (a process's queue in one trip); the first that
@@ -231,9 +232,18 @@ return 0
 """
 
 
-def connect(url: str, *, timeout: float = 1.0) -> Any:
+# Connections one client opens to Redis, at most. A worker's tasks all claim their first item at
+# once: with a connection each (redis-py's default pool), 4 workers starting together opened ~130
+# connections with their handshakes, and each worker's first claim took 0.1-0.5 s (bench/shards.py,
+# load 3): the first window's 50 sends then waited for the second worker up. Commands take well
+# under a millisecond on a few shared connections; a caller waits at most `timeout` for a free one.
+POOL_CONNECTIONS = 4
+
+
+def connect(url: str, *, timeout: float = 1.0, connections: int = POOL_CONNECTIONS) -> Any:
     """A `redis.asyncio.Redis` for `url` (redis:// or rediss://) that fails fast instead of retrying:
-    the limiter has its own fallback, and a stalled call would stall every worker behind it."""
+    the limiter has its own fallback, and a stalled call would stall every worker behind it. At most
+    `connections` connections; a command waits up to `timeout` for one (then: Redis is away)."""
     try:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
@@ -241,8 +251,10 @@ def connect(url: str, *, timeout: float = 1.0) -> Any:
     except ImportError:
         raise BatcherError(f"a Redis limiter ({url.split('@')[-1]}) needs the redis extra: "
                            f"pip install 'batcher[redis]'") from None
-    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                   retry=Retry(NoBackoff(), 0))
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max(1, connections), timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
 
 
 def _down_errors() -> tuple[type[BaseException], ...]:
@@ -283,21 +295,31 @@ class SharedPermit:
     however long the worker took to send it (with the next round trip); `refund()` removes them
     on the next round trip."""
 
-    __slots__ = ("_limiter", "images", "member", "sent_at")
+    __slots__ = ("_cold", "_limiter", "images", "member", "sent_at")
 
-    def __init__(self, limiter: SharedRateLimiter, member: str, images: int, granted_at: float | None = None) -> None:
+    def __init__(self, limiter: SharedRateLimiter, member: str, images: int, granted_at: float | None = None,
+                 cold: float = 0.0) -> None:
         self._limiter = limiter
         self.member = member
         self.images = images
+        self._cold = cold  # how much later the server may count it if it opens a connection
         # when Redis stamped it, on the local clock: the middle of the round trip that granted it
         # (the reply's way back is as late as the send, and is counted so)
         self.sent_at = anyio.current_time() if granted_at is None else granted_at
 
-    def sent(self, new_connection: bool = False) -> None:
+    def sent(self, new_connection: bool | None = None) -> None:
         """The request leaves now: if that is later than the grant (a busy worker), its members
-        move as late, with the next round trip, so no worker's next window lands early."""
+        move as late, with the next round trip, so no worker's next window lands early.
+
+        `new_connection` (the transport says it once the headers are on the wire): a send granted in
+        this process's first window that opened its connection moves `SharedRateLimiter.cold_s`
+        later still: the server reads such a burst of fresh connections late, and the kept-alive
+        send that replaces it in the next window must not land inside the server's count of it."""
         now = anyio.current_time()
         late = now - self.sent_at
+        if new_connection:
+            late += self._cold
+            self._cold = 0.0  # once
         self.sent_at = now
         if late >= 0.001:
             self._limiter._queue_restamp(self.member, self.images, late)
@@ -318,12 +340,14 @@ class SharedRateLimiter:
     MAX_MARGIN_S = 0.200
     MAX_BATCH = 64  # waiters asked for in one round trip (its arguments stay small)
     YIELD_S = 0.02  # a worker over its share waits this long for the others before taking a freed slot
-    # A process's first second of grants is counted this late (its sends open new connections, the
-    # server counts them later). Not RateLimiter.COLD_S: the local limiter also grants early by
-    # the delay it measures, this one does not, and its first window leaves in a few bursts (one
-    # per trip), each of which draws a 429 per send when the next window lands early (with 20 ms:
-    # 10 of 19 429s at the second window in bench/shards.py row 1, load 4-7).
-    COLD_S = 0.1
+    # A send granted in this process's first window that opened its connection is counted this late
+    # (SharedPermit.sent): a process's first window opens a connection per send at once, and the
+    # server reads that burst late. bench/shards.py, the simulator's own admission times (load 2-3):
+    # first-window requests admitted 10-28 ms (median), up to 69 ms, after their connection's accept;
+    # connections opened later, one or a few at a time, 1-4 ms (at most 15), as kept-alive sends, and
+    # the sends replacing them kept as much slack as any other: a cold stamp there (tried) cost a
+    # ~50 ms step to every window that opened one. Was 100 ms on a process's whole first second.
+    COLD_S = RateLimiter.COLD_S
 
     def __init__(
         self,
@@ -335,10 +359,12 @@ class SharedRateLimiter:
         workers: int = 1,
         margin: float = 0.020,
         timeout: float = 1.0,
+        cold_s: float | None = None,
     ) -> None:
         self._redis = connect(redis, timeout=timeout) if isinstance(redis, str) else redis
         self.endpoint = endpoint
         self.workers = max(1, workers)
+        self.cold_s = self.COLD_S if cold_s is None else cold_s
         # above RateLimiter's: the gap from a send to the server's count varies more across
         # processes than within one. 20 ms (was 30, before sends were restamped from the middle
         # of the granting trip): bench/shards.py rows 1, 7, 8 at load 1-2 gave 0.946-0.957 and no
@@ -373,7 +399,7 @@ class SharedRateLimiter:
         self._publish: dict[str, str] = {}
         self._drained: dict[str, str] = {}  # kind -> "interval_us reset_us age_us", rides the next trip
         self._429s: dict[str, deque[float]] = {kind: deque() for kind in KINDS}
-        self._first_grant: float | None = None  # local clock: this process's first send is cold
+        self._first_grant: float | None = None  # local clock: grants in this process's first window are cold
         self._restamps: list[str] = []
         self._pause_queued = False
         self._wake = anyio.Event()
@@ -445,6 +471,13 @@ class SharedRateLimiter:
         since = anyio.current_time() - period_us / 1e6
         return share - sum(1 for at, _ in self._recent if at > since)
 
+    def _cold(self, now: float) -> float:
+        """`cold_s` for a grant in this process's first window (a window's length from its first grant)."""
+        if self._first_grant is None:
+            self._first_grant = now
+        period = max(period_us for _, period_us in self.shapes.values()) / 1e6
+        return self.cold_s if now - self._first_grant < period else 0.0
+
     def _hand_on(self) -> None:
         if self._queue:
             self._queue[0].event.set()  # the new head takes over the round trips
@@ -492,7 +525,7 @@ class SharedRateLimiter:
                 continue
             self._queue.remove(w)
             self._remember(w.images)
-            w.permit = SharedPermit(self, member, w.images, stamped_at)
+            w.permit = SharedPermit(self, member, w.images, stamped_at, self._cold(now))
             w.event.set()
         if granted:
             self._yielded = False
@@ -613,13 +646,9 @@ class SharedRateLimiter:
         args: list[Any] = [" ".join(members), " ".join(map(str, costs))]
         for kind in KINDS:
             args += list(self._configured[kind])
-        now = anyio.current_time()
-        if self._first_grant is None and asked:
-            self._first_grant = now
-        cold = asked and now - (self._first_grant or now) < 1.0  # this process's first second
         args += [round(self.margin * 1e6), round(pause_s * 1e6), publish.get("requests", ""),
                  publish.get("images", ""), drained.get("requests", ""), drained.get("images", ""),
-                 round(self.COLD_S * 1e6) if cold else 0, " ".join(restamps),
+                 0, " ".join(restamps),  # 0: no grant is stamped late; cold sends are restamped
                  f"{self._token} {max(0, int(self.backlog()))}" if self.backlog is not None and asked else ""]
         for refund in refunds:
             args += list(refund)
