@@ -340,13 +340,13 @@ class SharedRateLimiter:
     MAX_MARGIN_S = 0.200
     MAX_BATCH = 64  # waiters asked for in one round trip (its arguments stay small)
     YIELD_S = 0.02  # a worker over its share waits this long for the others before taking a freed slot
-    # A send granted in this process's first window that opened its connection is counted this late
-    # (SharedPermit.sent): a process's first window opens a connection per send at once, and the
-    # server reads that burst late. bench/shards.py, the simulator's own admission times (load 2-3):
-    # first-window requests admitted 10-28 ms (median), up to 69 ms, after their connection's accept;
-    # connections opened later, one or a few at a time, 1-4 ms (at most 15), as kept-alive sends, and
-    # the sends replacing them kept as much slack as any other: a cold stamp there (tried) cost a
-    # ~50 ms step to every window that opened one. Was 100 ms on a process's whole first second.
+    # A send that opened its connection, granted within a window of this process's first ask, is
+    # counted this late (SharedPermit.sent, _cold): the run's first window opens a connection per
+    # send at once and the server reads that burst late. bench/shards.py, the simulator's own
+    # admission times (load 2-5): the run's first-window requests admitted 10-58 ms (median), up to
+    # 127 ms, after their accept (263 ms at load 6: there 50 ms drew 429s, 100 ms had not); later
+    # connections 1-6 ms, like kept-alive sends, and a cold stamp on them (tried) cost ~50 ms to
+    # every window that opened one. Was 100 ms on every grant of a process's first second.
     COLD_S = RateLimiter.COLD_S
 
     def __init__(
@@ -399,7 +399,7 @@ class SharedRateLimiter:
         self._publish: dict[str, str] = {}
         self._drained: dict[str, str] = {}  # kind -> "interval_us reset_us age_us", rides the next trip
         self._429s: dict[str, deque[float]] = {kind: deque() for kind in KINDS}
-        self._first_grant: float | None = None  # local clock: grants in this process's first window are cold
+        self._first_ask: float | None = None  # local clock: this process's first trip for a grant
         self._restamps: list[str] = []
         self._pause_queued = False
         self._wake = anyio.Event()
@@ -472,11 +472,12 @@ class SharedRateLimiter:
         return share - sum(1 for at, _ in self._recent if at > since)
 
     def _cold(self, now: float) -> float:
-        """`cold_s` for a grant in this process's first window (a window's length from its first grant)."""
-        if self._first_grant is None:
-            self._first_grant = now
+        """`cold_s` for a grant within a window's length of this process's first ask. A process
+        that starts with the run sends its share at once, on fresh connections, to a server that
+        is starting too; one that first asks when the window is full is granted slot by slot as
+        they free (bench/shards.py: such connections were read 1-5 ms after their accept)."""
         period = max(period_us for _, period_us in self.shapes.values()) / 1e6
-        return self.cold_s if now - self._first_grant < period else 0.0
+        return self.cold_s if self._first_ask is not None and now - self._first_ask < period else 0.0
 
     def _hand_on(self) -> None:
         if self._queue:
@@ -510,6 +511,8 @@ class SharedRateLimiter:
         try:
             async with self._lock:
                 asked_at = anyio.current_time()
+                if self._first_ask is None:
+                    self._first_ask = asked_at
                 reply = await self._trip(members, [w.images for w in batch])
         except self._down as exc:
             self._lose_redis(exc)

@@ -221,12 +221,32 @@ def test_first_window_sends_that_open_a_connection_are_counted_cold_and_no_other
     anyio.run(main)
 
 
+def test_a_process_that_first_waits_for_a_full_window_is_not_counted_cold():
+    async def main():
+        r = fake()
+        first = limiter(r, rpm=120)  # 2 per 1 s
+        await first.acquire()
+        await first.acquire()  # the run's first window, full
+        late = limiter(r, rpm=120)  # a worker starting after it: granted a slot as it frees, ~1 s on
+        with anyio.fail_after(5):
+            permit = await late.acquire()
+        (stamped,) = [s for m, s in await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
+                      if m.decode() == permit.member]
+        permit.sent(new_connection=True)
+        await late.flush()
+        (moved,) = [s for m, s in await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
+                    if m.decode() == permit.member]
+        assert moved - stamped < 30_000  # its connections open a slot at a time: read at once
+
+    anyio.run(main)
+
+
 def test_a_connection_opened_after_the_first_window_is_not_counted_cold():
     async def main():
         r = fake()
         lim = limiter(r, rpm=6000)
         await lim.acquire()
-        lim._first_grant = anyio.current_time() - 2.0  # this process's first window is over
+        lim._first_ask = anyio.current_time() - 2.0  # this process's first window is over
         permit = await lim.acquire()
         (_, stamped), = [(m, s) for m, s in await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
                          if m.decode() == permit.member]
@@ -243,7 +263,7 @@ def test_a_send_that_leaves_late_moves_its_members_as_late():
     async def main():
         r = fake()
         lim = limiter(r, rpm=6000, ipm=6000)
-        lim._first_grant = anyio.current_time() - 2.0  # warm: no cold stamp
+        lim._first_ask = anyio.current_time() - 2.0  # warm: no cold stamp
         permit = await lim.acquire(2)
         before = dict(await r.zrange("batcher:{ep}:images", 0, -1, withscores=True))
         await anyio.sleep(0.05)  # a busy worker: the send leaves 50 ms after the grant
@@ -388,7 +408,7 @@ def test_a_round_trip_grants_only_what_fits_and_the_rest_wait_their_turn():
     async def main():
         r = fake()
         lim = limiter(r, rpm=600)  # 10 per 1 s
-        lim._first_grant = anyio.current_time() - 2.0  # warm: no cold stamp
+        lim._first_ask = anyio.current_time() - 2.0  # warm: no cold stamp
         async with anyio.create_task_group() as tg:
             got = queued(tg, lim, 14)
             await anyio.sleep(0.3)
@@ -404,7 +424,7 @@ def test_one_trip_takes_at_most_one_workers_share_of_the_window():
     async def main():
         r = fake()
         lim = limiter(r, rpm=1200, workers=4)  # 20 per 1 s over 4 workers: 5 per trip
-        lim._first_grant = anyio.current_time() - 2.0
+        lim._first_ask = anyio.current_time() - 2.0
         await lim.flush()  # the limit is known before the queue forms
         async with anyio.create_task_group() as tg:
             got = queued(tg, lim, 20)
@@ -447,7 +467,7 @@ def test_a_grants_lateness_counts_from_the_middle_of_its_round_trip():
     async def main():
         r = fake()
         lim = limiter(r, rpm=6000)
-        lim._first_grant = anyio.current_time() - 2.0
+        lim._first_ask = anyio.current_time() - 2.0
         await slow_trips(lim, 0.08)  # Redis stamps the grant ~80 ms into the trip
         permit = await lim.acquire()
         (_, stamped), = await r.zrange("batcher:{ep}:requests", 0, -1, withscores=True)
@@ -463,7 +483,7 @@ def test_a_late_send_is_restamped_at_once_not_when_the_head_next_asks():
     async def main():
         r = fake()
         lim = limiter(r, rpm=60)  # 1 per 1 s: the second acquirer waits about a second
-        lim._first_grant = anyio.current_time() - 2.0
+        lim._first_ask = anyio.current_time() - 2.0
         first = await lim.acquire()
         async with anyio.create_task_group() as tg:
             queued(tg, lim, 1)
@@ -484,7 +504,7 @@ def test_a_waiter_cancelled_during_the_round_trip_gives_its_grant_back():
     async def main():
         r = fake()
         lim = limiter(r, rpm=3000)
-        lim._first_grant = anyio.current_time() - 2.0
+        lim._first_ask = anyio.current_time() - 2.0
         await lim.acquire()  # the window's state is known
         await slow_trips(lim, 0.1)
         got: list = []
@@ -525,7 +545,7 @@ def test_each_workers_share_of_the_window_follows_its_backlog():
         r = fake()
         a, b = limiter(r, rpm=2400, workers=2), limiter(r, rpm=2400, workers=2)  # 40 per 1 s
         for lim in (a, b):
-            lim._first_grant = anyio.current_time() - 2.0
+            lim._first_ask = anyio.current_time() - 2.0
         a.backlog, b.backlog = (lambda: 30), (lambda: 10)  # items each still has to send
         assert a._room() is None  # nothing published yet: no share
         await a.acquire()
