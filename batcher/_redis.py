@@ -343,7 +343,7 @@ class SharedRateLimiter:
     # A send that opened its connection, granted within a window of this process's first ask, is
     # counted this late (SharedPermit.sent, _cold): the run's first window opens a connection per
     # send at once and the server reads that burst late. bench/shards.py, the simulator's own
-    # admission times (load 2-5): the run's first-window requests admitted 10-58 ms (median), up to
+    # admission times (load 2-5): the run's first-window requests admitted 1-76 ms (median), up to
     # 127 ms, after their accept (263 ms at load 6: there 50 ms drew 429s, 100 ms had not); later
     # connections 1-6 ms, like kept-alive sends, and a cold stamp on them (tried) cost ~50 ms to
     # every window that opened one. Was 100 ms on every grant of a process's first second.
