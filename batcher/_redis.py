@@ -451,6 +451,14 @@ class SharedRateLimiter:
                     self._hand_on()
         return waiter.permit
 
+    def first_share(self) -> int:
+        """Connections to open before the first send (`SyncExecutor.open`, as `RateLimiter.first_share`):
+        the window's capacity (0: no limit known yet). The first window then leaves on kept-alive
+        connections, read at once and not counted cold (see SharedPermit.sent); the executor caps it
+        at this worker's concurrency and its requests left."""
+        shares = [capacity for capacity, _ in self.shapes.values() if capacity]
+        return min(shares) if shares else 0
+
     def _fair_batch(self) -> int:
         """At most one worker's share of a window per trip (capacity ÷ workers, rounded up): the
         process that wins the race for freed slots does not take them all, and one left alone

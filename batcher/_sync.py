@@ -65,7 +65,7 @@ class SyncExecutor:
             ep.client = await stack.enter_async_context(make_client(ep, timeouts, job))
         async with anyio.create_task_group() as tg:
             for ep in self.endpoints:
-                share = getattr(ep.limiter, "first_share", lambda: 0)()  # a shared limiter: not yet
+                share = getattr(ep.limiter, "first_share", lambda: 0)()
                 count = min(share, ep.concurrency, todo if todo is not None else share)
                 if count > 0:
                     tg.start_soon(ep.client.open_connections, count)
