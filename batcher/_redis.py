@@ -311,7 +311,7 @@ class SharedPermit:
         """The request leaves now: if that is later than the grant (a busy worker), its members
         move as late, with the next round trip, so no worker's next window lands early.
 
-        `new_connection` (the transport says it once the headers are on the wire): a send granted in
+        `new_connection` (the transport says it once the request is on the wire): a send granted in
         this process's first window that opened its connection moves `SharedRateLimiter.cold_s`
         later still: the server reads such a burst of fresh connections late, and the kept-alive
         send that replaces it in the next window must not land inside the server's count of it."""
@@ -341,11 +341,11 @@ class SharedRateLimiter:
     MAX_BATCH = 64  # waiters asked for in one round trip (its arguments stay small)
     YIELD_S = 0.02  # a worker over its share waits this long for the others before taking a freed slot
     # A send that opened its connection, granted within a window of this process's first ask, is
-    # counted this late (SharedPermit.sent, _cold): the run's first window opens a connection per
-    # send at once and the server reads that burst late. bench/shards.py, the simulator's own
-    # admission times (load 2-5): the run's first-window requests admitted 1-76 ms (median), up to
-    # 127 ms, after their accept (263 ms at load 6: there 50 ms drew 429s, 100 ms had not); later
-    # connections 1-6 ms, like kept-alive sends, and a cold stamp on them (tried) cost ~50 ms to
+    # counted this late (SharedPermit.sent, _cold): a first window sent on fresh connections is a
+    # burst the server reads late (most now go on connections opened before it: first_share).
+    # bench/shards.py, the simulator's own admission times (load 2-5): such requests admitted 1-76 ms
+    # (median), up to 127 ms, after their accept (one run at load 6: 263 ms, 19 429s); connections
+    # opened later 1-6 ms, like kept-alive sends, and a cold stamp on them (tried) cost ~50 ms to
     # every window that opened one. Was 100 ms on every grant of a process's first second.
     COLD_S = RateLimiter.COLD_S
 
@@ -368,7 +368,8 @@ class SharedRateLimiter:
         # above RateLimiter's: the gap from a send to the server's count varies more across
         # processes than within one. 20 ms (was 30, before sends were restamped from the middle
         # of the granting trip): bench/shards.py rows 1, 7, 8 at load 1-2 gave 0.946-0.957 and no
-        # 429 (30 ms: 0.927-0.947); 15 ms at load 4-6 drew up to 10 429s a row. 429s widen it.
+        # 429 (30 ms: 0.927-0.947); 15 ms at load 4-6 drew up to 10 429s a row, and 10 or 15 ms again
+        # at load 2-5 with per-connection cold stamps (5-16 429s a row). 429s widen it.
         self.margin = margin
         self.base_margin = margin  # a margin widened by 429s shrinks back to this (RateLimiter's rule)
         self._last_429 = -1e9
