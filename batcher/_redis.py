@@ -369,7 +369,7 @@ class SharedRateLimiter:
         # processes than within one. 20 ms (was 30, before sends were restamped from the middle
         # of the granting trip): bench/shards.py rows 1, 7, 8 at load 1-2 gave 0.946-0.957 and no
         # 429 (30 ms: 0.927-0.947); 15 ms at load 4-6 drew up to 10 429s a row, and 10 or 15 ms again
-        # at load 2-5 with per-connection cold stamps (5-16 429s a row). 429s widen it.
+        # at load 2-5 with first-window cold stamps (3-16 429s a row). 429s widen it.
         self.margin = margin
         self.base_margin = margin  # a margin widened by 429s shrinks back to this (RateLimiter's rule)
         self._last_429 = -1e9
