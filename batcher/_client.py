@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, NamedTuple, Self
 from urllib.parse import urlsplit
 
-import aiofiles
 import aiohttp
 import anyio
 import httpx2 as httpx
@@ -366,6 +365,8 @@ class _Endpoint:
     async def _stream_to(self, resp: httpx.Response, dest: Path) -> None:
         total = 0
         head = b""
+        import aiofiles  # url answers only: most runs never import it (~25 ms of start-up)
+
         async with aiofiles.open(dest, "wb") as fh:
             async for chunk in resp.aiter_bytes(1 << 16):
                 total += len(chunk)
@@ -765,6 +766,8 @@ class BatchClient(_Endpoint):
         size = (await anyio.Path(path).stat()).st_size
 
         async def body() -> AsyncIterator[bytes]:
+            import aiofiles
+
             yield head
             sent = 0
             async with aiofiles.open(path, "rb") as fh:  # read in aiofiles' worker thread, not on the loop

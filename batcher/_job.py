@@ -16,15 +16,16 @@ import string
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import yaml
 
 from ._dialect import DIALECTS, Dialect, DialectSpecError, get_dialect, parse_dialects
 from ._exceptions import JobError, JobValidationError, Problem
 from ._ids import FileNames, IdAssigner, image_stems, request_hash
 from ._shard import ShardSpec
+
+if TYPE_CHECKING:
+    import yaml
 
 __all__ = ["Job", "Item", "Endpoint", "RateLimit", "load_job", "BUILTIN_DEFAULTS", "MAX_PROBLEMS", "MAX_CONCURRENCY",
            "JobChangedError", "is_openai_host", "Selection", "Validated"]
@@ -419,6 +420,8 @@ def _line(node: yaml.Node) -> int:
 
 
 def _load_yaml(p: Path) -> Job:
+    import yaml  # here, not at the top: a JSONL job's run never needs it (~15 ms of start-up)
+
     fname = str(p)
     try:
         text = p.read_text(encoding="utf-8")
@@ -457,6 +460,8 @@ def _load_yaml(p: Path) -> Job:
 
 
 def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) -> Job:
+    import yaml
+
     fname = str(p)
     # the Job is frozen: its fields are gathered here, then it is made once
     attrs: dict[str, Any] = {"name": p.stem}
@@ -607,6 +612,8 @@ def _job_from_mapping(p: Path, loader: yaml.SafeLoader, root: yaml.MappingNode) 
 def _expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
     """(values, scalar characters) of a node once its aliases are expanded, in time linear in the
     file: an alias is the same node object, counted once and multiplied, never built."""
+    import yaml
+
     known = memo.get(id(node))
     if known is not None:
         return known
@@ -626,6 +633,8 @@ def _expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[i
 
 def _field_lines(node: yaml.MappingNode, only: str | None = None) -> dict[str, int]:
     """Line of each field's value, and of each `matrix` variable, for problem reports."""
+    import yaml
+
     lines: dict[str, int] = {}
     for k, v in node.value:
         if not isinstance(k, yaml.ScalarNode) or (only is not None and k.value != only):
@@ -654,6 +663,8 @@ def _rate_limit(val: Any, fname: str, line: int, problems: list[Problem], where:
 
 
 def _endpoint(val: Any, fname: str, node: yaml.Node, problems: list[Problem], single: bool = False) -> Endpoint:
+    import yaml
+
     line = _line(node)
     where = "endpoint" if single else "endpoints"
     if not isinstance(val, dict):
@@ -1025,6 +1036,8 @@ def _pricing(val: Any, fname: str, node: yaml.Node, problems: list[Problem]) -> 
 
 def _price_rows(val: Any, fname: str, line: int, where: str, problems: list[Problem],
                 node: yaml.Node | None) -> list[dict[str, Any]]:
+    import yaml
+
     if not isinstance(val, list):
         problems.append(Problem(fname, line, where, "must be a list of {model, size, quality, per_image}"))
         return []

@@ -10,9 +10,10 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["Reporter"]
 
@@ -65,6 +66,8 @@ class Reporter:
         if skipped:
             self.log(f"{skipped} item(s) already in the manifest; {total} to run")
         if self.tty and not self.quiet and total:
+            from tqdm import tqdm  # only a terminal's bar needs it: not imported by quiet or piped runs
+
             self._bar = tqdm(total=total, unit="item", file=self.stream, dynamic_ncols=True)
 
     def _refresh(self) -> None:
