@@ -13,9 +13,13 @@ both keep the same invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
@@ -36,8 +40,91 @@ Have = tuple[list[dict[str, Any]], float | None]  # a short item's images so far
 Answer = tuple[Item, int, Generation, Have, "Mapping[str, Any] | None"]  # item, attempts, answer, have, extra
 
 
+T = TypeVar("T")
+
+# Threads that run `Recorder.commit`'s work during a run: one per core. anyio's shared pool grows to
+# ~40 threads at concurrency 64, and every hand-off to a new or idle one is a futex wake, a context
+# switch and a GIL hand-over; a few long-lived threads draining one queue keep busy instead
+# (measured: see docs, CPU per image). Two, not one: a writer also waits on the disk.
+WRITER_THREADS = 2
+
+
 def _stem(item: Item) -> str:
     return safe_stem(item.id)
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # another anyio backend (trio)
+        return False
+    return True
+
+
+class _Writers:
+    """A few long-lived worker threads fed by one queue, their results handed back to the event loop
+    in batches (one loop wake-up for all the results that are ready, not one each).
+
+    >>> with _Writers(2) as writers:
+    ...     result = await writers.run(work)   # work() runs in one of the threads
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._count = threads
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> _Writers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the threads once the work queued before is done (every `run` has been awaited by then)."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """`work()` in a writer thread. Like anyio's `to_thread.run_sync`, a cancelled caller still
+        waits for it to finish: a commit is never abandoned half-way."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._serve, name=f"batcher-writer-{i}", daemon=True)
+                             for i in range(self._count)]
+            for thread in self._threads:
+                thread.start()
+        self._jobs.put((work, loop, future))
+        with anyio.CancelScope(shield=True):
+            return await future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            work, loop, future = job
+            try:
+                outcome: tuple[bool, Any] = (True, work())
+            except BaseException as exc:  # handed to the awaiting task, raised there
+                outcome = (False, exc)
+            with self._lock:
+                first = not self._ready
+                self._ready.append((future, *outcome))
+            if first:  # the loop is woken once for every result ready by the time it looks
+                loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for future, ok, value in ready:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
 
 
 @dataclass
@@ -69,6 +156,23 @@ class Recorder:
         self.images = 0  # images recorded by this run
         self.cost = 0.0  # estimated cost of the images answered
         self.have: dict[str, Have] = {}  # short items: images and cost so far (see load_short)
+        self._writers: _Writers | None = None  # while `writers()` is open: commit's threads
+
+    @contextmanager
+    def writers(self, threads: int = WRITER_THREADS) -> Iterator[None]:
+        """While open (a run's pipeline), `commit` runs in a few long-lived threads of its own rather
+        than in anyio's shared pool; outside it (and off asyncio) it uses the pool, as before."""
+        self._writers = _Writers(threads)
+        try:
+            yield
+        finally:
+            writers, self._writers = self._writers, None
+            writers.close()
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        if self._writers is not None and _on_asyncio():
+            return await self._writers.run(work)
+        return await anyio.to_thread.run_sync(work)
 
     def load_short(self, item: Item) -> None:
         """A short answer earlier (fewer images than n, recorded and paid): keep its images, so the
@@ -159,7 +263,7 @@ class Recorder:
                 return Committed(gen, saved, cost=cost, trouble=exc)
             return Committed(gen, saved, cost=cost, record=rec)
 
-        done = await anyio.to_thread.run_sync(work)
+        done = await self._in_thread(work)
         if done.saved is not None:
             self.have.pop(item.id, None)
             self._charge(ep, done.cost)  # paid whether or not the record made it to disk

@@ -516,6 +516,7 @@ class _Runner:
                 control=self.control, reporter=self.reporter, budget=self.budget, policy=policy, rng=rng,
                 max_policy_violations=opts.max_policy_violations, wait=opts.wait)
         async with AsyncExitStack() as stack:
+            stack.enter_context(self.recorder.writers())  # commit's own threads, stopped after the work
             await self.executor.open(stack, timeouts, self.job, todo)
             for ep in batched:
                 ep.batch_client = await stack.enter_async_context(make_batch_client(ep, timeouts, self.job))
