@@ -135,6 +135,9 @@ class Journal:
         self._lock = threading.Lock()
         self._dirty = False
         self._torn_at: int | None = None  # a failed append left bytes past this offset
+        # where the next record goes: the run is the file's only writer (it holds the output's lock),
+        # so one lseek at the first append, not one per record (each a GIL release on the event loop)
+        self._end: int | None = None
         self.mirror: Callable[[Mapping[str, Any]], None] | None = None  # e.g. a shard's segment writer
         self.redact: Callable[[str], str] | None = None  # masks the run's keys in every line written
 
@@ -228,7 +231,8 @@ class Journal:
         assert self._fd is not None, "journal not open for writing"
         with self._lock:
             self._repair()
-            offset = os.lseek(self._fd, 0, os.SEEK_END)
+            offset = self._end if self._end is not None else os.lseek(self._fd, 0, os.SEEK_END)
+            self._end = None  # known again once this record is whole
             view = memoryview(line)
             try:
                 while view:
@@ -241,6 +245,7 @@ class Journal:
                 except OSError:
                     pass  # the next append (or close) tries again
                 raise
+            self._end = offset + len(line)
             self._dirty = True
             self._apply(rec, offset)
             if self.mirror is not None:

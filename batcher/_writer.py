@@ -14,10 +14,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
 import re
+import secrets
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,9 @@ class OutputDir:
         self._dir_fd: int | None = None
         self.layout = "flat"  # or "fanout": images/<ab>/<stem>.<ext> (see _layout; set by the runner)
         self._subdirs: set[str] = set()
+        # temp names: a random tag per OutputDir and a counter, not a uuid4 (a getrandom syscall) per image
+        self._tmp_tag = secrets.token_hex(4)
+        self._tmp_count = itertools.count()
 
     def refuse_foreign(self) -> None:
         """Raise OutputError unless OUT is absent, empty, or a batcher output (as `export` does).
@@ -259,7 +263,7 @@ class OutputDir:
         return removed
 
     def temp_path(self, stem: str) -> Path:
-        return self.images / f".tmp-{stem[:40]}-{uuid.uuid4().hex[:8]}"
+        return self.images / f".tmp-{stem[:40]}-{self._tmp_tag}{next(self._tmp_count):x}"
 
     def final_name(self, stem: str, index: int, count: int, kind: str) -> str:
         ext = "jpg" if kind == "jpeg" else kind
