@@ -140,10 +140,12 @@ class Validated(int):
     """
 
     warnings: tuple[Problem, ...]
+    items: tuple[Item, ...] | None  # every item, when asked to hold them (`validate(hold=N)`) and ≤ N
 
-    def __new__(cls, count: int, warnings: Iterable[Problem] = ()) -> Validated:
+    def __new__(cls, count: int, warnings: Iterable[Problem] = (), items: Iterable[Item] | None = None) -> Validated:
         value = super().__new__(cls, count)
         object.__setattr__(value, "warnings", tuple(warnings))
+        object.__setattr__(value, "items", tuple(items) if items is not None else None)
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -261,16 +263,19 @@ class Job:
             if isinstance(entry, Problem):
                 yield entry
 
-    def validate(self, endpoints: Iterable[str] | None = None) -> Validated:
+    def validate(self, endpoints: Iterable[str] | None = None, *, hold: int = 0) -> Validated:
         """Check the whole job; return the item count (with its warnings) or raise JobValidationError.
 
         `endpoints`: the names a run may use (`--endpoint`; None: all): an item none of them can send
         is a problem. What is allowed but likely to fail is a warning (one per endpoint and model).
+        `hold`: keep the items (`Validated.items`) when there are at most this many, so a run that
+        validates a small job does not parse it again for each later pass.
         """
         found: list[Problem] = []
         total = count = 0
         warned: dict[tuple[str, str], Problem] = {}
         live = self.endpoints_named(endpoints)
+        held: list[Item] | None = [] if hold > 0 else None
         for entry in self._entries(live):
             if isinstance(entry, Problem):
                 total += 1
@@ -278,6 +283,10 @@ class Job:
                     found.append(entry)
             else:
                 count += 1
+                if held is not None:
+                    held = held if count <= hold else None  # a large job streams every pass, as before
+                    if held is not None:
+                        held.append(entry)
                 for problem in self._dialect_advice(entry, live, warned):
                     total += 1
                     if len(found) < MAX_PROBLEMS:
@@ -288,7 +297,7 @@ class Job:
             raise JobValidationError(found, total)
         if count == 0:
             raise JobValidationError([Problem(str(self.path), 1, "prompts", "the job has no items")])
-        return Validated(count, warnings)
+        return Validated(count, warnings, held)
 
     def _dialect_advice(self, item: Item, live: list[Endpoint],
                         warned: dict[tuple[str, str], Problem]) -> Iterator[Problem]:
@@ -329,6 +338,11 @@ class Job:
         """Every item of the job (the same as `items`; kept for callers that predate `Selection`)."""
         return self.items(endpoints)
 
+    def check_unchanged(self) -> None:
+        """Raise JobChangedError if the prompts file is no longer the one loaded (a pass over items
+        held in memory checks this where a streamed pass would notice the change)."""
+        self._check_unchanged()
+
     def _check_unchanged(self) -> None:
         if self._prompts_file is not None and self._signature is not None \
                 and _signature(self._prompts_file) != self._signature:
@@ -360,9 +374,9 @@ class Selection:
         """The endpoints this run may use, in the job's order."""
         return job.endpoints_named(self.endpoints)
 
-    def validate(self, job: Job) -> Validated:
+    def validate(self, job: Job, *, hold: int = 0) -> Validated:
         """The whole job checked against these endpoints (every shard's items: a plan covers them all)."""
-        return job.validate(self._names())
+        return job.validate(self._names(), hold=hold)
 
     def all_items(self, job: Job) -> Iterator[Item]:
         """Every item, whatever the shard (a sharded run's fingerprint and merge need them all)."""
