@@ -244,6 +244,10 @@ class Recorder:
         are only read here: `saved` is None and the caller goes on with `save` and `answer`.
         """
         have = self.have.get(item.id, ([], None))
+        # with the run's writer threads the record is appended here, on the event loop, once the thread
+        # is done (images renamed into place): the journal's lock is then never held by a thread that
+        # waits for the GIL while the loop waits for the lock (its attempt records)
+        on_loop = self._writers is not None and _on_asyncio()
 
         def work() -> Committed:  # a worker thread
             try:
@@ -257,6 +261,8 @@ class Recorder:
             except (RequestError, OSError) as exc:
                 return Committed(gen, refused=exc)
             rec, cost = self._answer_record(ep, item, attempts, gen, saved, have, None)
+            if on_loop:
+                return Committed(gen, saved, cost=cost, record=rec)
             try:
                 self.journal.append(rec)
             except OSError as exc:
@@ -264,6 +270,11 @@ class Recorder:
             return Committed(gen, saved, cost=cost, record=rec)
 
         done = await self._in_thread(work)
+        if on_loop and done.record is not None:
+            try:
+                self.journal.append(done.record)  # no await between the thread's end and this: always done
+            except OSError as exc:
+                done.record, done.trouble = None, exc
         if done.saved is not None:
             self.have.pop(item.id, None)
             self._charge(ep, done.cost)  # paid whether or not the record made it to disk

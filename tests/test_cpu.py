@@ -108,6 +108,37 @@ def test_an_unexpected_error_in_a_writer_thread_reaches_the_caller(tmp_path):
     assert records(rec) == []
 
 
+def test_with_writers_the_record_is_appended_on_the_loop_and_a_refusal_is_disk_trouble(tmp_path):
+    """The journal's lock is never held by a writer thread (the loop appends attempts under it)."""
+    troubles: list[OSError] = []
+    rec, ep = recorder(tmp_path, troubles), endpoint()
+    appenders: list[str] = []
+    real = rec.journal.append
+
+    def append(r):  # type: ignore[no-untyped-def]
+        appenders.append(threading.current_thread().name)
+        if r["id"] == "b":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(r)
+
+    rec.journal.append = append  # type: ignore[method-assign]
+
+    async def main() -> list[bool]:
+        out = []
+        with rec.writers():
+            for name in ("a", "b"):
+                it = type(item())(id=name, body=item().body, rhash="h", file="job.yaml", line=1)
+                done = await rec.commit(ep, it, 1, _gen)
+                out.append(done.complete and done.record is not None)
+        return out
+
+    assert anyio.run(main) == [True, False]
+    assert appenders == [threading.main_thread().name] * 2
+    assert [t.errno for t in troubles] == [errno.ENOSPC] and rec.images == 1
+    assert [r["id"] for r in records(rec)] == ["a"]
+    assert (rec.out.root / "images" / "b.png").is_file()  # saved (and paid): pending, sent again next run
+
+
 def test_without_writers_commit_uses_anyios_threads_as_before(tmp_path):
     rec, ep = recorder(tmp_path, []), endpoint()
     seen: list[str] = []
