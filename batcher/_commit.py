@@ -102,7 +102,8 @@ class _Writers:
                 thread.start()
         self._jobs.put((work, loop, future))
         with anyio.CancelScope(shield=True):
-            return await future
+            result = await future
+        return result
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -179,7 +180,8 @@ class Recorder:
             loop.call_soon(self._append_queued)
         self._queued.append((rec, future))
         with anyio.CancelScope(shield=True):
-            return await future
+            outcome = await future
+        return outcome
 
     def _append_queued(self) -> None:
         queued, self._queued = self._queued, []
