@@ -82,8 +82,7 @@ def test_a_cancelled_commit_is_finished_before_the_cancellation_is_raised(tmp_pa
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(rec.commit, ep, item(), 1, read)
-                    while not started.is_set():
-                        await anyio.sleep(0.01)
+                    assert await anyio.to_thread.run_sync(started.wait, 10)  # the writer has it
                     scope.cancel()
                     release.set()
             return scope.cancelled_caught
