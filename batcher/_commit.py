@@ -158,7 +158,6 @@ class Recorder:
         self.cost = 0.0  # estimated cost of the images answered
         self.have: dict[str, Have] = {}  # short items: images and cost so far (see load_short)
         self._writers: _Writers | None = None  # while `writers()` is open: commit's threads
-        self._queued: list[tuple[ItemRecord, asyncio.Future[OSError | None]]] = []  # see _append_soon
 
     @contextmanager
     def writers(self, threads: int = WRITER_THREADS) -> Iterator[None]:
@@ -170,33 +169,6 @@ class Recorder:
         finally:
             writers, self._writers = self._writers, None
             writers.close()
-
-    async def _append_soon(self, rec: ItemRecord) -> OSError | None:
-        """Append `rec` with the others queued in this turn of the event loop (the answers one batch of
-        writer results woke): one write(2) for them all. None, or why the disk refused them."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[OSError | None] = loop.create_future()
-        if not self._queued:
-            loop.call_soon(self._append_queued)
-        self._queued.append((rec, future))
-        with anyio.CancelScope(shield=True):
-            outcome = await future
-        return outcome
-
-    def _append_queued(self) -> None:
-        queued, self._queued = self._queued, []
-        try:
-            self.journal.append_many([rec for rec, _ in queued])
-        except OSError as exc:
-            outcome: OSError | None = exc
-        except Exception as exc:  # a bug: every waiter raises it, none waits forever
-            for _, future in queued:
-                future.set_exception(exc)
-            return
-        else:
-            outcome = None
-        for _, future in queued:
-            future.set_result(outcome)
 
     async def _in_thread(self, work: Callable[[], T]) -> T:
         if self._writers is not None and _on_asyncio():
@@ -275,8 +247,7 @@ class Recorder:
         have = self.have.get(item.id, ([], None))
         # with the run's writer threads the record is appended here, on the event loop, once the thread
         # is done (images renamed into place): the journal's lock is then never held by a thread that
-        # waits for the GIL while the loop waits for the lock (its attempt records); and the records of
-        # the answers finished together go in one write
+        # waits for the GIL while the loop waits for the lock (its attempt records)
         on_loop = self._writers is not None and _on_asyncio()
 
         def work() -> Committed:  # a worker thread
@@ -301,9 +272,10 @@ class Recorder:
 
         done = await self._in_thread(work)
         if on_loop and done.record is not None:
-            trouble = await self._append_soon(done.record)  # shielded: a cancelled caller's record is written
-            if trouble is not None:
-                done.record, done.trouble = None, trouble
+            try:
+                self.journal.append(done.record)  # no await between the thread's end and this: always done
+            except OSError as exc:
+                done.record, done.trouble = None, exc
         if done.saved is not None:
             self.have.pop(item.id, None)
             self._charge(ep, done.cost)  # paid whether or not the record made it to disk

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -222,31 +222,18 @@ class Journal:
         returns, or, if even that fails, before the next append writes anything (which raises
         until the cut succeeds). So a record is never glued to a torn one.
         """
-        self.append_many([rec])
-
-    def append_many(self, recs: Sequence[Mapping[str, Any]]) -> None:
-        """Append records with a single write(2), in order; all of them or (OSError) none, as `append`.
-
-        The event loop appends the records of every answer its writer threads finished by then at
-        once: one syscall (and one GIL hand-over) for them all, not one each.
-        """
-        if not recs:
-            return
-        texts = [json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n" for rec in recs]
-        recs = list(recs)
+        text = json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
         if self.redact is not None:
-            for i, text in enumerate(texts):
-                masked = self.redact(text)
-                if masked != text:  # a key echoed back by a server: what is written (and mirrored) is masked
-                    texts[i], recs[i] = masked, json.loads(masked)
-        lines = [text.encode() for text in texts]
-        data = b"".join(lines) if len(lines) > 1 else lines[0]
+            masked = self.redact(text)
+            if masked != text:  # a key echoed back by a server: what is written (and mirrored) is masked
+                text, rec = masked, json.loads(masked)
+        line = text.encode()
         assert self._fd is not None, "journal not open for writing"
         with self._lock:
             self._repair()
             offset = self._end if self._end is not None else os.lseek(self._fd, 0, os.SEEK_END)
-            self._end = None  # known again once these records are whole
-            view = memoryview(data)
+            self._end = None  # known again once this record is whole
+            view = memoryview(line)
             try:
                 while view:
                     written = _write(self._fd, view)
@@ -258,13 +245,11 @@ class Journal:
                 except OSError:
                     pass  # the next append (or close) tries again
                 raise
-            self._end = offset + len(data)
+            self._end = offset + len(line)
             self._dirty = True
-            for rec, line in zip(recs, lines, strict=True):
-                self._apply(rec, offset)
-                offset += len(line)
-                if self.mirror is not None:
-                    self.mirror(rec)
+            self._apply(rec, offset)
+            if self.mirror is not None:
+                self.mirror(rec)
 
     def _repair(self) -> None:
         """Cut a torn tail left by a failed append (the caller holds the lock)."""

@@ -112,15 +112,15 @@ def test_with_writers_the_record_is_appended_on_the_loop_and_a_refusal_is_disk_t
     troubles: list[OSError] = []
     rec, ep = recorder(tmp_path, troubles), endpoint()
     appenders: list[str] = []
-    real = rec.journal.append_many
+    real = rec.journal.append
 
-    def append_many(recs):  # type: ignore[no-untyped-def]
+    def append(r):  # type: ignore[no-untyped-def]
         appenders.append(threading.current_thread().name)
-        if any(r["id"] == "b" for r in recs):
+        if r["id"] == "b":
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(recs)
+        real(r)
 
-    rec.journal.append_many = append_many  # type: ignore[method-assign]
+    rec.journal.append = append  # type: ignore[method-assign]
 
     async def main() -> list[bool]:
         out = []
@@ -136,38 +136,6 @@ def test_with_writers_the_record_is_appended_on_the_loop_and_a_refusal_is_disk_t
     assert [t.errno for t in troubles] == [errno.ENOSPC] and rec.images == 1
     assert [r["id"] for r in records(rec)] == ["a"]
     assert (rec.out.root / "images" / "b.png").is_file()  # saved (and paid): pending, sent again next run
-
-
-def test_records_queued_in_one_turn_of_the_loop_go_in_one_write(tmp_path, monkeypatch):
-    rec = recorder(tmp_path, [])
-    writes: list[int] = []
-
-    def counting(fd: int, data: memoryview) -> int:
-        writes.append(len(data))
-        return os.write(fd, data)
-
-    monkeypatch.setattr("batcher._manifest._write", counting)
-
-    def failed(i: int) -> dict:
-        return failed_record(f"i{i}", "h", {"prompt": "p"}, attempts=1, endpoint="e",
-                             error=PermanentError("no", code="c").as_record())
-
-    async def main() -> list[object]:
-        outcomes: list[object] = []
-
-        async def one(i: int) -> None:
-            outcomes.append(await rec._append_soon(failed(i)))
-
-        async with anyio.create_task_group() as tg:
-            for i in range(8):
-                tg.start_soon(one, i)
-        return outcomes
-
-    assert anyio.run(main) == [None] * 8
-    assert len(writes) == 1  # one write(2) for the 8 records
-    assert [r["id"] for r in records(rec)] == [f"i{i}" for i in range(8)]
-    with open(rec.out.journal, "rb") as fh:
-        assert [rec.journal.record(f"i{i}", fh)["id"] for i in range(8)] == [f"i{i}" for i in range(8)]
 
 
 def test_without_writers_commit_uses_anyios_threads_as_before(tmp_path):
@@ -355,30 +323,3 @@ def test_the_lazy_public_names_are_the_functions():
     assert {"export", "report", "status"} <= set(dir(batcher))
     with pytest.raises(AttributeError):
         batcher.no_such_name  # noqa: B018
-
-
-def test_append_many_is_all_or_nothing_on_a_full_disk(tmp_path, monkeypatch):
-    full = [True]
-
-    def disk(fd: int, data: memoryview) -> int:
-        if full[0]:
-            if len(data) > 1:
-                return os.write(fd, data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return os.write(fd, data)
-
-    monkeypatch.setattr("batcher._manifest._write", disk)
-    journal = Journal.open(tmp_path / "manifest.jsonl")
-
-    def failed(i: int) -> dict:
-        return failed_record(f"i{i}", "h", {"prompt": "p"}, attempts=1, endpoint="e",
-                             error=PermanentError("no", code="c").as_record())
-
-    with pytest.raises(OSError):
-        journal.append_many([failed(i) for i in range(3)])
-    assert not journal.entries and (tmp_path / "manifest.jsonl").read_bytes() == b""  # the torn part is cut
-    full[0] = False
-    journal.append_many([failed(7), failed(8)])
-    journal.close()
-    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == ["i7", "i8"]
