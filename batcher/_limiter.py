@@ -425,8 +425,8 @@ class RateLimiter:
         permit = Permit(self._clock, (self.requests, self.requests.record(now, 1)),
                         (self.images, self.images.record(now, images)), late=self.cold_s if cold else 0.0,
                         cold_s=self.cold_s, on_wire=self._wired, scheduled=due - self._lead())
-        if self.on_wire is not None:
-            self._unsent = permit
+        if self.on_wire is not None and (self.requests.capacity or self.images.capacity):
+            self._unsent = permit  # (with no limit known there is no window for the order to matter to)
         self.drained["requests"].grant(now, 1)
         self.drained["images"].grant(now, images)
         self._maybe_probe(now)

@@ -517,3 +517,18 @@ def test_a_grant_whose_request_opens_a_connection_lets_the_next_one_go_meanwhile
         assert woken == [woken[0]] and limiter.leads[True] == 0.0  # not timed by the window: no sample
 
     anyio.run(main)
+
+
+def test_with_no_limit_known_grants_do_not_wait_for_the_wire(clock):
+    # the order of sends matters only to a window; unlimited, the baton would only serialize them
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep)
+    limiter.on_wire = lambda: None
+
+    async def main():
+        await limiter.acquire()
+        assert limiter.wait_time(1) == 0.0
+        limiter.set_limit("requests", 3000)  # learned or advertised later: from then on it does
+        await limiter.acquire()
+        assert limiter.wait_time(1) > 0
+
+    anyio.run(main)
