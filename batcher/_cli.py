@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -525,6 +526,9 @@ def _check_log_file(path: str, job: Any, out: str | None) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job, _overrides(args))
+    # what start-up made (modules, the job) lives for the whole run: out of the collector's way, so a
+    # full collection walks only what the run makes (~2 % of a run's CPU went to collections)
+    gc.freeze()
     if args.log_file:
         _check_log_file(args.log_file, job, args.out or job.output or str(Path("output") / job.name))
     try:

@@ -323,3 +323,22 @@ def test_the_lazy_public_names_are_the_functions():
     assert {"export", "report", "status"} <= set(dir(batcher))
     with pytest.raises(AttributeError):
         batcher.no_such_name  # noqa: B018
+
+
+def test_a_cli_run_keeps_its_start_up_heap_out_of_collections(tmp_path, monkeypatch, api_key):
+    # the modules and the job live for the whole run: frozen, a full collection walks only what the
+    # run makes. Only the CLI does it (it owns the process; a library caller's heap is its own)
+    import gc
+
+    from helpers import run_main, write_job
+
+    from batcher._simulator import SimulatorConfig, start_in_thread
+
+    frozen: list[int] = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(1))
+    job = write_job(tmp_path / "job.yaml", ["a small red square"], defaults={"size": "8x8"})
+    with start_in_thread(SimulatorConfig()) as sim:
+        assert run_main(job, tmp_path / "out", sim) == 0
+        assert frozen == [1]
+        run_sync(load_job(job), RunOptions(out=str(tmp_path / "out2"), base_url=sim.base_url, api_key="k"))
+    assert frozen == [1]  # the library entry point leaves the caller's collector alone
