@@ -31,3 +31,36 @@ def api_key(monkeypatch):
 
     monkeypatch.setenv("BATCHER_API_KEY", KEY)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Counts the passes over a JSONL job file (each opens the file once)."""
+    import batcher._job as job_module
+
+    count = [0]
+    real = job_module._stream_jsonl
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "_stream_jsonl", counting)
+    return count
+
+
+@pytest.fixture
+def connections_opened(monkeypatch):
+    """Each `ImagesClient.open_connections` call of the test: (count asked, count opened)."""
+    from batcher._client import ImagesClient
+
+    calls: list[tuple[int, int]] = []
+    real = ImagesClient.open_connections
+
+    async def counted(self, count: int) -> int:
+        opened = await real(self, count)
+        calls.append((count, opened))
+        return opened
+
+    monkeypatch.setattr(ImagesClient, "open_connections", counted)
+    return calls

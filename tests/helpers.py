@@ -102,3 +102,10 @@ def run_main(job: Path, out: Path, sim, *extra) -> int:
 
     return main(["run", str(job), "--out", str(out), "--base-url", sim.base_url, "--quiet", "--timeout", "10",
                  *map(str, extra)])
+
+
+def jsonl_job(tmp_path: Path, n: int) -> Path:
+    """A JSONL job of `n` small items, ids i0..i{n-1}."""
+    path = tmp_path / "job.jsonl"
+    path.write_text("".join(f'{{"id": "i{i}", "prompt": "p{i}", "size": "8x8"}}\n' for i in range(n)))
+    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import tiny_png
+from helpers import jsonl_job, tiny_png
 from test_commit import endpoint, item, recorder, records
 
 import batcher._commit as commit_module
@@ -231,33 +231,12 @@ def test_temp_names_are_unique_per_output_without_a_uuid_each(tmp_path, monkeypa
 # -- a small job is parsed once ----------------------------------------------------------------
 
 
-@pytest.fixture
-def passes(monkeypatch):
-    import batcher._job as job_module
-
-    count = [0]
-    real = job_module._stream_jsonl
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(job_module, "_stream_jsonl", counting)
-    return count
-
-
-def _jsonl(tmp_path: Path, n: int) -> Path:
-    path = tmp_path / "job.jsonl"
-    path.write_text("".join(f'{{"id": "i{i}", "prompt": "p{i}", "size": "8x8"}}\n' for i in range(n)))
-    return path
-
-
 @pytest.mark.parametrize("held, most", [(10_000, 1), (5, 4)])
 def test_a_small_job_is_parsed_once_a_large_one_streamed_each_pass(tmp_path, passes, api_key, monkeypatch, held, most):
     from batcher._simulator import SimulatorConfig, start_in_thread
 
     monkeypatch.setattr("batcher._runner.ITEMS_HELD", held)
-    path = _jsonl(tmp_path, 12)
+    path = jsonl_job(tmp_path, 12)
     with start_in_thread(SimulatorConfig()) as sim:
         result = run_sync(load_job(path), RunOptions(out=str(tmp_path / "out"), base_url=sim.base_url))
     assert result.exit_code == 0 and result.summary == {"total": 12, "done": 12, "failed": 0, "pending": 0}
@@ -273,7 +252,7 @@ def test_a_job_file_changed_after_validation_is_noticed_held_or_streamed(tmp_pat
     from batcher._simulator import SimulatorConfig, start_in_thread
 
     monkeypatch.setattr(runner_module, "ITEMS_HELD", held)
-    path = _jsonl(tmp_path, 6)
+    path = jsonl_job(tmp_path, 6)
     real = runner_module._Runner._check_done_files
 
     def edit_then_check(self):  # type: ignore[no-untyped-def]
@@ -302,7 +281,7 @@ print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules]
 def test_a_jsonl_run_imports_no_yaml_aiofiles_tqdm_export_report_or_status(tmp_path, api_key):
     from batcher._simulator import SimulatorConfig, start_in_thread
 
-    path = _jsonl(tmp_path, 3)
+    path = jsonl_job(tmp_path, 3)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with start_in_thread(SimulatorConfig()) as sim:
         proc = subprocess.run([sys.executable, "-c", RUN_AND_LIST, "run", str(path), "--out", str(tmp_path / "out"),

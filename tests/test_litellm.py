@@ -280,23 +280,13 @@ def test_a_batch_litellm_makes_again_when_the_create_answers_500_is_cancelled(tm
 
 
 def test_a_given_limit_through_litellm_sends_its_first_window_on_connections_opened_before_it(
-        tmp_path, proxy, monkeypatch):
+        tmp_path, proxy, connections_opened):
     # uvicorn (the proxy's server) takes the idle connections the run opens before its first window
     # and serves the requests that come on them; every request is stamped on the wire and done once
-    from batcher._client import ImagesClient
-
-    opened: list[int] = []
-    real = ImagesClient.open_connections
-
-    async def counted(self, count: int) -> int:
-        opened.append(await real(self, count))
-        return opened[-1]
-
-    monkeypatch.setattr(ImagesClient, "open_connections", counted)
     url, sims = proxy
     before = sims["img"].stats()["requests"]
     prompts = [{"id": f"w{k}", "prompt": f"a first window through the proxy {k}"} for k in range(12)]
     result, out, items = run(tmp_path, url, "img", prompts, concurrency=8, rpm=600)
     assert result.summary == {"total": 12, "done": 12, "failed": 0, "pending": 0}
-    assert opened == [8]  # the first window's 10, as many as the concurrency
+    assert connections_opened == [(8, 8)]  # the first window's 10, as many as the concurrency: all opened
     assert sims["img"].stats()["requests"] - before == 12 and all(r["attempts"] == 1 for r in items.values())

@@ -896,25 +896,17 @@ def test_the_first_share_is_the_windows_capacity_for_connections_opened_before_t
 
 
 @needs_redis
-def test_a_shared_limit_opens_the_first_windows_connections_before_it(redis_server, tmp_path, monkeypatch):
+def test_a_shared_limit_opens_the_first_windows_connections_before_it(redis_server, tmp_path, connections_opened):
     # its first window then leaves on connections the server accepted already: read at once, not cold
     from helpers import write_job
 
     from batcher import RunOptions, load_job, run_sync
-    from batcher._client import ImagesClient
     from batcher._simulator import SimulatorConfig, start_in_thread
 
-    asked: list[int] = []
-    real = ImagesClient.open_connections
-
-    async def counted(self, count: int) -> int:
-        asked.append(count)
-        return await real(self, count)
-
-    monkeypatch.setattr(ImagesClient, "open_connections", counted)
     job = load_job(write_job(tmp_path / "job.yaml", [f"a small red square #{i}" for i in range(30)],
                              defaults={"size": "8x8"}))
     with start_in_thread(SimulatorConfig()) as sim:
         result = run_sync(job, RunOptions(out=str(tmp_path / "out"), base_url=sim.base_url, api_key="k", timeout=10,
                                           rpm=1200, concurrency=16, limiter=redis_server.url))
+    asked = [count for count, _ in connections_opened]
     assert result.summary["done"] == 30 and asked == [16]  # min(the window's 20, the concurrency, 30 left)

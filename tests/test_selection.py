@@ -12,7 +12,7 @@ from batcher import JobError, JobValidationError, load_job
 from batcher._job import JobChangedError, Selection, Validated
 from batcher._shard import ShardSpec
 
-from helpers import write_job
+from helpers import jsonl_job, write_job
 
 
 def _two_endpoints(tmp_path: Path) -> Path:
@@ -94,33 +94,11 @@ def test_the_prompts_file_is_signed_when_the_job_is_loaded(tmp_path):
 # -- how many times a run streams the job file (issue 13: as few as the design allows) ------------
 
 
-@pytest.fixture
-def passes(monkeypatch):
-    """Counts the passes over a JSONL job file (each opens the file once)."""
-    import batcher._job as job_module
-
-    count = [0]
-    real = job_module._stream_jsonl
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(job_module, "_stream_jsonl", counting)
-    return count
-
-
-def _jsonl_job(tmp_path: Path, n: int) -> Path:
-    path = tmp_path / "job.jsonl"
-    path.write_text("".join(f'{{"id": "i{i}", "prompt": "p{i}", "size": "8x8"}}\n' for i in range(n)))
-    return path
-
-
 def test_a_local_run_streams_the_job_four_times_an_unchanged_rerun_never_an_appended_one_only_its_new_lines(tmp_path, passes, api_key):
     from batcher import RunOptions, run_sync, status
     from batcher._simulator import SimulatorConfig, start_in_thread
 
-    path = _jsonl_job(tmp_path, 12)
+    path = jsonl_job(tmp_path, 12)
     out = tmp_path / "out"
     with start_in_thread(SimulatorConfig()) as sim:
         options = RunOptions(out=str(out), base_url=sim.base_url)
@@ -150,7 +128,7 @@ def test_a_sharded_run_streams_the_job_at_most_five_times(tmp_path, passes, api_
     from batcher._simulator import SimulatorConfig, start_in_thread
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    path = _jsonl_job(tmp_path, 12)
+    path = jsonl_job(tmp_path, 12)
     out = f"memory://selection-{uuid.uuid4().hex[:12]}/out"
     with start_in_thread(SimulatorConfig()) as sim:
         result = run_sync(load_job(path), RunOptions(out=out, base_url=sim.base_url))
