@@ -324,6 +324,10 @@ class SharedPermit:
         if late >= 0.001:
             self._limiter._queue_restamp(self.member, self.images, late)
 
+    def connecting(self) -> None:
+        """The request starts opening a connection: nothing to pass on (grants come per Redis trip,
+        not one at a time to the wire as `Permit.connecting` lets the next one go)."""
+
     def refund(self) -> None:
         self._limiter._queue_refund(self.member, self.images)
 

@@ -2,7 +2,7 @@
 Images API request, retrying under `_policy.decide`; answers go through the `Recorder`.
 
 >>> executor = SyncExecutor(endpoints, dispatch, recorder, claims, control, reporter=reporter, ...)
->>> await executor.open(stack, timeouts, job)        # one client per endpoint, closed with the stack
+>>> await executor.open(stack, timeouts, job, todo)  # one client per endpoint, closed with the stack
 >>> async with anyio.create_task_group() as work: executor.start(work)
 """
 
@@ -55,7 +55,7 @@ class SyncExecutor:
         self.max_policy_violations = max_policy_violations
         self.policy_violations = 0
 
-    async def open(self, stack: AsyncExitStack, timeouts: Timeouts, job: Job, todo: int | None = None) -> None:
+    async def open(self, stack: AsyncExitStack, timeouts: Timeouts, job: Job, todo: int) -> None:
         """Open each endpoint's client; the stack closes them after the run's task groups end.
 
         An endpoint with a known limit also opens the connections its first window will send on
@@ -65,8 +65,7 @@ class SyncExecutor:
             ep.client = await stack.enter_async_context(make_client(ep, timeouts, job))
         async with anyio.create_task_group() as tg:
             for ep in self.endpoints:
-                share = getattr(ep.limiter, "first_share", lambda: 0)()
-                count = min(share, ep.concurrency, todo if todo is not None else share)
+                count = min(ep.limiter.first_share(), ep.concurrency, todo)
                 if count > 0:
                     tg.start_soon(ep.client.open_connections, count)
 
@@ -234,7 +233,7 @@ class SyncExecutor:
         try:
             with anyio.fail_after(self.deadline):
                 answer = await ep.client.send(body, on_sent=permit.sent,  # re-stamped on the wire
-                                              on_connecting=getattr(permit, "connecting", None))
+                                              on_connecting=permit.connecting)
         except TimeoutError:
             raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
         except RequestError as exc:
