@@ -101,6 +101,10 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
             self._ssl = httpx.create_ssl_context(trust_env=False)
         return self._ssl
 
+    def _ssl_for(self, scheme: str) -> ssl.SSLContext | bool:
+        # part of the key a pooled connection is found by: requests and open_connections must agree
+        return self._tls() if scheme == "https" else True
+
     def _open(self) -> aiohttp.ClientSession:
         # made on first use: an aiohttp session belongs to the running event loop
         connector = aiohttp.TCPConnector(limit=max(1, self._max_connections), limit_per_host=0,
@@ -127,7 +131,7 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
             resp = await self._session.request(
                 request.method, str(request.url), data=data, allow_redirects=False,
                 headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
-                timeout=timeout, ssl=self._tls() if request.url.scheme == "https" else True,
+                timeout=timeout, ssl=self._ssl_for(request.url.scheme),
                 trace_request_ctx=_SendHooks(request.extensions.get(ON_SENT), request.extensions.get(ON_CONNECTING)))
         return httpx.Response(resp.status, headers=resp.raw_headers, stream=_AiohttpStream(resp),
                               extensions={"http_version": b"HTTP/1.1"})
@@ -147,7 +151,7 @@ class _AiohttpTransport(httpx.AsyncBaseTransport):
         session = self._session
         # the key a request to this origin looks its pooled connections up by (host, port, TLS context)
         probe = aiohttp.ClientRequest("POST", yarl.URL(str(url)), loop=asyncio.get_running_loop(), session=session,
-                                      ssl=self._tls() if url.scheme == "https" else True)
+                                      ssl=self._ssl_for(url.scheme))
         timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout)
         opened = 0
 
