@@ -384,8 +384,12 @@ class Selection:
 
     def items(self, job: Job) -> Iterator[Item]:
         """This run's items: the shard's, when there is one."""
+        yield from self.of_shard(job.items(self._names()))
+
+    def of_shard(self, items: Iterable[Item]) -> Iterator[Item]:
+        """Those of `items` in this run's shard (all of them without one)."""
         shard = self.shard
-        for item in job.items(self._names()):
+        for item in items:
             if shard is None or shard.contains(item.id):
                 yield item
 

@@ -328,8 +328,7 @@ class _Runner:
         """This run's items (its shard's), streamed from the job file: a callable for the manifest writers."""
         if self._held is None:
             return self.selection.items(self.job)
-        shard = self.selection.shard
-        return (item for item in self._from_held() if shard is None or shard.contains(item.id))
+        return self.selection.of_shard(self._from_held())
 
     def _all_items(self) -> Iterator[Item]:
         """Every item whatever the shard (a sharded output's fingerprint and merge cover them all)."""
