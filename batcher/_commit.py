@@ -42,7 +42,7 @@ Answer = tuple[Item, int, Generation, Have, "Mapping[str, Any] | None"]  # item,
 
 T = TypeVar("T")
 
-# Threads that run `Recorder.commit`'s work during a run: one per core. anyio's shared pool grows to
+# Threads that run `Recorder.commit`'s work during a run. anyio's shared pool grows to
 # ~40 threads at concurrency 64, and every hand-off to a new or idle one is a futex wake, a context
 # switch and a GIL hand-over; a few long-lived threads draining one queue keep busy instead
 # (measured: see docs, CPU per image). Two, not one: a writer also waits on the disk.
