@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from ._exceptions import ManifestError
 from ._records import RUN_KINDS, Entry, ManifestItem, check_fields, manifest_item, pending_item, replay, utc_now
 
@@ -39,6 +41,18 @@ _TORN_START = re.compile(rb'\{\s*(?:"(?:t(?:"\s*(?::|$))?)?)?$|\{\s*"t"\s*:')
 
 
 _write = os.write  # tests swap it to play a disk that fills up
+
+
+def record_line(rec: Mapping[str, Any]) -> bytes:
+    """One journal line: compact JSON, UTF-8, key order kept (so it starts `{"t":`), and a newline.
+
+    orjson writes it in C (two records per image, ~10 µs each with json); what orjson refuses (an
+    integer past 64 bits, a non-string key) is written by json as before.
+    """
+    try:
+        return orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
 class RecordLines:
@@ -222,12 +236,12 @@ class Journal:
         returns, or, if even that fails, before the next append writes anything (which raises
         until the cut succeeds). So a record is never glued to a torn one.
         """
-        text = json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
-        if self.redact is not None:
+        line = record_line(rec)
+        if self.redact:
+            text = line.decode()
             masked = self.redact(text)
             if masked != text:  # a key echoed back by a server: what is written (and mirrored) is masked
-                text, rec = masked, json.loads(masked)
-        line = text.encode()
+                line, rec = masked.encode(), json.loads(masked)
         assert self._fd is not None, "journal not open for writing"
         with self._lock:
             self._repair()
