@@ -73,9 +73,10 @@ class Reporter:
     def _refresh(self) -> None:
         if self._bar is not None:
             rate = self.images / max(time.monotonic() - self._started, 1e-9)
-            extra = {"provider": f"{self.at_provider[0]}/{self.at_provider[1]}"} if self.at_provider else {}
-            self._bar.set_postfix(failed=self.failed, retrying=self.retrying, img_s=f"{rate:.1f}", **extra,
-                                  refresh=False)
+            postfix: dict[str, object] = {"failed": self.failed, "retrying": self.retrying, "img_s": f"{rate:.1f}"}
+            if self.at_provider:
+                postfix["provider"] = f"{self.at_provider[0]}/{self.at_provider[1]}"
+            self._bar.set_postfix(postfix, refresh=False)
 
     def item_finished(self, ok: bool, images: int = 0) -> None:
         if ok:
