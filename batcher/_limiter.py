@@ -205,12 +205,15 @@ class Permit:
     """A granted send. `sent()` moves its window entries to the moment it really leaves;
     `refund()` gives them back when the server rejected it (a 429 is not counted there)."""
 
-    __slots__ = ("_clock", "_cold_s", "_entries", "_late", "_on_wire", "granted", "scheduled", "sent_at")
+    __slots__ = ("_clock", "_cold_s", "_entries", "_late", "_on_wire", "granted", "scheduled", "sent_at", "timed")
 
     def __init__(self, clock: Clock, *entries: tuple[Window, list], late: float = 0.0, cold_s: float = 0.0,
                  on_wire: Callable[[Permit, float | None, bool | None], None] | None = None,
-                 scheduled: float | None = None) -> None:
+                 scheduled: float | None = None, timed: bool = True) -> None:
         self._clock = clock
+        # whether the transport should say when it is on the wire (`sent`, `connecting`): only when a
+        # limit is known is there a window for that moment to matter to (the stamp costs aiohttp's tracing)
+        self.timed = timed
         self._entries = entries
         self._late = late  # how much later than `sent()` the server may count it (the run's first window)
         self._cold_s = cold_s  # ...or any later send that opened a new connection, if a warm one replaces it
@@ -424,8 +427,9 @@ class RateLimiter:
                   self.images.free_at(now, images, self.margin, self.warm))
         permit = Permit(self._clock, (self.requests, self.requests.record(now, 1)),
                         (self.images, self.images.record(now, images)), late=self.cold_s if cold else 0.0,
-                        cold_s=self.cold_s, on_wire=self._wired, scheduled=due - self._lead())
-        if self.on_wire is not None and (self.requests.capacity or self.images.capacity):
+                        cold_s=self.cold_s, on_wire=self._wired, scheduled=due - self._lead(),
+                        timed=bool(self.requests.capacity or self.images.capacity))
+        if self.on_wire is not None and permit.timed:
             self._unsent = permit  # (with no limit known there is no window for the order to matter to)
         self.drained["requests"].grant(now, 1)
         self.drained["images"].grant(now, images)

@@ -296,6 +296,7 @@ class SharedPermit:
     on the next round trip."""
 
     __slots__ = ("_cold", "_limiter", "images", "member", "sent_at")
+    timed = True  # a shared limit is always known: the transport says when each send is on the wire
 
     def __init__(self, limiter: SharedRateLimiter, member: str, images: int, granted_at: float | None = None,
                  cold: float = 0.0) -> None:

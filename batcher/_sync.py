@@ -232,8 +232,10 @@ class SyncExecutor:
             body["n"] = wanted
         try:
             with anyio.fail_after(self.deadline):
-                answer = await ep.client.send(body, on_sent=permit.sent,  # re-stamped on the wire
-                                              on_connecting=permit.connecting)
+                if permit.timed:  # a limit is known: re-stamped on the wire
+                    answer = await ep.client.send(body, on_sent=permit.sent, on_connecting=permit.connecting)
+                else:
+                    answer = await ep.client.send(body)
         except TimeoutError:
             raise TransientError(f"no answer within {self.deadline:.0f}s", code="timeout") from None
         except RequestError as exc:

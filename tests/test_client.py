@@ -153,6 +153,34 @@ def test_on_sent_fires_once_when_the_request_is_on_the_wire_and_never_for_a_refu
     assert len(stamps) == 1 and refused_stamps == []
 
 
+def test_untimed_requests_skip_tracing_and_share_the_timed_ones_pool(monkeypatch):
+    """A request with no send hooks (no limit known) goes untraced; both kinds use one pool."""
+    import anyio
+
+    from batcher import _client
+
+    traced: list[str] = []
+    real = _client._body_sent
+
+    async def spy(session, ctx, params) -> None:
+        traced.append(str(params.url))
+        await real(session, ctx, params)
+
+    monkeypatch.setattr(_client, "_body_sent", spy)  # read when the client's sessions are made
+    with start_in_thread(SimulatorConfig()) as sim:
+        async def main_() -> list[bool]:
+            fresh: list[bool] = []
+            async with ImagesClient(sim.base_url, KEY, max_connections=1) as client:
+                await client.generate({"model": "m", "prompt": "untimed"})
+                assert traced == []  # no hooks: aiohttp's tracing was not run for it
+                await client.generate({"model": "m", "prompt": "timed"}, on_sent=fresh.append)
+                assert len(traced) == 1
+            return fresh
+
+        fresh = anyio.run(main_)
+    assert fresh == [False]  # the connection the untimed request opened, kept alive in the one pool
+
+
 def test_open_connections_pools_them_for_the_first_requests():
     """A run's first window goes out on connections opened before it (the server has accepted them)."""
     import anyio

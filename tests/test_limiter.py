@@ -525,10 +525,12 @@ def test_with_no_limit_known_grants_do_not_wait_for_the_wire(clock):
     limiter.on_wire = lambda: None
 
     async def main():
-        await limiter.acquire()
+        untimed = await limiter.acquire()
         assert limiter.wait_time(1) == 0.0
         limiter.set_limit("requests", 3000)  # learned or advertised later: from then on it does
-        await limiter.acquire()
+        timed = await limiter.acquire()
         assert limiter.wait_time(1) > 0
+        # ...and only then does the transport trace the send to say when it is on the wire
+        assert (untimed.timed, timed.timed) == (False, True)
 
     anyio.run(main)
