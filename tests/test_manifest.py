@@ -36,6 +36,27 @@ def test_rebuild_keeps_latest_record_per_item(tmp_path):
     again.close()
 
 
+def test_journal_lines_keep_what_a_fast_encoder_refuses_or_would_round(tmp_path):
+    """A request field may hold an integer past 64 bits (a seed): written and read back exact."""
+    from batcher._manifest import record_line
+
+    seed = 2**70 + 1
+    rec = done(1) | {"request": {"prompt": "p1", "seed": seed, "note": "café"}}
+    assert record_line(rec).startswith(b'{"t":"item",') and record_line(rec).endswith(b"\n")
+    j = Journal.open(tmp_path / "manifest.jsonl")
+    j.append(rec)
+    j.append(done(2))
+    j.close()
+    lines = (tmp_path / "manifest.jsonl").read_bytes().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["i1", "i2"]
+    assert json.loads(lines[0])["request"] == {"prompt": "p1", "seed": seed, "note": "café"}
+    assert "café".encode() in lines[0]  # UTF-8 as is, not \u-escaped
+    again = Journal.open(tmp_path / "manifest.jsonl")
+    with open(again.path, "rb") as fh:
+        assert again.record("i1", fh)["request"]["seed"] == seed
+    again.close()
+
+
 def test_torn_last_line_is_tolerated_reported_and_cut(tmp_path):
     path = tmp_path / "manifest.jsonl"
     j = Journal.open(path)
