@@ -1127,3 +1127,20 @@ def _field_problems(fields: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     for k, v in fields.items():
         if isinstance(v, float) and not math.isfinite(v):
             yield str(k), "must be a finite number"
+        elif isinstance(v, (dict, list)) and (where := _non_finite(v)) is not None:
+            # JSON has no NaN or Infinity: the request could not be sent (nor its record kept as JSON)
+            yield str(k), f"holds a number that is not finite at {k}{where}: JSON has no NaN or Infinity"
+
+
+def _non_finite(value: Any, depth: int = 0) -> str | None:
+    """Where in a nested field a float is NaN or infinite (`[2].seed`), or None."""
+    if depth > 64:  # deeper than any request field; the server judges the rest
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, v in items:
+        at = f".{key}" if isinstance(value, dict) else f"[{key}]"
+        if isinstance(v, float) and not math.isfinite(v):
+            return at
+        if isinstance(v, (dict, list)) and (inner := _non_finite(v, depth + 1)) is not None:
+            return at + inner
+    return None

@@ -76,7 +76,7 @@ class Reporter:
             postfix: dict[str, object] = {"failed": self.failed, "retrying": self.retrying, "img_s": f"{rate:.1f}"}
             if self.at_provider:
                 postfix["provider"] = f"{self.at_provider[0]}/{self.at_provider[1]}"
-            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.set_postfix(dict(sorted(postfix.items())), refresh=False)  # as tqdm orders keywords
 
     def item_finished(self, ok: bool, images: int = 0) -> None:
         if ok:

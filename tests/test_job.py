@@ -205,3 +205,18 @@ def test_any_jsonl_parses_or_fails_cleanly(tmp_path, rows):
         assert n == len(list(job.items()))
     except (JobValidationError, JobError):
         pass
+
+
+def test_a_nan_nested_in_a_field_is_a_clear_error_naming_line_field_and_place(tmp_path):
+    # JSON has no NaN: the request could not be sent, and its record would not be JSON
+    p = write(tmp_path, "j.yaml", """
+prompts:
+  - a cat
+  - {prompt: a dog, extra: {weights: [1.0, .nan], seed: 3}}
+  - {prompt: a fox, extra: {deep: [[{x: .inf}]]}}
+""")
+    found = problems(p)
+    assert len(found) == 2, found
+    assert "extra" in found[0] and "extra.weights[1]" in found[0] and "finite" in found[0]
+    assert "extra.deep[0][0].x" in found[1]
+    assert ":4" in found[0] and ":5" in found[1]  # the lines named
