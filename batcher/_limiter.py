@@ -127,7 +127,8 @@ class Window:
     """A sliding window log: at most `capacity` units in any `period` seconds.
 
     `capacity=None` means unlimited; the window still records sends so that a limit learned
-    later starts from what was really sent.
+    later starts from what was really sent (stamped as the request leaves the executor: the wire's
+    own stamp and the new-connection flag come only with a known limit, see `Permit.timed`).
     """
 
     def __init__(self, capacity: float | None = None, period: float = 1.0) -> None:
