@@ -296,7 +296,9 @@ class SharedPermit:
     on the next round trip."""
 
     __slots__ = ("_cold", "_limiter", "images", "member", "sent_at")
-    timed = True  # a shared limit is always known: the transport says when each send is on the wire
+    # always: a shared window's grants are restamped when their sends reach the wire (`sent`), the
+    # first window's cold ones too, whether or not this process knows the limit yet
+    timed = True
 
     def __init__(self, limiter: SharedRateLimiter, member: str, images: int, granted_at: float | None = None,
                  cold: float = 0.0) -> None:

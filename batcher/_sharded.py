@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import ShardError
-from ._manifest import Journal, write_manifest
+from ._manifest import Journal, record_line, write_manifest
 from ._records import item_id
 from ._shard import PLAN_FILE, Plan, ShardSpec, check_plan, parse_plan
 from ._store import (
@@ -128,7 +128,7 @@ class ShardedOutput:
                 about = item_id(rec)  # records about no item (runs, ends) belong to every shard
                 if about is not None and not self.shard.contains(about):
                     continue
-                fh.write((json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+                fh.write(record_line(rec))
                 count += 1
             fh.flush()
             os.fsync(fh.fileno())

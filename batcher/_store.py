@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._exceptions import ManifestError, OutputError
-from ._manifest import Journal, RecordLines, utc_now, write_manifest
+from ._manifest import Journal, RecordLines, record_line, utc_now, write_manifest
 from ._records import finished, kind, last_run
 
 __all__ = [
@@ -509,7 +509,7 @@ class SegmentWriter:
 
     def append(self, rec: Mapping[str, Any]) -> None:
         """Journal one record: one write(2) to the local buffer; ship a segment when due."""
-        line = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        line = record_line(rec)
         with self._lock:
             if self._fd is None:
                 raise ManifestError(f"{self.store.url}: shard {self.shard_index} journal is closed")
@@ -720,7 +720,7 @@ def merged_journal(store: Store) -> Iterator[Journal]:
         path = Path(tmp) / LOCAL_JOURNAL
         with open(path, "wb") as fh:
             for rec in iter_merged_records(store):
-                fh.write((json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+                fh.write(record_line(rec))
         yield Journal.read(path)
 
 
